@@ -1,0 +1,2 @@
+"""Clients of the whisperstream protocol: a file streamer, a microphone streamer and the
+browser page (client/web)."""

@@ -1,0 +1,151 @@
+"""One inference scheduler for all sessions: pending steps are run oldest first, in
+batches of windows of similar length, on one inference thread.
+
+Fairness comes from two rules: each session has at most one step pending (the session
+core guarantees it, and skips intermediate partial steps while it waits), and the
+oldest pending step always leads the next batch, so no session starves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from streaming.audio import MODEL_SAMPLE_RATE_HZ
+from streaming.engine import DecodeRequest, Engine, Hypothesis
+
+log = logging.getLogger(__name__)
+
+# Padding a short window to a long one's length costs more than batching saves
+# (measured: 4 equal windows batched 1.7x faster than serial; 5/7.5/15 s mixed, slower).
+MAX_LENGTH_RATIO = 1.5
+
+
+@dataclass
+class _Pending:
+    request: DecodeRequest
+    future: asyncio.Future[Hypothesis]
+    queued_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def samples(self) -> int:
+        return max(len(self.request.audio), 1)
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    size: int
+    audio_seconds: float
+    seconds: float
+
+
+class InferenceScheduler:
+    def __init__(
+        self,
+        engine: Engine,
+        max_batch_size: int = 8,
+        on_batch: Callable[[BatchStats], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        # One thread: CTranslate2 already spreads one call over the cores.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._pending: list[_Pending] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.batches: list[BatchStats] = []  # recent batches, for metrics and tests
+        self._on_batch = on_batch
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="scheduler")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        for pending in self._pending:
+            pending.future.cancel()
+        self._pending.clear()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def transcribe(self, request: DecodeRequest) -> Hypothesis:
+        """Queue one window; the result comes when its batch has run."""
+        self.start()
+        future: asyncio.Future[Hypothesis] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(request, future))
+        self._wake.set()
+        return await future
+
+    def _next_batch(self) -> list[_Pending]:
+        self._pending = [p for p in self._pending if not p.future.cancelled()]
+        if not self._pending:
+            return []
+        self._pending.sort(key=lambda p: p.queued_at)
+        lead = self._pending[0]
+        batch = [lead]
+        same_prompt = bool(lead.request.prompt)
+        for candidate in self._pending[1:]:
+            if len(batch) >= self.max_batch_size:
+                break
+            lengths = [p.samples for p in batch] + [candidate.samples]
+            if (bool(candidate.request.prompt) == same_prompt
+                    and max(lengths) / min(lengths) <= MAX_LENGTH_RATIO):
+                batch.append(candidate)
+        chosen = set(map(id, batch))
+        self._pending = [p for p in self._pending if id(p) not in chosen]
+        return batch
+
+    async def _run_singly(self, batch: list[_Pending]) -> None:
+        """After a failed batch: only the windows that fail alone get the error."""
+        loop = asyncio.get_running_loop()
+        for pending in batch:
+            try:
+                result = await loop.run_in_executor(
+                    self._executor, self.engine.transcribe, [pending.request]
+                )
+            except Exception as exc:
+                if not pending.future.done():
+                    pending.future.set_exception(exc)
+            else:
+                if not pending.future.done():
+                    pending.future.set_result(result[0])
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = self._next_batch()
+            if not batch:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            started = time.monotonic()
+            try:
+                hypotheses = await loop.run_in_executor(
+                    self._executor, self.engine.transcribe, [p.request for p in batch]
+                )
+            except Exception:
+                log.exception("inference failed for a batch of %d; retrying one by one",
+                              len(batch))
+                await self._run_singly(batch)
+                continue
+            stats = BatchStats(
+                size=len(batch),
+                audio_seconds=sum(p.samples for p in batch) / MODEL_SAMPLE_RATE_HZ,
+                seconds=time.monotonic() - started,
+            )
+            self.batches = [*self.batches[-255:], stats]
+            if self._on_batch is not None:
+                self._on_batch(stats)
+            for pending, hypothesis in zip(batch, hypotheses, strict=True):
+                if not pending.future.done():
+                    pending.future.set_result(hypothesis)

@@ -1,0 +1,58 @@
+"""The interface between the streaming policy and a speech recognition model.
+
+The policy only asks for transcriptions of audio windows, optionally forcing a decoder
+prefix (the words it has already promised) and a prompt (earlier text for context), so
+that a scripted fake, CTranslate2 or a PyTorch backend can stand behind it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Word:
+    text: str  # as the model spells it, with its leading space
+    start_s: float  # relative to the start of the decoded audio
+    end_s: float
+    probability: float
+    tokens: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    words: tuple[Word, ...]
+    no_speech_prob: float = 0.0
+    avg_logprob: float = 0.0
+
+    @property
+    def text(self) -> str:
+        return "".join(w.text for w in self.words).strip()
+
+    @property
+    def tokens(self) -> tuple[int, ...]:
+        return tuple(t for w in self.words for t in w.tokens)
+
+
+@dataclass(frozen=True)
+class DecodeRequest:
+    audio: np.ndarray = field(repr=False)  # 16 kHz mono float32
+    prefix_tokens: tuple[int, ...] = ()  # forced start of the transcript
+    prompt: str = ""  # earlier text, context only
+    language: str = "en"
+
+
+class Engine(Protocol):
+    name: str
+
+    def transcribe(self, requests: Sequence[DecodeRequest]) -> list[Hypothesis]:
+        """Transcribe a batch of windows; one hypothesis per request, in order.
+
+        A hypothesis starts with the words of `prefix_tokens`, split exactly at the word
+        boundaries of the prefix, so that promised words are never merged with new ones.
+        """
+        ...

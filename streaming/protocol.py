@@ -1,0 +1,203 @@
+"""Wire protocol v1 messages (see docs/protocol.md): parsing client text frames and
+building server messages."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+PROTOCOL_VERSION = 1
+
+
+class ProtocolError(Exception):
+    """Something the client sent that the server must answer with an `error` message."""
+
+    def __init__(self, code: str, message: str, *, fatal: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.fatal = fatal  # the session cannot go on: close after the error
+
+
+@dataclass(frozen=True)
+class StreamParams:
+    """What a client may set by query parameter or `start` message."""
+
+    sample_rate: int | None = None
+    encoding: str | None = None
+    language: str | None = None
+    interim: bool | None = None
+    labels: dict[str, str] = field(default_factory=dict)  # client's own tags, e.g. speaker
+
+
+@dataclass(frozen=True)
+class Start:
+    params: StreamParams
+
+
+@dataclass(frozen=True)
+class Flush:
+    pass
+
+
+@dataclass(frozen=True)
+class Stop:
+    pass
+
+
+ClientMessage = Start | Flush | Stop
+
+_LABEL_KEYS = ("source", "speaker", "labels")
+
+
+def _parse_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+        return value.lower() in ("true", "1", "yes")
+    raise ProtocolError("bad_request", f"{name} must be true or false, not {value!r}")
+
+
+def _parse_int(name: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise ProtocolError("bad_request", f"{name} must be an integer, not {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().isdecimal():  # isdigit() takes "²"; int() not
+        return int(value)
+    raise ProtocolError("bad_request", f"{name} must be an integer number of Hz, not {value!r}")
+
+
+def parse_params(raw: dict[str, Any]) -> StreamParams:
+    """Validate the stream parameters of a `start` message or the query string."""
+    labels: dict[str, str] = {}
+    for key in ("source", "speaker"):
+        if key in raw:
+            labels[key] = str(raw[key])
+    if isinstance(raw.get("labels"), dict):
+        labels.update({str(k): str(v) for k, v in raw["labels"].items()})
+    encoding = raw.get("encoding")
+    if encoding is not None and not isinstance(encoding, str):
+        raise ProtocolError("bad_request", f"encoding must be a string, not {encoding!r}")
+    language = raw.get("language")
+    if language is not None and not isinstance(language, str):
+        raise ProtocolError("bad_request", f"language must be a string, not {language!r}")
+    return StreamParams(
+        sample_rate=_parse_int("sample_rate", raw["sample_rate"]) if "sample_rate" in raw else None,
+        encoding=encoding,
+        language=language,
+        interim=_parse_bool("interim", raw["interim"]) if "interim" in raw else None,
+        labels=labels,
+    )
+
+
+def parse_client_text(text: str) -> ClientMessage:
+    try:
+        message = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ProtocolError(
+            "bad_request", f"text frame is not valid JSON ({exc.msg} at char {exc.pos})"
+        ) from None
+    if not isinstance(message, dict):
+        raise ProtocolError("bad_request", "a text frame must be a JSON object with a 'type'")
+    kind = message.get("type")
+    if kind == "start":
+        return Start(parse_params({k: v for k, v in message.items() if k != "type"}))
+    if kind == "flush":
+        return Flush()
+    if kind == "stop":
+        return Stop()
+    raise ProtocolError(
+        "bad_request", f"unknown message type {kind!r}; expected 'start', 'flush' or 'stop'"
+    )
+
+
+# Server to client ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerMessage:
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        return {"type": data.pop("type"), **{k: v for k, v in data.items() if v is not None}}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False)
+
+
+@dataclass(frozen=True)
+class Ready(ServerMessage):
+    session: str
+    sample_rate: int
+    encoding: str
+    model: str
+    language: str
+    interim: bool
+    protocol: int = PROTOCOL_VERSION
+    type: str = "ready"
+
+
+@dataclass(frozen=True)
+class Started(ServerMessage):
+    """Extra message: confirms the settings a `start` message put in force."""
+
+    sample_rate: int
+    encoding: str
+    language: str
+    interim: bool
+    type: str = "started"
+
+
+@dataclass(frozen=True)
+class WordTiming:
+    word: str
+    start: float
+    end: float
+    probability: float
+
+
+@dataclass(frozen=True)
+class Partial(ServerMessage):
+    segment: int
+    text: str
+    start: float
+    end: float
+    stable: str = ""
+    type: str = "partial"
+
+
+@dataclass(frozen=True)
+class Final(ServerMessage):
+    segment: int
+    text: str
+    start: float
+    end: float
+    words: tuple[WordTiming, ...] = ()
+    type: str = "final"
+
+
+@dataclass(frozen=True)
+class SpeechStart(ServerMessage):
+    t: float
+    type: str = "speech_start"
+
+
+@dataclass(frozen=True)
+class SpeechEnd(ServerMessage):
+    t: float
+    type: str = "speech_end"
+
+
+@dataclass(frozen=True)
+class Error(ServerMessage):
+    code: str
+    message: str
+    type: str = "error"
+
+
+@dataclass(frozen=True)
+class Done(ServerMessage):
+    audio_seconds: float
+    segments: int
+    type: str = "done"

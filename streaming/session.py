@@ -1,0 +1,408 @@
+"""One streaming session, sans-I/O: audio and control messages in, protocol messages and
+inference jobs out.
+
+The caller (the server, or a test) moves bytes: it feeds `receive_audio` and
+`receive_message`, runs the job from `next_job` on an engine, hands the result to
+`complete_job`, and sends what `take_messages` returns. One job is in flight at a time;
+when the engine falls behind, intermediate partial steps are skipped (the next job
+always covers the newest audio) while every segment's final is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from streaming.audio import MODEL_SAMPLE_RATE_HZ, AudioFormat, StreamResampler, decode_frame
+from streaming.engine import DecodeRequest, Hypothesis, Word
+from streaming.policy import (
+    PolicyOptions,
+    agreed_prefix,
+    drop_hallucination,
+    drop_trailing_echo,
+    tentative_words,
+)
+from streaming.protocol import (
+    ClientMessage,
+    Done,
+    Final,
+    Flush,
+    Partial,
+    ProtocolError,
+    ServerMessage,
+    SpeechEnd,
+    SpeechStart,
+    Start,
+    Stop,
+    WordTiming,
+)
+from streaming.vad import FrameClassifier, SegmentClosed, SpeechStarted, VadOptions, VadSegmenter
+
+log = logging.getLogger(__name__)
+
+WINDOW_CONTEXT_CHARS = 200  # promised text before the window, given as prompt
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    audio: AudioFormat = AudioFormat()
+    language: str = "en"
+    interim: bool = True
+    vad: VadOptions = VadOptions()
+    policy: PolicyOptions = PolicyOptions()
+
+
+@dataclass(frozen=True)
+class Job:
+    session_id: str
+    segment: int
+    request: DecodeRequest
+    final: bool
+    start_sample: int  # where the decoded audio starts in the stream
+
+    @property
+    def audio_seconds(self) -> float:
+        return len(self.request.audio) / MODEL_SAMPLE_RATE_HZ
+
+
+@dataclass
+class _Segment:
+    index: int
+    start_sample: int
+    committed: list[Word] = field(default_factory=list)
+    previous: tuple[Word, ...] = ()
+    decoded_samples: int = 0
+    last_partial: tuple[str, str] = ("", "")  # text and stable of the last partial sent
+    # Sliding window: audio before window_start (samples from the segment start) is no
+    # longer decoded; the first `trimmed` committed words, which it held, become context.
+    window_start: int = 0
+    trimmed: int = 0
+    closed: SegmentClosed | None = None
+    # The last partial step that came back: up to where it heard (a stream sample) and
+    # what it heard; the final reuses it when it heard past the end of speech.
+    heard_until: int = 0
+    heard: Hypothesis | None = None
+
+
+def _seconds(samples: int) -> float:
+    return round(samples / MODEL_SAMPLE_RATE_HZ, 3)
+
+
+class Session:
+    def __init__(
+        self, session_id: str, config: SessionConfig, classifier: FrameClassifier
+    ) -> None:
+        self.id = session_id
+        self.config = config
+        self._classifier = classifier
+        self._resampler = StreamResampler(config.audio.sample_rate_hz)
+        self._vad = VadSegmenter(config.vad, classifier)
+        self._out: list[ServerMessage] = []
+        self._segments: dict[int, _Segment] = {}
+        self._active: _Segment | None = None
+        self._to_finalize: deque[_Segment] = deque()
+        self._next_index = 0
+        self._in_flight: Job | None = None
+        self._received_samples = 0  # at 16 kHz
+        self._audio_seen = False
+        self._stopping = False
+        self._done = False
+        self._finals_sent = 0
+        self._history: deque[str] = deque(maxlen=8)  # recent final texts, for prompts
+
+    # Input -----------------------------------------------------------------------
+
+    @property
+    def audio_seen(self) -> bool:
+        return self._audio_seen
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    @property
+    def received_seconds(self) -> float:
+        return self._received_samples / MODEL_SAMPLE_RATE_HZ
+
+    def reconfigure(self, config: SessionConfig) -> None:
+        """Apply a `start` message; only allowed before any audio."""
+        if self._audio_seen:
+            raise ProtocolError(
+                "bad_request", "'start' must come before any audio; it was ignored"
+            )
+        self.__init__(self.id, config, self._classifier)  # type: ignore[misc]
+
+    def receive_audio(self, data: bytes) -> None:
+        if self._stopping:
+            raise ProtocolError("bad_request", "audio after 'stop' is ignored")
+        samples = decode_frame(data, self.config.audio)  # AudioFormatError -> bad_audio
+        self._audio_seen = True
+        self._push(self._resampler.process(samples))
+
+    def receive_message(self, message: ClientMessage) -> None:
+        if self._stopping:
+            raise ProtocolError("bad_request", "the session is stopping; nothing follows 'stop'")
+        if isinstance(message, Start):
+            raise ProtocolError("bad_request", "'start' is only allowed as the first message")
+        if isinstance(message, Flush):
+            self._handle(self._vad.flush())
+        elif isinstance(message, Stop):
+            self._push(self._resampler.process(np.zeros(0, np.float32), last=True))
+            self._handle(self._vad.flush(final=True))
+            self._stopping = True
+            self._maybe_done()
+
+    def _push(self, samples: np.ndarray) -> None:
+        self._received_samples += len(samples)
+        self._handle(self._vad.push(samples))
+
+    def _handle(self, events: list[SpeechStarted | SegmentClosed]) -> None:
+        for event in events:
+            if isinstance(event, SpeechStarted):
+                self._out.append(SpeechStart(_seconds(event.sample)))
+                self._active = self._open_segment(event.segment_start_sample)
+                continue
+            segment = self._active or self._open_segment(event.start_sample)
+            segment.closed = event
+            self._to_finalize.append(segment)
+            if event.speech_ended:
+                self._out.append(SpeechEnd(_seconds(event.speech_end_sample)))
+                self._active = None
+            else:  # cut at the maximum length: speech goes on in a new segment
+                self._active = self._open_segment(event.end_sample)
+        self._finalize_heard()
+
+    def _open_segment(self, start_sample: int) -> _Segment:
+        segment = _Segment(self._next_index, start_sample)
+        self._segments[segment.index] = segment
+        self._next_index += 1
+        return segment
+
+    # Jobs ------------------------------------------------------------------------
+
+    def next_job(self) -> Job | None:
+        """The next inference step, or None; finals first, then the newest partial."""
+        if self._in_flight is not None or self._done:
+            return None
+        job = self._final_job() or self._partial_job()
+        self._in_flight = job
+        return job
+
+    def _request(self, segment: _Segment, audio: np.ndarray) -> DecodeRequest:
+        """Decode the segment's live window: promised words inside it are the forced
+        prefix, promised words before it (and earlier finals, if asked) the prompt."""
+        policy = self.config.policy
+        history = " ".join(self._history)[-policy.prompt_chars :] if policy.prompt_chars else ""
+        context = "".join(w.text for w in segment.committed[: segment.trimmed]).strip()
+        prompt = f"{history} {context[-WINDOW_CONTEXT_CHARS:]}".strip()
+        return DecodeRequest(
+            audio=audio[segment.window_start :],
+            prefix_tokens=tuple(t for w in segment.committed[segment.trimmed :] for t in w.tokens),
+            prompt=prompt,
+            language=self.config.language,
+        )
+
+    def _final_job(self) -> Job | None:
+        if not self._to_finalize:
+            return None
+        segment = self._to_finalize[0]
+        assert segment.closed is not None
+        return Job(self.id, segment.index, self._request(segment, segment.closed.audio), True,
+                   segment.start_sample + segment.window_start)
+
+    def _partial_job(self) -> Job | None:
+        if not self.config.interim or self._active is None:
+            return None
+        current = self._vad.current_segment()
+        if current is None:
+            return None
+        start, audio = current
+        segment = self._active
+        step = self.config.policy.step_s * MODEL_SAMPLE_RATE_HZ
+        due = len(audio) - segment.decoded_samples >= step or self._endpoint_due(segment,
+                                                                                  len(audio))
+        if not due:
+            return None
+        segment.decoded_samples = len(audio)
+        return Job(self.id, segment.index, self._request(segment, audio), False,
+                   start + segment.window_start)
+
+    @property
+    def _endpoint_samples(self) -> int:
+        """Silence after speech that a step must hear to stand as the final (0: never)."""
+        return int(self.config.policy.endpoint_silence_s * MODEL_SAMPLE_RATE_HZ)
+
+    def _endpoint_due(self, segment: _Segment, length: int) -> bool:
+        """Speech seems to have ended and no step has heard that yet: one step now, so
+        its words are ready to become the final when the VAD closes the segment."""
+        margin = self._endpoint_samples
+        silence = self._vad.trailing_silence_samples
+        return 0 < margin <= silence and segment.decoded_samples < length - silence + margin
+
+    def _heard_to_the_end(self, segment: _Segment) -> bool:
+        closed = segment.closed
+        margin = self._endpoint_samples
+        return (margin > 0 and closed is not None and closed.speech_ended
+                and segment.heard is not None
+                and segment.heard_until >= closed.speech_end_sample + margin)
+
+    def _finalize_heard(self) -> None:
+        """Finalize closed segments, in order, whose last partial step heard them out."""
+        while self._to_finalize and self._heard_to_the_end(self._to_finalize[0]):
+            segment = self._to_finalize[0]
+            assert segment.heard is not None
+            self._finalize(segment, list(segment.previous),
+                           drop_hallucination(segment.heard, self.config.policy))
+        self._maybe_done()
+
+    def complete_job(self, job: Job, hypothesis: Hypothesis) -> None:
+        assert self._in_flight is job, "complete_job takes the job in flight"
+        self._in_flight = None
+        segment = self._segments.get(job.segment)
+        if segment is None:  # finalized from an earlier step while this one ran
+            self._maybe_done()
+            return
+        shift_s = (job.start_sample - segment.start_sample) / MODEL_SAMPLE_RATE_HZ
+        shifted = Hypothesis(
+            tuple(replace(w, start_s=w.start_s + shift_s, end_s=w.end_s + shift_s)
+                  for w in hypothesis.words),
+            hypothesis.no_speech_prob, hypothesis.avg_logprob,
+        )
+        words = drop_trailing_echo(self._keep_promises(segment, shifted),
+                                   keep=len(segment.committed))
+        log.debug("session %s: %s of segment %d over %.2f-%.2f s: %r (promised %d)",
+                  self.id, "final" if job.final else "partial", segment.index,
+                  job.start_sample / MODEL_SAMPLE_RATE_HZ,
+                  job.start_sample / MODEL_SAMPLE_RATE_HZ + job.audio_seconds,
+                  "".join(w.text for w in words), len(segment.committed))
+        if job.final:
+            self._finalize(segment, words, drop_hallucination(hypothesis, self.config.policy))
+        else:
+            segment.heard_until = job.start_sample + len(job.request.audio)
+            segment.heard = hypothesis
+            self._update_partial(segment, job, words)
+        self._finalize_heard()
+
+    def abandon_job(self, job: Job) -> None:
+        """The engine failed on this job; the caller reports the error."""
+        if self._in_flight is job:
+            self._in_flight = None
+
+    def _keep_promises(self, segment: _Segment, hypothesis: Hypothesis) -> list[Word]:
+        """All words of the segment: the promised words as promised, then the new ones.
+
+        The engine starts with the forced prefix, but may group its tokens into words
+        differently (a lone "," promised as a word comes back joined to the word before):
+        so the prefix is matched token by token, and the promised words are kept as
+        they were.
+        """
+        in_window = segment.committed[segment.trimmed :]
+        prefix = [t for w in in_window for t in w.tokens]
+        taken, rest = 0, list(hypothesis.words)
+        while rest and taken < len(prefix):
+            taken += len(rest.pop(0).tokens)
+        flat = [t for w in hypothesis.words for t in w.tokens]
+        if taken != len(prefix) or flat[: len(prefix)] != prefix:
+            # Never break the promise, and never say the promised words twice: keep only
+            # what the engine heard after them.
+            log.warning("session %s: hypothesis lost its forced prefix", self.id)
+            end_s = in_window[-1].end_s if in_window else 0.0
+            rest = [w for w in hypothesis.words if w.start_s >= end_s - 0.05]
+        return segment.committed[: segment.trimmed] + in_window + rest
+
+    def _update_partial(self, segment: _Segment, job: Job, words: list[Word]) -> None:
+        window_s = (job.start_sample - segment.start_sample) / MODEL_SAMPLE_RATE_HZ \
+            + job.audio_seconds  # the window's end, from the segment start
+        agreed = agreed_prefix(segment.previous, words, window_s, self.config.policy)
+        # Promise only while the segment is live: once it is closed (a length cut may land
+        # while this job is in flight) agreed words can lie beyond its audio, and forcing
+        # them into its final would repeat them in the next segment.
+        if len(agreed) > len(segment.committed) and segment is self._active:
+            segment.committed = list(agreed)
+            end_s = segment.committed[-1].end_s
+            self._vad.protect_until(segment.start_sample + int(end_s * MODEL_SAMPLE_RATE_HZ))
+            self._slide_window(segment, window_s)
+        shown = tentative_words(segment.previous, words, len(segment.committed), window_s,
+                                self.config.policy)
+        segment.previous = tuple(words)
+        text = "".join(w.text for w in shown).strip()
+        stable = "".join(w.text for w in segment.committed).strip()
+        # A new promise is news even when the text is unchanged.
+        if (text, stable) == segment.last_partial or (segment.closed is not None and not text):
+            return
+        segment.last_partial = (text, stable)
+        self._out.append(
+            Partial(
+                segment=segment.index,
+                text=text,
+                start=_seconds(segment.start_sample),
+                end=_seconds(job.start_sample + len(job.request.audio)),
+                stable=stable,
+            )
+        )
+
+    def _slide_window(self, segment: _Segment, window_end_s: float) -> None:
+        """Keep decoding cheap: once the window is longer than max_window_s, move its
+        start past promised words, best at a sentence end, into the gap before the next
+        promised word (which stays in the window as forced prefix, so a clipped onset
+        cannot change it)."""
+        max_window_s = self.config.policy.max_window_s
+        start_s = segment.window_start / MODEL_SAMPLE_RATE_HZ
+        if max_window_s <= 0 or window_end_s - start_s <= max_window_s:
+            return
+        committed = segment.committed
+        candidates = range(segment.trimmed + 1, len(committed))
+        if not candidates:
+            return
+        sentence_ends = [k for k in candidates
+                         if committed[k - 1].text.rstrip().endswith((".", "?", "!"))]
+        k = max(sentence_ends or candidates)
+        cut_s = (committed[k - 1].end_s + max(committed[k].start_s, committed[k - 1].end_s)) / 2
+        segment.window_start = max(segment.window_start, int(cut_s * MODEL_SAMPLE_RATE_HZ))
+        segment.trimmed = k
+
+    def _finalize(self, segment: _Segment, words: list[Word], hallucinated: bool) -> None:
+        closed = segment.closed
+        assert closed is not None
+        if hallucinated:
+            words = segment.committed
+        self._to_finalize.popleft()
+        del self._segments[segment.index]
+        start_s, end_s = _seconds(closed.start_sample), _seconds(closed.end_sample)
+        timings = []
+        for w in words:
+            w_start = min(max(start_s + w.start_s, start_s), end_s)
+            w_end = min(max(start_s + w.end_s, w_start), end_s)
+            timings.append(
+                WordTiming(w.text.strip(), round(w_start, 3), round(w_end, 3),
+                           round(float(w.probability), 4))
+            )
+        text = "".join(w.text for w in words).strip()
+        if text:
+            self._history.append(text)
+        self._finals_sent += 1
+        self._out.append(Final(segment.index, text, start_s, end_s, tuple(timings)))
+
+    def _maybe_done(self) -> None:
+        if (
+            self._stopping
+            and not self._done
+            and self._in_flight is None
+            and not self._to_finalize
+            and self._active is None
+        ):
+            self._done = True
+            self._out.append(Done(round(self.received_seconds, 3), self._finals_sent))
+
+    # Output ----------------------------------------------------------------------
+
+    def take_messages(self) -> list[ServerMessage]:
+        out, self._out = self._out, []
+        return out

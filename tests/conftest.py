@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import running_server
+from speech import Utterance, synthesize
+
+from streaming.whisper_ct2 import CTranslate2Whisper
+
+THREE_SENTENCES = [
+    "Streaming speech recognition turns spoken words into text while people are still talking.",
+    "The weather today is sunny with a light breeze from the west.",
+    "Please send the quarterly report to the finance team before Friday.",
+]
+OTHER_SPEECH = [
+    "My favourite place to walk is the park near the river, early in the morning.",
+]
+
+
+@pytest.fixture(scope="session")
+def engine() -> CTranslate2Whisper:
+    """The real bundled Whisper tiny.en model, loaded once."""
+    return CTranslate2Whisper("bundled", cpu_threads=2)
+
+
+@pytest.fixture(scope="session")
+def server_url(engine: CTranslate2Whisper) -> Iterator[str]:
+    with running_server(engine) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def three_sentences() -> Utterance:
+    return synthesize(THREE_SENTENCES)
+
+
+@pytest.fixture(scope="session")
+def other_speech() -> Utterance:
+    return synthesize(OTHER_SPEECH)

@@ -1,0 +1,32 @@
+"""Imports point one way: server -> streaming <- client; the core does no I/O."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CORE_FORBIDDEN = {"asyncio", "websockets", "aiomqtt", "server", "client", "socket"}
+
+
+def _imports(package: str) -> dict[str, set[str]]:
+    found: dict[str, set[str]] = {}
+    for path in (ROOT / package).rglob("*.py"):
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names.add(node.module.split(".")[0])
+        found[str(path.relative_to(ROOT))] = names
+    return found
+
+
+def test_streaming_core_imports_no_io_and_nothing_above_it() -> None:
+    for path, names in _imports("streaming").items():
+        assert not names & CORE_FORBIDDEN, f"{path} imports {names & CORE_FORBIDDEN}"
+
+
+def test_client_does_not_import_the_server() -> None:
+    for path, names in _imports("client").items():
+        assert "server" not in names, f"{path} imports server"

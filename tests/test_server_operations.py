@@ -1,0 +1,195 @@
+"""Many streams on one machine: batching, admission, limits, metrics, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+import urllib.request
+from typing import Any
+
+import pytest
+import websockets
+from harness import check_invariants, serve_command, serving, settings_with
+from speech import Utterance, read_pcm, wer
+
+from client.stream import ClientError, Transcript, run_session, stream_file, stream_url
+
+pytestmark = pytest.mark.model
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_concurrent_sessions_are_batched_and_each_transcript_is_right(
+    engine: object, three_sentences: Utterance, other_speech: Utterance
+) -> None:
+    with serving(engine) as live:  # type: ignore[arg-type]
+        async def many() -> list[Transcript]:
+            files = [three_sentences, other_speech] * 2
+            return list(await asyncio.gather(*(
+                stream_file(u.path, f"{live.url}/v1/stream", speed=3.0) for u in files)))
+
+        transcripts = asyncio.run(many())
+        sizes = [b.size for b in live.app.scheduler.batches]
+        _, metrics = _get(f"{live.http_url}/metrics")
+    for transcript, utterance in zip(transcripts, [three_sentences, other_speech] * 2,
+                                     strict=True):
+        check_invariants(transcript.messages)
+        assert wer(utterance.text, transcript.text) <= 0.10, transcript.text
+    assert max(sizes) > 1, f"four streams at once never shared a model call: {sizes}"
+    assert "whisperstream_batch_size_bucket" in metrics
+
+
+def test_sessions_past_the_maximum_are_refused_with_503(
+    engine: object, other_speech: Utterance
+) -> None:
+    with serving(engine, settings_with(limits={"max_sessions": 1})) as live:  # type: ignore[arg-type]
+        async def run() -> tuple[Transcript, str]:
+            first = asyncio.create_task(
+                stream_file(other_speech.path, f"{live.url}/v1/stream", speed=2.0))
+            await asyncio.sleep(0.5)
+            try:
+                await stream_file(other_speech.path, f"{live.url}/v1/stream")
+            except ClientError as exc:
+                refused = str(exc)
+            else:
+                refused = ""
+            return await first, refused
+
+        transcript, refused = asyncio.run(run())
+        _, metrics = _get(f"{live.http_url}/metrics")
+    assert "HTTP 503" in refused and "limits.max_sessions" in refused, refused
+    assert wer(other_speech.text, transcript.text) <= 0.10  # the admitted one is unharmed
+    assert 'whisperstream_refused_sessions_total{reason="max_sessions"} 1.0' in metrics
+
+
+def test_frame_size_idle_and_session_length_limits(engine: object, other_speech: Utterance) -> None:
+    settings = settings_with(limits={"max_frame_bytes": 4096, "idle_timeout_s": 1.0,
+                                 "max_session_s": 2.0})
+    pcm, rate = read_pcm(other_speech.path)
+    with serving(engine, settings) as live:  # type: ignore[arg-type]
+        async def oversized() -> list[dict[str, Any]]:
+            async with websockets.connect(f"{live.url}/v1/stream") as ws:
+                await ws.send(b"\x00" * 8192)
+                await ws.send(json.dumps({"type": "stop"}))
+                return [json.loads(m) async for m in ws]
+
+        async def idle() -> tuple[list[dict[str, Any]], int | None]:
+            async with websockets.connect(f"{live.url}/v1/stream") as ws:
+                messages = []
+                try:
+                    async for m in ws:
+                        messages.append(json.loads(m))
+                except websockets.ConnectionClosedError:
+                    pass
+                return messages, ws.close_code
+
+        async def too_long() -> Transcript:
+            async def chunks():  # type: ignore[no-untyped-def]
+                for offset in range(0, len(pcm), 2048):
+                    yield pcm[offset : offset + 2048].tobytes()
+
+            return await run_session(stream_url(f"{live.url}/v1/stream", sample_rate=rate),
+                                     chunks())
+
+        messages = asyncio.run(oversized())
+        idle_messages, idle_code = asyncio.run(idle())
+        long_transcript = asyncio.run(too_long())
+    limit = next(m for m in messages if m["type"] == "error")
+    assert limit["code"] == "limit" and "max_frame_bytes" in limit["message"]
+    assert messages[-1]["type"] == "done"
+    assert idle_messages[-1]["code"] == "limit" and "idle_timeout_s" in idle_messages[-1]["message"]
+    assert idle_code == 4408
+    errors = long_transcript.of_type("error")
+    assert errors and "max_session_s" in errors[0]["message"]
+    done = long_transcript.of_type("done")[0]
+    assert done["audio_seconds"] <= 2.2  # audio past the limit is not transcribed
+    check_invariants(long_transcript.messages)
+
+
+def test_metrics_report_sessions_audio_steps_and_errors(
+    server_url: str, other_speech: Utterance
+) -> None:
+    async def run() -> None:
+        await stream_file(other_speech.path, f"{server_url}/v1/stream", speed=0)
+        async with websockets.connect(f"{server_url}/v1/stream") as ws:
+            await ws.send("{broken")
+            await ws.send(json.dumps({"type": "stop"}))
+            async for _ in ws:
+                pass
+
+    asyncio.run(run())
+    deadline = time.monotonic() + 5
+    while True:  # the server frees a session just after its close handshake
+        status, text = _get(server_url.replace("ws://", "http://") + "/metrics")
+        if "whisperstream_active_sessions 0.0" in text or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert status == 200
+    values = {line.split(" ")[0]: float(line.split(" ")[1])
+              for line in text.splitlines() if line and not line.startswith("#")}
+    assert values["whisperstream_active_sessions"] == 0
+    assert values["whisperstream_audio_seconds_total"] >= other_speech.duration_s - 0.1
+    assert values['whisperstream_steps_total{kind="final"}'] >= 1
+    assert values['whisperstream_errors_total{code="bad_request"}'] >= 1
+    assert values['whisperstream_step_latency_seconds_count{kind="final"}'] >= 1
+    assert "whisperstream_lag_seconds_bucket" in text
+    assert _get(server_url.replace("ws://", "http://") + "/readyz")[0] == 200
+
+
+def test_shutdown_finishes_live_sessions_with_their_finals_and_done(
+    engine: object, three_sentences: Utterance
+) -> None:
+    pcm, rate = read_pcm(three_sentences.path)
+    with serving(engine) as live:  # type: ignore[arg-type]
+        async def run() -> Transcript:
+            sent = asyncio.Event()
+
+            async def chunks():  # type: ignore[no-untyped-def]
+                # All the audio but no stop: the server is told to shut down meanwhile.
+                for offset in range(0, len(pcm), rate // 10):
+                    yield pcm[offset : offset + rate // 10].tobytes()
+                    await asyncio.sleep(0.02)
+                sent.set()
+                await asyncio.sleep(60)  # the client would go on; the server ends it
+
+            task = asyncio.create_task(run_session(
+                stream_url(f"{live.url}/v1/stream", sample_rate=rate), chunks()))
+            await sent.wait()
+            live.stop()
+            return await asyncio.wait_for(task, 30)
+
+        transcript = asyncio.run(run())
+    check_invariants(transcript.messages)
+    assert transcript.of_type("done"), transcript.messages[-3:]
+    assert transcript.close_code == 1000
+    assert wer(three_sentences.text, transcript.text) <= 0.10, transcript.text
+
+
+def test_sigterm_stops_the_command_cleanly_after_finishing_sessions(
+    other_speech: Utterance,
+) -> None:
+    pcm, rate = read_pcm(other_speech.path)
+    with serve_command() as server:
+        async def run() -> Transcript:
+            async def chunks():  # type: ignore[no-untyped-def]
+                for offset in range(0, len(pcm), rate // 10):
+                    yield pcm[offset : offset + rate // 10].tobytes()
+                    await asyncio.sleep(0.01)
+                server.process.send_signal(signal.SIGTERM)
+                await asyncio.sleep(60)
+
+            return await asyncio.wait_for(
+                run_session(stream_url(server.url, sample_rate=rate), chunks()), 60)
+
+        transcript = asyncio.run(run())
+        assert server.process.wait(30) == 0
+    assert transcript.of_type("done") and transcript.close_code == 1000
+    assert wer(other_speech.text, transcript.text) <= 0.10
