@@ -11,7 +11,7 @@ WebSocket client gets, on the server's shared inference scheduler:
 - With `stopOnSilence` (the default), the first pause the VAD sees ends the voice command;
   `hermes/asr/stopListening` ends it in any case.
 - When the command's last segment is transcribed, `hermes/asr/textCaptured` carries `text`,
-  `likelihood` (mean word probability), `seconds` (time spent transcribing), `siteId`,
+  `likelihood` (mean word probability), `seconds` (time its transcription steps took), `siteId`,
   `sessionId`, `wakewordId`, `lang` and `asrTokens` (words with confidences, character
   ranges and times); with `hermes.partials`, `hermes/asr/partialTextCaptured` carries the
   text so far while people speak. Errors go to `hermes/error/asr`.
@@ -354,8 +354,9 @@ class HermesAsr:
                     session.abandon_job(job)
                     self._fail(listening, f"transcription failed: {exc}")
                     return
-                if job.final:
-                    listening.decode_s += time.monotonic() - started
+                # Every step counts: a final often comes from the step that heard the
+                # end of speech, with no decode after the segment closed.
+                listening.decode_s += time.monotonic() - started
                 session.complete_job(job, hypothesis)
                 self._consume(listening)
         finally:
