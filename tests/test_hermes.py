@@ -18,7 +18,7 @@ import aiomqtt
 import pytest
 from broker import Broker, Subscriber, need, running_broker
 from harness import serving
-from speech import CACHE, Utterance, wer
+from speech import CACHE, Utterance, wer, word_errors
 
 from server.config import HermesSection, MqttSection, Settings
 
@@ -149,7 +149,12 @@ def test_stop_on_silence_ends_the_voice_command_at_the_first_pause(
         sub = asyncio.run(scenario())
     captured = _for(sub, "hermes/asr/textCaptured", "cmd")
     assert len(captured) == 1, captured
-    assert wer(three_sentences.sentences[0], captured[0]["text"]) <= 0.15, captured[0]["text"]
+    # The first sentence and nothing after it: the second would add 12 words. Whisper
+    # tiny.en mishears a word or two of it depending on the CPU's kernels ("into text" as
+    # "and texts" with MKL on an AVX-512 Intel CPU), hence two errors allowed, not a WER.
+    text = captured[0]["text"]
+    assert word_errors(three_sentences.sentences[0], text) <= 2, text
+    assert "weather" not in text.lower(), text
 
 
 def test_other_sites_unknown_languages_and_bad_frames_get_no_transcript(
