@@ -103,7 +103,8 @@ class TranscriptionServer:
         self.engine = engine
         self.metrics = Metrics()
         self.scheduler = InferenceScheduler(
-            engine, settings.model.max_batch_size, on_batch=self.metrics.observe_batch
+            engine, settings.model.max_batch_size, on_batch=self.metrics.observe_batch,
+            workers=settings.model.worker_count,
         )
         self.sinks: list[SessionSink] = []
         self._connections: dict[str, _Connection] = {}

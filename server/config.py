@@ -3,6 +3,7 @@ then command-line flags, validated in one place by pydantic-settings."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,10 +46,17 @@ class ServerSection(_Section):
 class ModelSection(_Section):
     name: str = "bundled"
     compute_type: str = "int8"
-    cpu_threads: int = Field(0, ge=0)
+    cpu_threads: int = Field(1, ge=0)
+    workers: int = Field(0, ge=0, le=64)
+    feature_threads: int = Field(1, ge=0)
     beam_size: int = Field(1, ge=1, le=10)
     max_batch_size: int = Field(8, ge=1, le=64)
     timestamps: bool = False
+
+    @property
+    def worker_count(self) -> int:
+        """Model calls at once: `workers`, or one per CPU core this process may use."""
+        return self.workers or len(os.sched_getaffinity(0))
 
 
 class VadSection(_Section):

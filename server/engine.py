@@ -9,5 +9,6 @@ from streaming.whisper_ct2 import CTranslate2Whisper
 def build_engine(model: ModelSection) -> CTranslate2Whisper:
     return CTranslate2Whisper(
         model.name, model.compute_type, model.cpu_threads, model.beam_size,
-        timestamps=model.timestamps,
+        timestamps=model.timestamps, workers=model.worker_count,
+        feature_threads=model.feature_threads,
     )

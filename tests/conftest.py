@@ -11,6 +11,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import running_server
 from speech import Utterance, synthesize
 
+from server.config import ModelSection
+from server.engine import build_engine
 from streaming.whisper_ct2 import CTranslate2Whisper
 
 THREE_SENTENCES = [
@@ -25,8 +27,8 @@ OTHER_SPEECH = [
 
 @pytest.fixture(scope="session")
 def engine() -> CTranslate2Whisper:
-    """The real bundled Whisper tiny.en model, loaded once."""
-    return CTranslate2Whisper("bundled", cpu_threads=2)
+    """The real bundled Whisper tiny.en model, loaded once, as the server loads it."""
+    return build_engine(ModelSection())
 
 
 @pytest.fixture(scope="session")

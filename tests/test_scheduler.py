@@ -80,6 +80,58 @@ def test_a_failing_window_fails_alone() -> None:
     assert [h.text for h in results[1:]] == ["3.1", "2.9"]  # type: ignore[union-attr]
 
 
+def test_with_two_workers_two_batches_run_at_once_and_oldest_still_lead() -> None:
+    engine = RecordingEngine()
+    running, most = 0, 0
+    lock = threading.Lock()
+    transcribe = engine.transcribe
+
+    def counting(requests: Sequence[DecodeRequest]) -> list[Hypothesis]:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        try:
+            return transcribe(requests)
+        finally:
+            with lock:
+                running -= 1
+
+    engine.transcribe = counting  # type: ignore[method-assign]
+    scheduler = InferenceScheduler(engine, max_batch_size=8, workers=2)
+
+    async def scenario() -> list[Hypothesis]:
+        tasks = [asyncio.create_task(scheduler.transcribe(_request(s))) for s in (9.0, 1.0)]
+        await asyncio.sleep(0.1)  # both windows are in the engine, held by its gate
+        queued = [asyncio.create_task(scheduler.transcribe(_request(s))) for s in (2.0, 2.1)]
+        await asyncio.sleep(0.05)
+        engine.gate.set()
+        results = await asyncio.gather(*tasks, *queued)
+        await scheduler.close()
+        return results
+
+    results = asyncio.run(scenario())
+    assert [h.text for h in results] == ["9", "1", "2", "2.1"]
+    assert most == 2, "the second worker did not run a batch beside the first"
+    assert sorted(map(sorted, engine.batches)) == [[1.0], [2.0, 2.1], [9.0]]
+
+
+def test_closing_cancels_the_steps_of_a_running_batch() -> None:
+    engine = RecordingEngine()  # its gate stays shut: the batch never finishes by itself
+    scheduler = InferenceScheduler(engine, max_batch_size=8, workers=2)
+
+    async def scenario() -> asyncio.Task[Hypothesis]:
+        task = asyncio.create_task(scheduler.transcribe(_request(1.0)))
+        await asyncio.sleep(0.05)
+        await scheduler.close()
+        await asyncio.gather(task, return_exceptions=True)
+        return task
+
+    task = asyncio.run(scenario())
+    engine.gate.set()
+    assert task.cancelled()
+
+
 @pytest.mark.model
 def test_real_model_batches_give_the_same_words_as_single_calls(engine: object) -> None:
     import soxr
