@@ -23,6 +23,15 @@ class Utterance:
 
 
 _voice = None
+# Piper samples its voice's noise: without this the same sentence came out differently on
+# every fresh run, and a test sentence heard right in one run was misheard in the next.
+DETERMINISTIC_NOISE = 0.0
+
+
+def _config():  # type: ignore[no-untyped-def]
+    from piper import SynthesisConfig
+
+    return SynthesisConfig(noise_scale=DETERMINISTIC_NOISE, noise_w_scale=DETERMINISTIC_NOISE)
 
 
 def _piper_voice():  # type: ignore[no-untyped-def]
@@ -39,7 +48,8 @@ def _piper_voice():  # type: ignore[no-untyped-def]
 
 def synthesize(sentences: list[str], lead_s: float = 0.5, tail_s: float = 1.0) -> Utterance:
     """One WAV with the sentences spoken in turn, separated by GAP_S of silence."""
-    key = hashlib.sha1(repr((sentences, lead_s, tail_s, GAP_S)).encode()).hexdigest()[:12]
+    key = hashlib.sha1(repr((sentences, lead_s, tail_s, GAP_S, DETERMINISTIC_NOISE)).encode()
+                       ).hexdigest()[:12]
     path = CACHE / f"speech-{key}.wav"
     voice = _piper_voice()
     rate = int(voice.config.sample_rate)
@@ -47,7 +57,7 @@ def synthesize(sentences: list[str], lead_s: float = 0.5, tail_s: float = 1.0) -
         CACHE.mkdir(parents=True, exist_ok=True)
         parts = [np.zeros(int(lead_s * rate), np.int16)]
         for i, sentence in enumerate(sentences):
-            chunks = [c.audio_int16_array for c in voice.synthesize(sentence)]
+            chunks = [c.audio_int16_array for c in voice.synthesize(sentence, _config())]
             parts.append(np.concatenate(chunks).astype(np.int16))
             gap = GAP_S if i < len(sentences) - 1 else tail_s
             parts.append(np.zeros(int(gap * rate), np.int16))
