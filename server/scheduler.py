@@ -85,6 +85,8 @@ class InferenceScheduler:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._task = None
         self._running.clear()
+        # The cancelled loop may have held a worker slot: a restarted one starts afresh.
+        self._free = asyncio.Semaphore(self.workers)
         for pending in self._pending:
             pending.future.cancel()
         self._pending.clear()
