@@ -80,7 +80,7 @@ def test_a_failing_window_fails_alone() -> None:
     assert [h.text for h in results[1:]] == ["3.1", "2.9"]  # type: ignore[union-attr]
 
 
-def test_with_two_workers_two_batches_run_at_once_and_oldest_still_lead() -> None:
+def test_with_two_workers_two_batches_run_at_once() -> None:
     engine = RecordingEngine()
     running, most = 0, 0
     lock = threading.Lock()
