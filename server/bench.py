@@ -841,7 +841,8 @@ def run_figures(
         files.append({
             "id": record.item.id,
             "wav": str(record.item.wav),
-            "duration_s": round(record.duration_s, 3),
+            # Unrounded: `--from` sums these again and must reach the same figures.
+            "duration_s": record.duration_s,
             "reference": record.item.text,
             "transcript": analysis.transcript,
             "offline_transcript": result.text,
