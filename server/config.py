@@ -77,13 +77,13 @@ class StreamingSection(_Section):
     interim: bool = True
     sample_rate: int = Field(16000, ge=MIN_SAMPLE_RATE_HZ, le=MAX_SAMPLE_RATE_HZ)
     encoding: Literal["pcm_s16le", "f32le"] = "pcm_s16le"
-    step_s: float = Field(0.5, ge=0.1, le=10.0)
-    holdback_s: float = Field(0.5, ge=0.0)
+    step_s: float = Field(0.3, ge=0.1, le=10.0)
+    holdback_s: float = Field(0.3, ge=0.0)
     prompt_chars: int = Field(0, ge=0)
     max_window_s: float = Field(0.0, ge=0.0, le=28.0)
     early_commit_s: float = Field(3.0, ge=0.0, le=28.0)
     early_commit_probability: float = Field(0.6, ge=0.0, le=1.0)
-    tentative: Tentative = "all"
+    tentative: Tentative = "agreed"
     tentative_edge_s: float = Field(0.5, ge=0.0, le=5.0)
     tentative_edge_probability: float = Field(0.9, ge=0.0, le=1.0)
     endpoint_silence_s: float = Field(0.2, ge=0.0, le=5.0)

@@ -246,7 +246,8 @@ def test_early_on_words_the_model_is_unsure_of_are_not_promised() -> None:
 def test_partials_show_every_tentative_word_by_default() -> None:
     previous = sentence(" the", " quick", " brown")
     current = sentence(" the", " quick", " brawn", " fox")
-    shown = tentative_words(previous, current, 1, 2.0, PolicyOptions(tentative_edge_s=0.0))
+    every = PolicyOptions(tentative="all", tentative_edge_s=0.0)
+    shown = tentative_words(previous, current, 1, 2.0, every)
     assert texts(shown) == [" the", " quick", " brawn", " fox"]
 
 
@@ -261,7 +262,7 @@ def test_agreed_partials_stop_at_the_first_word_the_last_hypothesis_disagreed_on
 
 def test_words_at_the_live_edge_wait_but_promised_words_never_do() -> None:
     current = sentence(" the", " quick", " brown", " fox")  # the fox ends at 2.0 s
-    edge = PolicyOptions(tentative_edge_s=0.3, tentative_edge_probability=0.95)
+    edge = PolicyOptions(tentative="all", tentative_edge_s=0.3, tentative_edge_probability=0.95)
     assert texts(tentative_words((), current, 0, 2.1, edge)) == [" the", " quick", " brown"]
     assert texts(tentative_words((), current, 0, 2.4, edge)) == texts(current)
     assert texts(tentative_words((), current, 4, 2.0, edge)) == texts(current)
@@ -270,6 +271,6 @@ def test_words_at_the_live_edge_wait_but_promised_words_never_do() -> None:
 def test_a_word_at_the_live_edge_shows_when_the_model_is_sure_of_it() -> None:
     sure = [*sentence(" the", " quick"), word(" fox", 1.0, 1.5, probability=0.97)]
     unsure = [*sentence(" the", " quick"), word(" fax", 1.0, 1.5, probability=0.4)]
-    edge = PolicyOptions(tentative_edge_s=0.5, tentative_edge_probability=0.9)
+    edge = PolicyOptions(tentative="all", tentative_edge_s=0.5, tentative_edge_probability=0.9)
     assert texts(tentative_words((), sure, 0, 1.6, edge)) == [" the", " quick", " fox"]
     assert texts(tentative_words((), unsure, 0, 1.6, edge)) == [" the", " quick"]
