@@ -163,6 +163,25 @@ def drop_restart(words: Sequence[Word], keep: int, run: int = 3) -> list[Word]:
     return words
 
 
+def drop_stacked_words(
+    words: Sequence[Word], keep: int, run: int = 3, max_duration_s: float = 0.04
+) -> list[Word]:
+    """Cut the hypothesis at `run` new words in a row that the alignment gave no audio.
+
+    When Whisper loops ("... next year, we'll be on Zoom and I hope that next year, ..."
+    on a window that ends mid-sentence), the alignment stacks the invented words, each
+    zero-length, at one instant, anywhere in the window. Heard words have a duration;
+    three in a row at one instant were not heard.
+    """
+    words = list(words)
+    short = 0
+    for j in range(keep, len(words)):
+        short = short + 1 if words[j].end_s - words[j].start_s <= max_duration_s else 0
+        if short == run:
+            return words[: j - run + 1]
+    return words
+
+
 def drop_hallucination(hypothesis: Hypothesis, options: PolicyOptions) -> bool:
     """Whether the unpromised text of this hypothesis looks invented rather than heard."""
     if (

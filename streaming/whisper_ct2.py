@@ -24,7 +24,7 @@ from faster_whisper.tokenizer import Tokenizer
 
 from streaming.audio import MODEL_SAMPLE_RATE_HZ
 from streaming.engine import DecodeRequest, Hypothesis, Word
-from streaming.policy import drop_restart, drop_trailing_echo
+from streaming.policy import drop_restart, drop_stacked_words, drop_trailing_echo
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +254,9 @@ class CTranslate2Whisper:
     @staticmethod
     def _clean_tail(words: list[Word], prefix: list[int], duration_s: float) -> list[Word]:
         keep = len(prefix_words(words, prefix))
-        words = drop_restart(drop_squeezed_tail(words, keep, duration_s), keep)
+        words = drop_squeezed_tail(words, keep, duration_s)
+        words = drop_restart(drop_stacked_words(words, keep, max_duration_s=SQUEEZED_WORD_S),
+                             keep)
         return drop_trailing_echo(words, keep)
 
     @staticmethod
