@@ -105,6 +105,7 @@ class TranscriptionServer:
         self.scheduler = InferenceScheduler(
             engine, settings.model.max_batch_size, on_batch=self.metrics.observe_batch,
             workers=settings.model.worker_count,
+            release_memory_every_s=settings.model.release_memory_s,
         )
         self.sinks: list[SessionSink] = []
         self._connections: dict[str, _Connection] = {}

@@ -52,6 +52,7 @@ class ModelSection(_Section):
     beam_size: int = Field(1, ge=1, le=10)
     max_batch_size: int = Field(8, ge=1, le=64)
     timestamps: bool = False
+    release_memory_s: float = Field(2.0, ge=0.0)  # see server/memory.py; 0: never
 
     @property
     def worker_count(self) -> int:

@@ -29,8 +29,6 @@ log = logging.getLogger(__name__)
 # Padding a short window to a long one's length costs more than batching saves
 # (measured: 4 equal windows batched 1.7x faster than serial; 5/7.5/15 s mixed, slower).
 MAX_LENGTH_RATIO = 1.5
-# Freed inference buffers go back to the OS at most this often (see server/memory.py).
-RELEASE_MEMORY_EVERY_S = 2.0
 
 
 @dataclass
@@ -58,6 +56,7 @@ class InferenceScheduler:
         max_batch_size: int = 8,
         on_batch: Callable[[BatchStats], None] | None = None,
         workers: int = 1,
+        release_memory_every_s: float = 2.0,
         release_memory: Callable[[], object] = release_free_memory,
     ) -> None:
         if workers < 1:
@@ -73,6 +72,9 @@ class InferenceScheduler:
         self._task: asyncio.Task[None] | None = None
         self.batches: list[BatchStats] = []  # recent batches, for metrics and tests
         self._on_batch = on_batch
+        # Freed inference buffers go back to the OS at most this often (0: never), see
+        # server/memory.py.
+        self.release_memory_every_s = release_memory_every_s
         self._release_memory = release_memory
         self._released_at = time.monotonic()
 
@@ -182,7 +184,8 @@ class InferenceScheduler:
             for pending, hypothesis in zip(batch, hypotheses, strict=True):
                 if not pending.future.done():
                     pending.future.set_result(hypothesis)
-            if time.monotonic() - self._released_at >= RELEASE_MEMORY_EVERY_S:
+            if (self.release_memory_every_s > 0
+                    and time.monotonic() - self._released_at >= self.release_memory_every_s):
                 self._released_at = time.monotonic()
                 # On the worker's thread, after the results went out: no session waits.
                 await loop.run_in_executor(self._executor, self._release_memory)

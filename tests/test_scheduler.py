@@ -152,28 +152,26 @@ def test_real_model_batches_give_the_same_words_as_single_calls(engine: object) 
     assert wer(utterance.text, batched[2]) <= 0.1
 
 
-def test_freed_memory_is_given_back_at_most_once_an_interval(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_freed_memory_is_given_back_at_most_once_an_interval() -> None:
     engine = RecordingEngine()
     engine.gate.set()
     released: list[str] = []
 
     async def run(interval_s: float) -> None:
-        monkeypatch.setattr("server.scheduler.RELEASE_MEMORY_EVERY_S", interval_s)
         scheduler = InferenceScheduler(
-            engine, max_batch_size=1,
+            engine, max_batch_size=1, release_memory_every_s=interval_s,
             release_memory=lambda: released.append(threading.current_thread().name))
         for _ in range(3):
             await scheduler.transcribe(_request(1.0))
             await asyncio.sleep(0.01)  # the release follows the result
         await scheduler.close()
 
-    asyncio.run(run(0.0))
+    asyncio.run(run(1e-9))
     assert len(released) == 3  # after every batch
     assert all(name.startswith("inference") for name in released)  # not on the event loop
     released.clear()
     asyncio.run(run(3600.0))
+    asyncio.run(run(0.0))  # 0: never
     assert released == []
 
 
