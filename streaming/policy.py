@@ -163,9 +163,11 @@ def drop_restart(words: Sequence[Word], keep: int, run: int = 3) -> list[Word]:
     return words
 
 
-def drop_stacked_words(
-    words: Sequence[Word], keep: int, run: int = 3, max_duration_s: float = 0.04
-) -> list[Word]:
+# A word the alignment gives this little audio or less was not heard (invented text).
+UNHEARD_WORD_S = 0.04
+
+
+def drop_stacked_words(words: Sequence[Word], keep: int, run: int = 3) -> list[Word]:
     """Cut the hypothesis at `run` new words in a row that the alignment gave no audio.
 
     When Whisper loops ("... next year, we'll be on Zoom and I hope that next year, ..."
@@ -176,7 +178,7 @@ def drop_stacked_words(
     words = list(words)
     short = 0
     for j in range(keep, len(words)):
-        short = short + 1 if words[j].end_s - words[j].start_s <= max_duration_s else 0
+        short = short + 1 if words[j].end_s - words[j].start_s <= UNHEARD_WORD_S else 0
         if short == run:
             return words[: j - run + 1]
     return words

@@ -24,7 +24,12 @@ from faster_whisper.tokenizer import Tokenizer
 
 from streaming.audio import MODEL_SAMPLE_RATE_HZ
 from streaming.engine import DecodeRequest, Hypothesis, Word
-from streaming.policy import drop_restart, drop_stacked_words, drop_trailing_echo
+from streaming.policy import (
+    UNHEARD_WORD_S,
+    drop_restart,
+    drop_stacked_words,
+    drop_trailing_echo,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +42,6 @@ MAX_WINDOW_S = 29.0  # the mel input (window + tail pad) must fit Whisper's 30 s
 MAX_DECODE_TOKENS = 448  # Whisper's text context
 MAX_PROMPT_TOKENS = 223  # as openai/whisper: half the context, minus one
 END_MARGIN_S = 0.1  # a timestamp this close to the end (or past it) closes the transcript
-SQUEEZED_WORD_S = 0.04  # a word aligned this short at the very end was not heard
 TOKENS_PER_AUDIO_SECOND = 8  # generous bound on speech rate; stops runaway loops
 
 
@@ -110,7 +114,7 @@ def drop_squeezed_tail(words: list[Word], keep: int, duration_s: float) -> list[
     end = len(words)
     while end > keep:
         word = words[end - 1]
-        if word.start_s < duration_s - END_MARGIN_S or word.end_s - word.start_s > SQUEEZED_WORD_S:
+        if word.start_s < duration_s - END_MARGIN_S or word.end_s - word.start_s > UNHEARD_WORD_S:
             break
         end -= 1
     return words[:end]
@@ -255,8 +259,8 @@ class CTranslate2Whisper:
     def _clean_tail(words: list[Word], prefix: list[int], duration_s: float) -> list[Word]:
         keep = len(prefix_words(words, prefix))
         words = drop_squeezed_tail(words, keep, duration_s)
-        words = drop_restart(drop_stacked_words(words, keep, max_duration_s=SQUEEZED_WORD_S),
-                             keep)
+        words = drop_stacked_words(words, keep)
+        words = drop_restart(words, keep)
         return drop_trailing_echo(words, keep)
 
     @staticmethod
