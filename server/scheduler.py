@@ -184,9 +184,9 @@ class InferenceScheduler:
             for pending, hypothesis in zip(batch, hypotheses, strict=True):
                 if not pending.future.done():
                     pending.future.set_result(hypothesis)
-            if (self.release_memory_every_s > 0
-                    and time.monotonic() - self._released_at >= self.release_memory_every_s):
-                self._released_at = time.monotonic()
+            now = time.monotonic()
+            if 0 < self.release_memory_every_s <= now - self._released_at:
+                self._released_at = now
                 # On the worker's thread, after the results went out: no session waits.
                 await loop.run_in_executor(self._executor, self._release_memory)
         finally:
