@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
+import wave
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -80,3 +83,37 @@ class StreamResampler:
         if self._stream is None:
             return samples.astype(np.float32, copy=False)
         return np.asarray(self._stream.resample_chunk(samples, last=last), dtype=np.float32)
+
+
+def read_wav(source: str | Path | bytes) -> tuple[np.ndarray, int]:
+    """The samples (float32 mono in [-1, 1], channels averaged) and sample rate of a PCM
+    WAV file, given as a path or as its bytes (a Hermes audioFrame is a small WAV file).
+
+    The standard library's `wave` reads the container; 8-bit WAV is unsigned, 16- and
+    32-bit are signed little-endian.
+    """
+    name = "WAV data" if isinstance(source, bytes) else str(source)
+    try:
+        with wave.open(io.BytesIO(source) if isinstance(source, bytes) else str(source),
+                       "rb") as wav:
+            rate, width, channels = wav.getframerate(), wav.getsampwidth(), wav.getnchannels()
+            frames = wav.readframes(wav.getnframes())
+    except (wave.Error, EOFError) as exc:
+        raise AudioFormatError(f"{name} is not a readable PCM WAV file ({exc})") from None
+    if width == 2:
+        samples = np.frombuffer(frames, "<i2").astype(np.float32) / 32768.0
+    elif width == 1:
+        samples = (np.frombuffer(frames, np.uint8).astype(np.float32) - 128.0) / 128.0
+    elif width == 4:
+        samples = np.frombuffer(frames, "<i4").astype(np.float32) / 2147483648.0
+    else:
+        raise AudioFormatError(f"{name} has {8 * width}-bit samples; 8, 16 or 32-bit PCM only")
+    if channels > 1:
+        samples = samples[: len(samples) - len(samples) % channels]
+        samples = samples.reshape(-1, channels).mean(axis=1)
+    return samples.astype("<f4"), rate
+
+
+def to_pcm_s16le(samples: np.ndarray) -> bytes:
+    """float32 samples in [-1, 1] as 16-bit little-endian PCM."""
+    return (np.clip(samples, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()

@@ -46,8 +46,28 @@ class DecodeRequest:
     language: str = "en"
 
 
+class EngineLoadError(RuntimeError):
+    """A model that cannot be found or loaded; the message is meant for the user.
+
+    Every engine raises this one type, so the command line need not know the backends.
+    """
+
+
+@dataclass(frozen=True)
+class EngineCapabilities:
+    """What a loaded model can do, stated by the engine rather than probed by callers."""
+
+    languages: frozenset[str] | None = frozenset({"en"})  # None: every language Whisper knows
+    translation: bool = False  # can translate into English (multilingual models)
+    device: str = "cpu"  # where the model runs: "cpu" or "cuda"
+
+    def supports_language(self, language: str) -> bool:
+        return self.languages is None or language in self.languages
+
+
 class Engine(Protocol):
     name: str
+    capabilities: EngineCapabilities
 
     def transcribe(self, requests: Sequence[DecodeRequest]) -> list[Hypothesis]:
         """Transcribe a batch of windows; one hypothesis per request, in order.
