@@ -26,36 +26,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import json
 import logging
 import re
-import time
-import wave
+import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import aiomqtt
 import numpy as np
 
+from server.driver import CLOSE_BAD_REQUEST, CLOSE_GOING_AWAY, DriverLimits, SessionDriver
+from server.host import Host
 from server.mqtt import MqttLink, Outgoing, to_json
-from streaming.audio import AudioFormatError
+from streaming.audio import AudioFormatError, read_wav
 from streaming.protocol import (
     Done,
+    Error,
     Final,
     Partial,
     ProtocolError,
+    ServerMessage,
     SpeechEnd,
-    Stop,
     StreamParams,
     WordTiming,
 )
-from streaming.session import Session, SessionConfig
-from streaming.vad import WebRtcClassifier
-
-if TYPE_CHECKING:
-    from server.app import TranscriptionServer
+from streaming.session import SessionConfig
 
 log = logging.getLogger(__name__)
 
@@ -66,32 +63,6 @@ TOPIC_TEXT = "hermes/asr/textCaptured"
 TOPIC_PARTIAL = "hermes/asr/partialTextCaptured"
 TOPIC_ERROR = "hermes/error/asr"
 OUTBOX_SIZE = 1000  # Hermes messages waiting for the broker
-
-
-class WavChunkError(ValueError):
-    pass
-
-
-def read_wav_chunk(data: bytes) -> tuple[np.ndarray, int]:
-    """The samples (float32 mono, -1 to 1) and sample rate of one audioFrame payload."""
-    try:
-        with wave.open(io.BytesIO(data), "rb") as wav:
-            rate, width, channels = wav.getframerate(), wav.getsampwidth(), wav.getnchannels()
-            frames = wav.readframes(wav.getnframes())
-    except (wave.Error, EOFError) as exc:
-        raise WavChunkError(f"audioFrame is not a PCM WAV chunk ({exc})") from None
-    if width == 2:
-        samples = np.frombuffer(frames, "<i2").astype(np.float32) / 32768.0
-    elif width == 1:  # WAV's 8-bit PCM is unsigned
-        samples = (np.frombuffer(frames, np.uint8).astype(np.float32) - 128.0) / 128.0
-    elif width == 4:
-        samples = np.frombuffer(frames, "<i4").astype(np.float32) / 2147483648.0
-    else:
-        raise WavChunkError(f"audioFrame has {8 * width}-bit samples; 8, 16 or 32-bit PCM only")
-    if channels > 1:
-        samples = samples[: len(samples) - len(samples) % channels]
-        samples = samples.reshape(-1, channels).mean(axis=1)
-    return samples.astype("<f4"), rate
 
 
 def _snake_key(key: str) -> str:
@@ -146,12 +117,10 @@ class _Listening:
     lang: str | None
     stop_on_silence: bool
     snake_case: bool  # answer in the letter case the session was opened with
-    session: Session | None = None  # made at the first audio frame, whose rate it takes
-    rate_hz: int = 0
+    driver: SessionDriver | None = None
+    rate_hz: int = 0  # the rate of its first audio frame (0: none yet)
     finals: list[Final] = field(default_factory=list)
-    decode_s: float = 0.0
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-    finished: bool = False
+    finished: bool = False  # its textCaptured or error is out
     task: asyncio.Task[None] | None = None
     bad_frames: int = 0
 
@@ -165,7 +134,8 @@ class _Listening:
 
     @property
     def stopping(self) -> bool:
-        return self.finished or (self.session is not None and self.session.stopping)
+        driver = self.driver
+        return self.finished or driver is None or not driver.live or driver.session.stopping
 
     def text(self, partial: str = "") -> str:
         return " ".join(t for t in [*(f.text for f in self.finals), partial] if t)
@@ -175,17 +145,39 @@ class _Listening:
         return round(sum(probabilities) / len(probabilities), 4) if probabilities else 0.0
 
 
+class _HermesOutlet:
+    """A listening session's messages, turned into Hermes events by `HermesAsr`."""
+
+    def __init__(self, asr: HermesAsr, listening: _Listening) -> None:
+        self.asr = asr
+        self.listening = listening
+
+    def deliver(self, message: ServerMessage) -> None:
+        self.asr._on_session_message(self.listening, message)
+
+    def close(self, code: int, reason: str) -> None:
+        self.asr._forget(self.listening)
+
+    async def flushed(self) -> None:
+        return  # the MQTT link delivers on its own, in order
+
+
 class HermesAsr:
-    def __init__(self, server: TranscriptionServer) -> None:
-        self.server = server
-        self.settings = server.settings
-        self.cfg = server.settings.hermes
+    def __init__(self, host: Host) -> None:
+        self.host = host
+        self.settings = host.settings
+        self.cfg = host.settings.hermes
         self.link = MqttLink(
-            server.settings.mqtt, name="hermes", queue_size=OUTBOX_SIZE,
+            host.settings.mqtt, name="hermes", queue_size=OUTBOX_SIZE,
             subscriptions=[(TOPIC_START, 1), (TOPIC_STOP, 1), (TOPIC_FRAMES, 0)],
             on_message=self._on_message,
         )
         self._listening: dict[tuple[str, str | None], _Listening] = {}
+        limits = self.settings.limits
+        self._limits = DriverLimits(
+            idle_timeout_s=limits.idle_timeout_s, idle_finishes=True,
+            max_lag_s=limits.max_lag_s, flush_timeout_s=limits.shutdown_timeout_s,
+        )
 
     @property
     def listening(self) -> int:
@@ -216,7 +208,7 @@ class HermesAsr:
             return
         try:
             data = json.loads(payload)
-        except ValueError:
+        except (ValueError, RecursionError):
             log.warning("hermes: %s payload is not JSON; ignored", topic)
             return
         if not isinstance(data, dict):
@@ -247,18 +239,26 @@ class HermesAsr:
         if previous is not None:
             log.info("%s: started again; the earlier one is dropped", listening.name)
             self._end(previous)
-        if len(self._listening) >= self.settings.limits.max_sessions:
-            self._fail(listening, f"busy: {len(self._listening)} Hermes sessions listening, "
-                       "the configured maximum (limits.max_sessions)")
+        if self.host.active_sessions >= self.settings.limits.max_sessions:
+            self._fail(listening, f"busy: {self.host.active_sessions} sessions, the "
+                       "configured maximum (limits.max_sessions)")
             return
         try:
-            self._config(listening, self.settings.streaming.sample_rate)
+            config = self._config(listening, self.settings.streaming.sample_rate)
         except ProtocolError as exc:
             self._fail(listening, exc.message)
             return
+        max_s, key = ((self.cfg.max_command_s, "hermes.max_command_s")
+                      if listening.stop_on_silence
+                      else (self.settings.limits.max_session_s, "limits.max_session_s"))
+        listening.driver = self.host.open_session(
+            f"{listening.name}:{uuid.uuid4().hex[:6]}", config, _HermesOutlet(self, listening),
+            limits=replace(self._limits, max_audio_s=max_s, max_audio_key=key),
+            publish=False,
+        )
         self._listening[listening.key] = listening
         listening.task = asyncio.get_running_loop().create_task(
-            self._drive(listening), name=listening.name)
+            self.host.serve(listening.driver), name=listening.name)
         log.info("%s: listening (stopOnSilence %s)", listening.name, listening.stop_on_silence)
 
     def _stop_request(self, data: dict[str, Any]) -> None:
@@ -276,128 +276,81 @@ class HermesAsr:
         if not targets:
             return  # audio servers stream all the time; only open sessions listen
         try:
-            samples, rate = read_wav_chunk(data)
-        except WavChunkError as exc:
+            samples, rate = read_wav(data)
+        except AudioFormatError as exc:
             for listening in targets:
                 listening.bad_frames += 1
                 if listening.bad_frames == 1:
-                    log.warning("%s: %s; dropped", listening.name, exc)
+                    log.warning("%s: audioFrame: %s; dropped", listening.name, exc)
             return
         for listening in targets:
             self._feed(listening, samples, rate)
 
     def _config(self, listening: _Listening, rate_hz: int) -> SessionConfig:
-        return self.server.session_config(StreamParams(
+        return self.host.session_config(StreamParams(
             sample_rate=rate_hz, encoding="f32le", language=_language(listening.lang),
             interim=self.cfg.partials,
         ))
 
     def _feed(self, listening: _Listening, samples: np.ndarray, rate_hz: int) -> None:
-        if listening.session is None:
-            try:
-                config = self._config(listening, rate_hz)
-            except ProtocolError as exc:
-                self._fail(listening, exc.message)
-                return
-            listening.session = Session(listening.name, config,
-                                        WebRtcClassifier(config.vad.aggressiveness))
+        driver = listening.driver
+        assert driver is not None
+        if listening.rate_hz == 0:  # the first frame sets the session's rate
             listening.rate_hz = rate_hz
+            if rate_hz != driver.session.config.audio.sample_rate_hz:
+                try:
+                    driver.session.reconfigure(self._config(listening, rate_hz))
+                except ProtocolError as exc:
+                    self._fail(listening, exc.message)
+                    return
         elif rate_hz != listening.rate_hz:
             listening.bad_frames += 1
             if listening.bad_frames == 1:
                 log.warning("%s: audioFrame at %d Hz in a session at %d Hz; dropped",
                             listening.name, rate_hz, listening.rate_hz)
             return
-        session = listening.session
         try:
-            session.receive_audio(samples.tobytes())
+            driver.receive_audio(samples.tobytes())
         except (AudioFormatError, ProtocolError) as exc:
             log.warning("%s: audio dropped: %s", listening.name, exc)
-            return
-        limit_s, key = ((self.cfg.max_command_s, "hermes.max_command_s")
-                        if listening.stop_on_silence
-                        else (self.settings.limits.max_session_s, "limits.max_session_s"))
-        if not session.stopping and session.received_seconds > limit_s:
-            log.info("%s: longer than %s (%g s); ending it", listening.name, key, limit_s)
-            session.receive_message(Stop())
-        self._consume(listening)
-        listening.wake.set()
 
     # The session -----------------------------------------------------------------
 
-    async def _drive(self, listening: _Listening) -> None:
-        """Run the session's inference steps until its textCaptured is out."""
-        idle_s = self.settings.limits.idle_timeout_s
-        try:
-            while not listening.finished:
-                session = listening.session
-                job = session.next_job() if session is not None else None
-                if job is None:
-                    listening.wake.clear()
-                    try:
-                        await asyncio.wait_for(listening.wake.wait(), idle_s)
-                    except TimeoutError:
-                        log.info("%s: no audio for %g s (limits.idle_timeout_s); ending it",
-                                 listening.name, idle_s)
-                        self._stop(listening)
-                    continue
-                assert session is not None
-                started = time.monotonic()
-                try:
-                    hypothesis = await self.server.scheduler.transcribe(job.request)
-                except asyncio.CancelledError:
-                    session.abandon_job(job)
-                    raise
-                except Exception as exc:
-                    log.exception("%s: engine failed on segment %d", listening.name,
-                                  job.segment)
-                    session.abandon_job(job)
-                    self._fail(listening, f"transcription failed: {exc}")
-                    return
-                # Every step counts: a final often comes from the step that heard the
-                # end of speech, with no decode after the segment closed.
-                listening.decode_s += time.monotonic() - started
-                session.complete_job(job, hypothesis)
-                self._consume(listening)
-        finally:
-            if self._listening.get(listening.key) is listening:
-                del self._listening[listening.key]
-
-    def _consume(self, listening: _Listening) -> None:
-        session = listening.session
-        assert session is not None
-        while messages := session.take_messages():
-            for message in messages:
-                if isinstance(message, Final):
-                    listening.finals.append(message)
-                elif isinstance(message, SpeechEnd):
-                    if listening.stop_on_silence and not session.stopping:
-                        log.info("%s: silence after speech; ending the voice command",
-                                 listening.name)
-                        session.receive_message(Stop())  # its messages: next round
-                elif isinstance(message, Partial):
-                    if self.cfg.partials:
-                        self._publish(TOPIC_PARTIAL, listening,
-                                      self._captured(listening, message.text), essential=False)
-                elif isinstance(message, Done):
-                    self._text_captured(listening)
+    def _on_session_message(self, listening: _Listening, message: ServerMessage) -> None:
+        driver = listening.driver
+        assert driver is not None
+        if isinstance(message, Final):
+            listening.finals.append(message)
+        elif isinstance(message, SpeechEnd):
+            if listening.stop_on_silence and not driver.session.stopping:
+                log.info("%s: silence after speech; ending the voice command", listening.name)
+                driver.stop()
+        elif isinstance(message, Partial):
+            if self.cfg.partials:
+                self._publish(TOPIC_PARTIAL, listening,
+                              self._captured(listening, message.text), essential=False)
+        elif isinstance(message, Done):
+            self._text_captured(listening)
+        elif isinstance(message, Error):
+            if message.code == "internal":
+                self._fail(listening, message.message)
+            elif message.code == "limit":
+                log.info("%s: %s", listening.name, message.message)
+            else:
+                log.warning("%s: %s", listening.name, message.message)
 
     def _stop(self, listening: _Listening) -> None:
-        if listening.finished:
-            return
-        if listening.session is None:  # stopped before any audio came
-            self._text_captured(listening)
-            return
-        if not listening.session.stopping:
-            listening.session.receive_message(Stop())
-            self._consume(listening)
-        listening.wake.set()
+        if not listening.finished and listening.driver is not None:
+            listening.driver.stop()
 
     def _end(self, listening: _Listening) -> None:
+        """Drop the session with no word to the assistant (it was replaced, or failed)."""
         listening.finished = True
-        listening.wake.set()
-        if listening.task is not None and listening.task is not asyncio.current_task():
-            listening.task.cancel()
+        if listening.driver is not None:
+            listening.driver.end(CLOSE_GOING_AWAY, "dropped")
+        self._forget(listening)
+
+    def _forget(self, listening: _Listening) -> None:
         if self._listening.get(listening.key) is listening:
             del self._listening[listening.key]
 
@@ -407,7 +360,9 @@ class HermesAsr:
         return {
             "text": listening.text(partial),
             "likelihood": listening.likelihood(),
-            "seconds": round(listening.decode_s, 3),
+            # Every step counts: a final often comes from the step that heard the end of
+            # speech, with no decode after the segment closed.
+            "seconds": round(listening.driver.step_seconds if listening.driver else 0.0, 3),
             "siteId": listening.site_id,
             "sessionId": listening.session_id,
             "wakewordId": listening.wakeword_id,
@@ -421,16 +376,19 @@ class HermesAsr:
         log.info("%s: textCaptured %r", listening.name, payload["text"])
         self._publish(TOPIC_TEXT, listening, payload, essential=True)
         listening.finished = True
-        listening.wake.set()
-        if self._listening.get(listening.key) is listening:
-            del self._listening[listening.key]
+        self._forget(listening)
 
     def _fail(self, listening: _Listening, error: str) -> None:
+        if listening.finished:
+            return
         log.warning("%s: %s", listening.name, error)
         self._publish(TOPIC_ERROR, listening, {
             "error": error, "context": "whisperstream", "siteId": listening.site_id,
             "sessionId": listening.session_id}, essential=True)
-        self._end(listening)
+        if listening.driver is not None and listening.driver.live:
+            listening.driver.end(CLOSE_BAD_REQUEST, "failed")
+        listening.finished = True
+        self._forget(listening)
 
     def _publish(self, topic: str, listening: _Listening, payload: dict[str, Any],
                  *, essential: bool) -> None:

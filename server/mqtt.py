@@ -29,16 +29,13 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiomqtt
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from server.config import MqttSection
 from streaming.protocol import Done, Final, Partial, ServerMessage, SpeechEnd, SpeechStart
-
-if TYPE_CHECKING:
-    from server.app import TranscriptionServer
 
 log = logging.getLogger(__name__)
 
@@ -285,25 +282,4 @@ class SessionPublisher:
             self._dropped.labels("final" if essential else "interim").inc()
 
 
-@contextlib.asynccontextmanager
-async def mqtt_services(server: TranscriptionServer) -> AsyncIterator[None]:
-    """What `mqtt` and `hermes` in the config ask for, for as long as the server runs:
-    the session publisher (one of the server's sinks) and the Hermes ASR service."""
-    settings = server.settings
-    async with contextlib.AsyncExitStack() as stack:
-        if settings.mqtt.enabled:
-            publisher = SessionPublisher(settings.mqtt, server.metrics.registry)
-            await stack.enter_async_context(publisher.running())
-            server.sinks.append(publisher)
-            stack.callback(server.sinks.remove, publisher)
-            log.info("mqtt: publishing sessions under %s/ on %s:%d", publisher.prefix,
-                     settings.mqtt.host, settings.mqtt.port)
-        if settings.hermes.enabled:
-            from server.hermes import HermesAsr
-
-            hermes = HermesAsr(server)
-            await stack.enter_async_context(hermes.running())
-        yield
-
-
-__all__ = ["LinkStats", "MqttLink", "Outgoing", "SessionPublisher", "mqtt_services"]
+__all__ = ["LinkStats", "MqttLink", "Outgoing", "SessionPublisher"]

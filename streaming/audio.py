@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import wave
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -35,8 +34,8 @@ class AudioFormat:
             )
         if not MIN_SAMPLE_RATE_HZ <= self.sample_rate_hz <= MAX_SAMPLE_RATE_HZ:
             raise AudioFormatError(
-                f"unsupported sample_rate {self.sample_rate_hz}; use an integer number of Hz "
-                f"from {MIN_SAMPLE_RATE_HZ} to {MAX_SAMPLE_RATE_HZ}"
+                f"sample_rate must be an integer number of Hz from {MIN_SAMPLE_RATE_HZ} to "
+                f"{MAX_SAMPLE_RATE_HZ}, not {self.sample_rate_hz}"
             )
 
     @property
@@ -85,17 +84,16 @@ class StreamResampler:
         return np.asarray(self._stream.resample_chunk(samples, last=last), dtype=np.float32)
 
 
-def read_wav(source: str | Path | bytes) -> tuple[np.ndarray, int]:
+def read_wav(data: bytes, name: str = "WAV data") -> tuple[np.ndarray, int]:
     """The samples (float32 mono in [-1, 1], channels averaged) and sample rate of a PCM
-    WAV file, given as a path or as its bytes (a Hermes audioFrame is a small WAV file).
+    WAV file's bytes (a file's, or a Hermes audioFrame's: a small WAV file). `name` is
+    what an error message calls it.
 
     The standard library's `wave` reads the container; 8-bit WAV is unsigned, 16- and
-    32-bit are signed little-endian.
+    32-bit are signed little-endian. The caller reads the file: the core does no I/O.
     """
-    name = "WAV data" if isinstance(source, bytes) else str(source)
     try:
-        with wave.open(io.BytesIO(source) if isinstance(source, bytes) else str(source),
-                       "rb") as wav:
+        with wave.open(io.BytesIO(data), "rb") as wav:
             rate, width, channels = wav.getframerate(), wav.getsampwidth(), wav.getnchannels()
             frames = wav.readframes(wav.getnframes())
     except (wave.Error, EOFError) as exc:
@@ -116,4 +114,4 @@ def read_wav(source: str | Path | bytes) -> tuple[np.ndarray, int]:
 
 def to_pcm_s16le(samples: np.ndarray) -> bytes:
     """float32 samples in [-1, 1] as 16-bit little-endian PCM."""
-    return (np.clip(samples, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
+    return bytes((np.clip(samples, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes())

@@ -7,7 +7,12 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from streaming.audio import MAX_SAMPLE_RATE_HZ, MIN_SAMPLE_RATE_HZ
+
 PROTOCOL_VERSION = 1
+MAX_JSON_DEPTH = 16  # nesting of a client's JSON; a `start` with labels needs 2
+MAX_NUMBER_DIGITS = 32  # a longer number in a client's JSON is refused, not parsed
+MAX_RATE_DIGITS = 6  # sample rates are at most 48000
 
 
 class ProtocolError(Exception):
@@ -59,14 +64,18 @@ def _parse_bool(name: str, value: Any) -> bool:
     raise ProtocolError("bad_request", f"{name} must be true or false, not {value!r}")
 
 
-def _parse_int(name: str, value: Any) -> int:
-    if isinstance(value, bool):
-        raise ProtocolError("bad_request", f"{name} must be an integer, not {value!r}")
-    if isinstance(value, int):
+def _parse_rate(name: str, value: Any) -> int:
+    """A sample rate from JSON or the query string: an integer, or a string of ASCII
+    digits (not "٣" or "²", which str.isdecimal() and int() would take), at most 6 long."""
+    if isinstance(value, int) and not isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.strip().isdecimal():  # isdigit() takes "²"; int() not
-        return int(value)
-    raise ProtocolError("bad_request", f"{name} must be an integer number of Hz, not {value!r}")
+    if isinstance(value, str):
+        digits = value.strip()
+        if digits.isascii() and digits.isdigit() and len(digits) <= MAX_RATE_DIGITS:
+            return int(digits)
+    shown = value if not isinstance(value, str) or len(value) <= 40 else value[:40] + "..."
+    raise ProtocolError("bad_request", f"{name} must be an integer number of Hz from "
+                        f"{MIN_SAMPLE_RATE_HZ} to {MAX_SAMPLE_RATE_HZ}, not {shown!r}")
 
 
 def parse_params(raw: dict[str, Any]) -> StreamParams:
@@ -84,7 +93,7 @@ def parse_params(raw: dict[str, Any]) -> StreamParams:
     if language is not None and not isinstance(language, str):
         raise ProtocolError("bad_request", f"language must be a string, not {language!r}")
     return StreamParams(
-        sample_rate=_parse_int("sample_rate", raw["sample_rate"]) if "sample_rate" in raw else None,
+        sample_rate=_parse_rate("sample_rate", raw["sample_rate"]) if "sample_rate" in raw else None,
         encoding=encoding,
         language=language,
         interim=_parse_bool("interim", raw["interim"]) if "interim" in raw else None,
@@ -92,9 +101,42 @@ def parse_params(raw: dict[str, Any]) -> StreamParams:
     )
 
 
+def _json_depth(text: str) -> int:
+    """How deep arrays and objects nest in JSON text (strings skipped): checked before
+    parsing, since the parser recurses once per level (30,000 "[" overflow its stack)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
+def _bounded_int(digits: str) -> int:
+    if len(digits.lstrip("-")) > MAX_NUMBER_DIGITS:
+        raise ProtocolError("bad_request", f"a number in the text frame has more than "
+                            f"{MAX_NUMBER_DIGITS} digits; refused")
+    return int(digits)
+
+
 def parse_client_text(text: str) -> ClientMessage:
+    if _json_depth(text) > MAX_JSON_DEPTH:
+        raise ProtocolError("bad_request", f"text frame nests JSON deeper than "
+                            f"{MAX_JSON_DEPTH} levels; refused")
     try:
-        message = json.loads(text)
+        message = json.loads(text, parse_int=_bounded_int)
     except json.JSONDecodeError as exc:
         raise ProtocolError(
             "bad_request", f"text frame is not valid JSON ({exc.msg} at char {exc.pos})"

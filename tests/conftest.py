@@ -8,6 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from fakes import ScriptedWhisper
 from harness import running_server
 from speech import Utterance, synthesize
 
@@ -34,6 +35,19 @@ def engine() -> CTranslate2Whisper:
 @pytest.fixture(scope="session")
 def server_url(engine: CTranslate2Whisper) -> Iterator[str]:
     with running_server(engine) as url:
+        yield url
+
+
+@pytest.fixture
+def scripted() -> ScriptedWhisper:
+    """A fresh scripted engine, for a test that starts its own server."""
+    return ScriptedWhisper()
+
+
+@pytest.fixture(scope="session")
+def scripted_url() -> Iterator[str]:
+    """A real server on a free port whose engine is `ScriptedWhisper` (the middle layer)."""
+    with running_server(ScriptedWhisper()) as url:
         yield url
 
 

@@ -131,7 +131,7 @@ def test_audio_format_accepts_rates_from_8_to_48_khz(rate: int) -> None:
 
 @pytest.mark.parametrize("rate", [-16_000, 0, 7_999, 48_001, 96_000])
 def test_audio_format_rejects_rates_outside_8_to_48_khz(rate: int) -> None:
-    with pytest.raises(AudioFormatError, match=f"unsupported sample_rate {rate}"):
+    with pytest.raises(AudioFormatError, match=f"sample_rate must be an integer number of Hz from 8000 to 48000, not {rate}"):
         AudioFormat(rate, "pcm_s16le")
 
 

@@ -42,6 +42,45 @@ def test_any_json_object_parses_or_raises_a_protocol_error(obj: dict[str, object
         assert exc.message
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 60_000), st.sampled_from(["[", "{\"a\":", "[{\"b\":"]),
+       st.booleans())
+def test_any_nesting_depth_is_parsed_or_refused_never_a_crash(
+    depth: int, opener: str, closed: bool
+) -> None:
+    closer = {"[": "]", "{\"a\":": "}", "[{\"b\":": "}]"}[opener]
+    inner = "0" + closer * depth if closed else ""
+    text = '{"type": "flush", "x": ' + opener * depth + inner + "}"
+    try:
+        assert isinstance(parse_client_text(text), Flush)
+    except ProtocolError as exc:
+        assert exc.code == "bad_request"
+        assert "deeper than" in exc.message or "not valid JSON" in exc.message
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 20_000), st.sampled_from(["", "-", "0.", "1e"]),
+       st.sampled_from(["sample_rate", "x"]))
+def test_any_number_length_is_parsed_or_refused_never_a_crash(
+    digits: int, sign: str, field: str
+) -> None:
+    text = f'{{"type": "start", "{field}": {sign}{"7" * digits}}}'
+    try:
+        parse_client_text(text)
+    except ProtocolError as exc:
+        assert exc.code == "bad_request" and exc.message
+
+
+@given(st.text(alphabet=st.characters(categories=["Nd", "No"]), min_size=1, max_size=8))
+def test_only_ascii_digits_make_a_sample_rate(digits: str) -> None:
+    try:
+        message = parse_client_text(json.dumps({"type": "start", "sample_rate": digits}))
+    except ProtocolError as exc:
+        assert "sample_rate must be an integer number of Hz" in exc.message
+    else:
+        assert isinstance(message, Start) and digits.isascii()
+
+
 @given(st.binary(max_size=4096), st.sampled_from(["pcm_s16le", "f32le"]))
 def test_any_binary_frame_decodes_to_finite_samples_or_is_refused(data: bytes,
                                                                   encoding: str) -> None:

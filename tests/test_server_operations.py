@@ -1,4 +1,7 @@
-"""Many streams on one machine: batching, admission, limits, metrics, graceful shutdown."""
+"""Many streams on one machine: batching, admission, limits, metrics, graceful shutdown.
+
+Admission, limits, metrics and shutdown run in the middle layer (the scripted engine);
+batching and `whisperstream serve` run the real model."""
 
 from __future__ import annotations
 
@@ -11,12 +14,15 @@ from typing import Any
 
 import pytest
 import websockets
+from fakes import ScriptedWhisper, scripted_words
 from harness import check_invariants, serve_command, serving, settings_with
 from speech import Utterance, read_pcm, wer
 
 from client.stream import ClientError, Transcript, run_session, stream_file, stream_url
 
-pytestmark = pytest.mark.model
+
+
+KINDS = ("partial", "final")
 
 
 def _get(url: str) -> tuple[int, str]:
@@ -27,6 +33,7 @@ def _get(url: str) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
+@pytest.mark.model
 def test_concurrent_sessions_are_batched_and_each_transcript_is_right(
     engine: object, three_sentences: Utterance, other_speech: Utterance
 ) -> None:
@@ -48,9 +55,9 @@ def test_concurrent_sessions_are_batched_and_each_transcript_is_right(
 
 
 def test_sessions_past_the_maximum_are_refused_with_503(
-    engine: object, other_speech: Utterance
+    scripted: ScriptedWhisper, other_speech: Utterance
 ) -> None:
-    with serving(engine, settings_with(limits={"max_sessions": 1})) as live:  # type: ignore[arg-type]
+    with serving(scripted, settings_with(limits={"max_sessions": 1})) as live:
         async def run() -> tuple[Transcript, str]:
             first = asyncio.create_task(
                 stream_file(other_speech.path, f"{live.url}/v1/stream", speed=2.0))
@@ -66,15 +73,15 @@ def test_sessions_past_the_maximum_are_refused_with_503(
         transcript, refused = asyncio.run(run())
         _, metrics = _get(f"{live.http_url}/metrics")
     assert "HTTP 503" in refused and "limits.max_sessions" in refused, refused
-    assert wer(other_speech.text, transcript.text) <= 0.10  # the admitted one is unharmed
+    assert scripted_words(transcript.text)  # the admitted one is unharmed
     assert 'whisperstream_refused_sessions_total{reason="max_sessions"} 1.0' in metrics
 
 
-def test_frame_size_idle_and_session_length_limits(engine: object, other_speech: Utterance) -> None:
+def test_frame_size_idle_and_session_length_limits(scripted: ScriptedWhisper, other_speech: Utterance) -> None:
     settings = settings_with(limits={"max_frame_bytes": 4096, "idle_timeout_s": 1.0,
                                  "max_session_s": 2.0})
     pcm, rate = read_pcm(other_speech.path)
-    with serving(engine, settings) as live:  # type: ignore[arg-type]
+    with serving(scripted, settings) as live:
         async def oversized() -> list[dict[str, Any]]:
             async with websockets.connect(f"{live.url}/v1/stream") as ws:
                 await ws.send(b"\x00" * 8192)
@@ -115,11 +122,11 @@ def test_frame_size_idle_and_session_length_limits(engine: object, other_speech:
 
 
 def test_metrics_report_sessions_audio_steps_and_errors(
-    server_url: str, other_speech: Utterance
+    scripted_url: str, other_speech: Utterance
 ) -> None:
     async def run() -> None:
-        await stream_file(other_speech.path, f"{server_url}/v1/stream", speed=0)
-        async with websockets.connect(f"{server_url}/v1/stream") as ws:
+        await stream_file(other_speech.path, f"{scripted_url}/v1/stream", speed=0)
+        async with websockets.connect(f"{scripted_url}/v1/stream") as ws:
             await ws.send("{broken")
             await ws.send(json.dumps({"type": "stop"}))
             async for _ in ws:
@@ -128,7 +135,7 @@ def test_metrics_report_sessions_audio_steps_and_errors(
     asyncio.run(run())
     deadline = time.monotonic() + 5
     while True:  # the server frees a session just after its close handshake
-        status, text = _get(server_url.replace("ws://", "http://") + "/metrics")
+        status, text = _get(scripted_url.replace("ws://", "http://") + "/metrics")
         if "whisperstream_active_sessions 0.0" in text or time.monotonic() > deadline:
             break
         time.sleep(0.05)
@@ -137,18 +144,20 @@ def test_metrics_report_sessions_audio_steps_and_errors(
               for line in text.splitlines() if line and not line.startswith("#")}
     assert values["whisperstream_active_sessions"] == 0
     assert values["whisperstream_audio_seconds_total"] >= other_speech.duration_s - 0.1
-    assert values['whisperstream_steps_total{kind="final"}'] >= 1
+    steps = [values.get(f'whisperstream_steps_total{{kind="{k}"}}', 0) for k in KINDS]
+    assert sum(steps) >= 1 and values["whisperstream_finals_total"] >= 1
     assert values['whisperstream_errors_total{code="bad_request"}'] >= 1
-    assert values['whisperstream_step_latency_seconds_count{kind="final"}'] >= 1
+    assert sum(values.get(f'whisperstream_step_latency_seconds_count{{kind="{k}"}}', 0)
+               for k in KINDS) == sum(steps)
     assert "whisperstream_lag_seconds_bucket" in text
-    assert _get(server_url.replace("ws://", "http://") + "/readyz")[0] == 200
+    assert _get(scripted_url.replace("ws://", "http://") + "/readyz")[0] == 200
 
 
 def test_shutdown_finishes_live_sessions_with_their_finals_and_done(
-    engine: object, three_sentences: Utterance
+    scripted: ScriptedWhisper, three_sentences: Utterance
 ) -> None:
     pcm, rate = read_pcm(three_sentences.path)
-    with serving(engine) as live:  # type: ignore[arg-type]
+    with serving(scripted) as live:
         async def run() -> Transcript:
             sent = asyncio.Event()
 
@@ -170,9 +179,13 @@ def test_shutdown_finishes_live_sessions_with_their_finals_and_done(
     check_invariants(transcript.messages)
     assert transcript.of_type("done"), transcript.messages[-3:]
     assert transcript.close_code == 1000
-    assert wer(three_sentences.text, transcript.text) <= 0.10, transcript.text
+    finals = transcript.of_type("final")
+    assert scripted_words(transcript.text), transcript.text
+    # The last words, heard just before the shutdown, reached a final.
+    assert finals[-1]["end"] >= three_sentences.duration_s - 1.5, finals[-1]
 
 
+@pytest.mark.model
 def test_sigterm_stops_the_command_cleanly_after_finishing_sessions(
     other_speech: Utterance,
 ) -> None:

@@ -1,0 +1,148 @@
+"""The session host: what every front door shares, and the one way to run a session.
+
+A front door (server/websocket.py, server/hermes.py) asks the host for a session's
+config, opens a driven session, and serves it; the host holds the engine's inference
+scheduler, the metrics, the sinks and the registry of live sessions (for the limits
+and for shutdown, which finishes every one of them). Integrations depend on the small
+`Host` interface below, not on the server that composes them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Coroutine, Mapping
+from typing import Any, Protocol
+
+from server.config import Settings
+from server.driver import DriverLimits, Outlet, SessionDriver, SessionSink
+from server.metrics import Metrics
+from server.scheduler import InferenceScheduler
+from streaming.audio import AudioFormat, AudioFormatError
+from streaming.engine import Engine
+from streaming.protocol import ProtocolError, StreamParams
+from streaming.session import Session, SessionConfig
+from streaming.vad import WebRtcClassifier
+
+log = logging.getLogger(__name__)
+
+
+class Host(Protocol):
+    """What a front door or an integration may use of the server."""
+
+    settings: Settings
+    metrics: Metrics
+    sinks: list[SessionSink]
+
+    @property
+    def engine_name(self) -> str: ...
+
+    @property
+    def active_sessions(self) -> int: ...
+
+    def session_config(self, params: StreamParams) -> SessionConfig: ...
+
+    def open_session(self, session_id: str, config: SessionConfig, outlet: Outlet, *,
+                     limits: DriverLimits | None = None,
+                     labels: Mapping[str, str] | None = None,
+                     client_address: str = "", publish: bool = True) -> SessionDriver: ...
+
+    async def serve(self, driver: SessionDriver, *io: Coroutine[Any, Any, None]) -> None: ...
+
+
+class SessionHost:
+    def __init__(self, settings: Settings, engine: Engine) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.metrics = Metrics()
+        self.scheduler = InferenceScheduler(
+            engine, settings.model.max_batch_size, on_batch=self.metrics.observe_batch,
+            workers=settings.model.worker_count,
+            release_memory_every_s=settings.model.release_memory_s,
+        )
+        self.sinks: list[SessionSink] = []
+        self._drivers: set[SessionDriver] = set()
+
+    @property
+    def engine_name(self) -> str:
+        return self.engine.name
+
+    @property
+    def drivers(self) -> list[SessionDriver]:
+        return list(self._drivers)
+
+    @property
+    def active_sessions(self) -> int:
+        # A session whose last message is out no longer counts, though its close
+        # handshake may still run: a client that reconnects at once is not refused.
+        return sum(1 for d in self._drivers if d.live)
+
+    def sessions_from(self, address: str) -> int:
+        return sum(1 for d in self._drivers if d.live and d.client_address == address)
+
+    def default_limits(self) -> DriverLimits:
+        limits = self.settings.limits
+        return DriverLimits(
+            idle_timeout_s=limits.idle_timeout_s, max_audio_s=limits.max_session_s,
+            max_lag_s=limits.max_lag_s, flush_timeout_s=limits.shutdown_timeout_s,
+        )
+
+    def session_config(self, params: StreamParams) -> SessionConfig:
+        """The session's settings: the client's parameters over the configured defaults."""
+        s = self.settings.streaming
+        try:
+            audio = AudioFormat(
+                params.sample_rate if params.sample_rate is not None else s.sample_rate,
+                params.encoding if params.encoding is not None else s.encoding,  # type: ignore[arg-type]
+            )
+        except AudioFormatError as exc:
+            raise ProtocolError("bad_request", str(exc), fatal=True) from None
+        language = params.language or s.language
+        if not self.engine.capabilities.supports_language(language):
+            raise ProtocolError(
+                "bad_request",
+                f"language {language!r} is not supported by model {self.engine.name}; "
+                "this model transcribes English only (language=en)",
+                fatal=True,
+            )
+        return SessionConfig(
+            audio=audio,
+            language=language,
+            interim=s.interim if params.interim is None else params.interim,
+            vad=self.settings.vad.options(),
+            policy=s.policy(),
+        )
+
+    def open_session(self, session_id: str, config: SessionConfig, outlet: Outlet, *,
+                     limits: DriverLimits | None = None,
+                     labels: Mapping[str, str] | None = None,
+                     client_address: str = "", publish: bool = True) -> SessionDriver:
+        """A new session, driven and counted from now on; `serve` runs it. With
+        `publish`, the sinks (MQTT) get its messages too."""
+        session = Session(session_id, config, WebRtcClassifier(config.vad.aggressiveness))
+        driver = SessionDriver(
+            session, outlet, scheduler=self.scheduler, metrics=self.metrics,
+            sinks=self.sinks if publish else (), limits=limits or self.default_limits(),
+            labels=labels, client_address=client_address,
+        )
+        self._drivers.add(driver)
+        self.metrics.sessions.inc()
+        self.metrics.active_sessions.inc()
+        return driver
+
+    async def serve(self, driver: SessionDriver, *io: Coroutine[Any, Any, None]) -> None:
+        """Run a session opened here until it has ended, then free it."""
+        try:
+            await driver.run(*io)
+        finally:
+            if driver in self._drivers:
+                self._drivers.remove(driver)
+                self.metrics.active_sessions.dec()
+            log.info("session %s: closed after %.1f s of audio", driver.id,
+                     driver.session.received_seconds)
+
+    def finish_all(self) -> int:
+        """Shutdown: every live session transcribes what it has, sends its finals, ends."""
+        live = [d for d in self._drivers if d.live]
+        for driver in live:
+            driver.stop(by_server=True)
+        return len(live)

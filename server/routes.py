@@ -1,0 +1,155 @@
+"""HTTP on the WebSocket port: health, readiness, metrics, the browser page, and the
+checks a `/v1/stream` upgrade passes before it becomes a session (key, origin, limits).
+"""
+
+from __future__ import annotations
+
+import hmac
+import http
+import logging
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.asyncio.server import ServerConnection
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+
+from server.host import SessionHost
+from server.websocket import STREAM_PATH, client_address
+
+log = logging.getLogger(__name__)
+
+WEB_ROOT = Path(__file__).resolve().parent.parent / "client" / "web"
+PROBE_PATHS = ("/healthz", "/readyz", "/metrics")
+_CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript",
+                  ".mjs": "text/javascript", ".css": "text/css", ".png": "image/png",
+                  ".svg": "image/svg+xml", ".ico": "image/x-icon"}
+
+
+class RedactSecrets(logging.Filter):
+    """Keeps API keys out of logs: websockets logs request lines and headers at DEBUG."""
+
+    _SECRET = re.compile(r"(token=|authorization:\s*bearer\s+)[^\s&'\"]+", re.IGNORECASE)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = self._SECRET.sub(r"\1[redacted]", message)
+        if redacted != message:
+            record.msg, record.args = redacted, ()
+        return True
+
+
+_REDACT = RedactSecrets()
+logging.getLogger("websockets.server").addFilter(_REDACT)
+
+
+class _ProbeLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """websockets logs every plain HTTP answer at INFO, twice; a load balancer or
+    Kubernetes probing every few seconds would fill the log, so probes go to DEBUG."""
+
+    def info(self, msg: object, *args: Any, **kwargs: Any) -> None:
+        self.debug(msg, *args, **kwargs)
+
+
+_PROBE_LOGGER = _ProbeLogger(logging.getLogger("websockets.server"))
+
+
+def _ok(body: bytes, content_type: str) -> Response:
+    headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(body))),
+                       ("Cache-Control", "no-cache")])
+    return Response(http.HTTPStatus.OK.value, "OK", headers, body)
+
+
+class HttpRoutes:
+    """`process_request` for websockets' server: answers plain HTTP, admits upgrades."""
+
+    def __init__(self, host: SessionHost) -> None:
+        self.host = host
+        self.settings = host.settings
+        self._keys = [k.get_secret_value().encode() for k in host.settings.auth.api_keys]
+        self.draining = False
+        self.ready = False
+
+    def _authorized(self, request: Request) -> bool:
+        if not self._keys:
+            return True
+        presented = ""
+        header = request.headers.get("Authorization", "")
+        if header.lower().startswith("bearer "):
+            presented = header[7:].strip()
+        else:
+            presented = parse_qs(urlsplit(request.path).query).get("token", [""])[0]
+        candidate = presented.encode()
+        # Compare against every key in constant time, so timing tells nothing.
+        return any([hmac.compare_digest(candidate, key) for key in self._keys])
+
+    def _origin_allowed(self, request: Request) -> bool:
+        """Browsers send Origin; other clients do not. The server's own page is allowed."""
+        origin = request.headers.get("Origin")
+        if origin is None:
+            return True
+        allowed = self.settings.auth.allowed_origins
+        if "*" in allowed or origin in allowed:
+            return True
+        return urlsplit(origin).netloc == request.headers.get("Host", "")
+
+    def _refuse(self, connection: ServerConnection, status: http.HTTPStatus, reason: str,
+                text: str) -> Response:
+        self.host.metrics.refused_sessions.labels(reason).inc()
+        return connection.respond(status, text)
+
+    def __call__(self, connection: ServerConnection, request: Request) -> Response | None:
+        path = urlsplit(request.path).path
+        if path in PROBE_PATHS:
+            connection.logger = connection.protocol.logger = _PROBE_LOGGER
+        if path == "/healthz":
+            if self.draining:
+                return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "shutting down\n")
+            return connection.respond(http.HTTPStatus.OK, "ok\n")
+        if path == "/readyz":
+            if not self.ready:
+                return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "not ready\n")
+            return connection.respond(http.HTTPStatus.OK, "ready\n")
+        if path == "/metrics":
+            return _ok(self.host.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
+        if path == STREAM_PATH:
+            return self._admit(connection, request)
+        return self._static(connection, path)
+
+    def _admit(self, connection: ServerConnection, request: Request) -> Response | None:
+        """None lets the upgrade go on; a response refuses it and says why."""
+        if not self._authorized(request):
+            return self._refuse(connection, http.HTTPStatus.UNAUTHORIZED, "auth",
+                                "missing or wrong API key\n")
+        if not self._origin_allowed(request):
+            return self._refuse(connection, http.HTTPStatus.FORBIDDEN, "origin",
+                                "this page's origin may not connect (auth.allowed_origins)\n")
+        if self.draining:
+            return self._refuse(connection, http.HTTPStatus.SERVICE_UNAVAILABLE,
+                                "shutdown", "server shutting down; try again later\n")
+        limits = self.settings.limits
+        address = client_address(connection)
+        if self.host.sessions_from(address) >= limits.max_sessions_per_client:
+            return self._refuse(
+                connection, http.HTTPStatus.TOO_MANY_REQUESTS, "per_client",
+                f"too many sessions from {address} "
+                "(limits.max_sessions_per_client); close one first\n",
+            )
+        active = self.host.active_sessions
+        if active >= limits.max_sessions:
+            return self._refuse(
+                connection, http.HTTPStatus.SERVICE_UNAVAILABLE, "max_sessions",
+                f"server busy: {active} sessions, the configured maximum "
+                f"(limits.max_sessions); try again later\n",
+            )
+        return None
+
+    def _static(self, connection: ServerConnection, path: str) -> Response:
+        name = "index.html" if path == "/" else path.lstrip("/")
+        file = (WEB_ROOT / name).resolve()
+        if WEB_ROOT.resolve() not in file.parents or not file.is_file():
+            return connection.respond(http.HTTPStatus.NOT_FOUND, f"no such page: {path}\n")
+        return _ok(file.read_bytes(),
+                   _CONTENT_TYPES.get(file.suffix, "application/octet-stream"))
