@@ -25,7 +25,7 @@ def _is_loopback(host: str) -> bool:
 
 async def _serve(settings: Any) -> None:
     from server.app import TranscriptionServer
-    from server.engine import build_engine
+    from server.engines import build_engine
 
     log.info("loading model %r ...", settings.model.name)
     engine = build_engine(settings.model)
@@ -92,7 +92,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"whisperstream: cannot start the server: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:
-        from streaming.whisper_ct2 import ModelNotFoundError
+        from server.engines.ct2 import ModelNotFoundError
 
         if isinstance(exc, ModelNotFoundError):
             print(f"whisperstream: {exc}", file=sys.stderr)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from server.config import ModelSection
-from streaming.whisper_ct2 import CTranslate2Whisper
+from server.engines.ct2 import CTranslate2Whisper
 
 
 def build_engine(model: ModelSection) -> CTranslate2Whisper:
