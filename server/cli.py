@@ -92,7 +92,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"whisperstream: cannot start the server: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:
-        from server.engines.ct2 import ModelNotFoundError
+        from server.engines.models import ModelNotFoundError
 
         if isinstance(exc, ModelNotFoundError):
             print(f"whisperstream: {exc}", file=sys.stderr)

@@ -1,12 +1,22 @@
-"""The engine the configuration asks for (one place, for the server and the benchmark)."""
+"""Speech recognition engines behind `streaming.engine.Engine`, and the model files they load.
+
+`build_engine` is the one place that knows the backends (for the server and the
+benchmark); each backend is imported only when it is built.
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from server.config import ModelSection
-from server.engines.ct2 import CTranslate2Whisper
+
+if TYPE_CHECKING:
+    from server.engines.ct2 import CTranslate2Whisper
 
 
 def build_engine(model: ModelSection) -> CTranslate2Whisper:
+    from server.engines.ct2 import CTranslate2Whisper
+
     return CTranslate2Whisper(
         model.name, model.compute_type, model.cpu_threads, model.beam_size,
         timestamps=model.timestamps, workers=model.worker_count,
