@@ -12,12 +12,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import replace
-from pathlib import Path
 
 import ctranslate2
 import numpy as np
 import threadpoolctl
-import tokenizers
 from faster_whisper.feature_extractor import FeatureExtractor
 from faster_whisper.tokenizer import Tokenizer
 
@@ -29,9 +27,9 @@ from server.engines.guards import (
     prefix_words,
     trim_repetition,
 )
-from server.engines.models import BUNDLED_MODEL, resolve_model_path
+from server.engines.models import BUNDLED_MODEL, load_tokenizer, resolve_model_path
 from streaming.audio import MODEL_SAMPLE_RATE_HZ
-from streaming.engine import DecodeRequest, Hypothesis, Word
+from streaming.engine import DecodeRequest, EngineLoadError, Hypothesis, Word
 from streaming.policy import drop_trailing_echo
 
 log = logging.getLogger(__name__)
@@ -74,11 +72,17 @@ class CTranslate2Whisper:
         # Without timestamp tokens Whisper ended windows more reliably (the last words of
         # vctk_p226_011 and p225_023 were lost to a hallucinated new span in that mode).
         self.timestamps = timestamps
-        self._model = ctranslate2.models.Whisper(
-            path, device="cpu", compute_type=compute_type, intra_threads=cpu_threads,
-            inter_threads=workers,
-        )
-        hf_tokenizer = tokenizers.Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
+        try:
+            self._model = ctranslate2.models.Whisper(
+                path, device="cpu", compute_type=compute_type, intra_threads=cpu_threads,
+                inter_threads=workers,
+            )
+        except (RuntimeError, ValueError) as exc:  # a broken model.bin, a bad compute type
+            raise EngineLoadError(
+                f"CTranslate2 cannot load the Whisper model in {path} with compute type "
+                f"{compute_type!r}: {exc}"
+            ) from exc
+        hf_tokenizer = load_tokenizer(path)
         self._multilingual = bool(self._model.is_multilingual)
         self._hf_tokenizer = hf_tokenizer
         self._tokenizers: dict[str, Tokenizer] = {}

