@@ -29,7 +29,13 @@ from server.engines.guards import (
 )
 from server.engines.models import BUNDLED_MODEL, load_tokenizer, resolve_model_path
 from streaming.audio import MODEL_SAMPLE_RATE_HZ
-from streaming.engine import DecodeRequest, EngineLoadError, Hypothesis, Word
+from streaming.engine import (
+    DecodeRequest,
+    EngineCapabilities,
+    EngineLoadError,
+    Hypothesis,
+    Word,
+)
 from streaming.policy import drop_trailing_echo
 
 log = logging.getLogger(__name__)
@@ -84,6 +90,10 @@ class CTranslate2Whisper:
             ) from exc
         hf_tokenizer = load_tokenizer(path)
         self._multilingual = bool(self._model.is_multilingual)
+        self.capabilities = EngineCapabilities(
+            languages=None if self._multilingual else frozenset({"en"}),
+            translation=self._multilingual, device="cpu",
+        )
         self._hf_tokenizer = hf_tokenizer
         self._tokenizers: dict[str, Tokenizer] = {}
         self._features = FeatureExtractor(feature_size=self._model.n_mels)
@@ -97,9 +107,6 @@ class CTranslate2Whisper:
                 language=key if self._multilingual else None,
             )
         return self._tokenizers[key]
-
-    def supports_language(self, language: str) -> bool:
-        return language == "en" if not self._multilingual else True
 
     def transcribe(self, requests: Sequence[DecodeRequest]) -> list[Hypothesis]:
         """Transcribe windows as one batch per start sequence (one model call each)."""
