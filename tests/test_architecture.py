@@ -7,6 +7,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CORE_FORBIDDEN = {"asyncio", "websockets", "aiomqtt", "server", "client", "socket"}
+# Model backends load files, download and set process-wide threads: server/engines/.
+BACKENDS = {"ctranslate2", "faster_whisper", "tokenizers", "huggingface_hub", "threadpoolctl"}
 
 
 def _imports(package: str) -> dict[str, set[str]]:
@@ -25,6 +27,15 @@ def _imports(package: str) -> dict[str, set[str]]:
 def test_streaming_core_imports_no_io_and_nothing_above_it() -> None:
     for path, names in _imports("streaming").items():
         assert not names & CORE_FORBIDDEN, f"{path} imports {names & CORE_FORBIDDEN}"
+
+
+def test_model_backends_live_in_server_engines_not_in_the_core() -> None:
+    for path, names in _imports("streaming").items():
+        assert not names & BACKENDS, f"{path} imports {names & BACKENDS}"
+    outside = {path: names & BACKENDS for package in ("server", "client")
+               for path, names in _imports(package).items()
+               if names & BACKENDS and not path.startswith("server/engines/")}
+    assert not outside, f"backends imported outside server/engines: {outside}"
 
 
 def test_client_does_not_import_the_server() -> None:
