@@ -116,4 +116,5 @@ def read_wav(source: str | Path | bytes) -> tuple[np.ndarray, int]:
 
 def to_pcm_s16le(samples: np.ndarray) -> bytes:
     """float32 samples in [-1, 1] as 16-bit little-endian PCM."""
-    return (np.clip(samples, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
+    pcm: bytes = (np.clip(samples, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
+    return pcm  # typed: numpy's stubs give np.clip of an untyped ndarray as Any
