@@ -71,7 +71,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import numpy as np
 
-    from streaming.whisper_ct2 import CTranslate2Whisper
+    from server.engines.ct2 import CTranslate2Whisper
 
 SPOKEN_SLACK_S = 0.5  # reference words starting this soon after the audio sent count as spoken
 OFFLINE_SINGLE_WINDOW_S = 28.0  # longer files are transcribed offline window by window
@@ -1178,7 +1178,7 @@ def _offline_pass(
     runs: list[RunResult], items: list[Item], settings: dict[str, Any], progress: Any,
 ) -> dict[tuple[str, str, int], dict[str, OfflineResult]]:
     """Offline transcripts per model, and the reference times (from the first model)."""
-    from server.engine import build_engine
+    from server.engines import build_engine
 
     offline: dict[tuple[str, str, int], dict[str, OfflineResult]] = {}
     for run in runs:

@@ -25,7 +25,7 @@ def _is_loopback(host: str) -> bool:
 
 async def _serve(settings: Any) -> None:
     from server.app import TranscriptionServer
-    from server.engine import build_engine
+    from server.engines import build_engine
 
     log.info("loading model %r ...", settings.model.name)
     engine = build_engine(settings.model)
@@ -64,6 +64,7 @@ def _configure_logging(level: str, log_file: Path | None) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from server.config import ConfigError, load_settings
+    from streaming.engine import EngineLoadError
 
     overrides: dict[str, dict[str, Any]] = {}
     if args.host is not None:
@@ -91,13 +92,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"whisperstream: cannot start the server: {exc}", file=sys.stderr)
         return 1
-    except Exception as exc:
-        from streaming.whisper_ct2 import ModelNotFoundError
-
-        if isinstance(exc, ModelNotFoundError):
-            print(f"whisperstream: {exc}", file=sys.stderr)
-            return 2
-        raise
+    except EngineLoadError as exc:  # every engine's load failure, whatever the backend
+        print(f"whisperstream: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

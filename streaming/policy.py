@@ -102,7 +102,8 @@ _HALLUCINATIONS = re.compile(
 )
 
 
-def _norm(word: Word) -> str:
+def normalize_word(word: Word) -> str:
+    """A word as guards compare it: lower case, without punctuation."""
     return re.sub(r"[^\w']", "", word.text.lower())
 
 
@@ -133,7 +134,7 @@ def _echoes(tail: Sequence[Word], before: Sequence[Word]) -> bool:
     Earlier in the morning.", seen in CI); it needs the sentence end and a shared stem so
     that "she walks in the morning. He walks in the evening." stays.
     """
-    said, again = [_norm(w) for w in before], [_norm(w) for w in tail]
+    said, again = [normalize_word(w) for w in before], [normalize_word(w) for w in tail]
     if said == again:
         return True
     if not before[-1].text.rstrip().endswith((".", "!", "?")):
@@ -144,44 +145,6 @@ def _echoes(tail: Sequence[Word], before: Sequence[Word]) -> bool:
 
 def _same_stem(a: str, b: str, stem: int = 4) -> bool:
     return len(a) >= stem and len(b) >= stem and a[:stem] == b[:stem]
-
-
-def drop_restart(words: Sequence[Word], keep: int, run: int = 3) -> list[Word]:
-    """Cut the hypothesis where Whisper starts the window's text over.
-
-    On a window that ends mid-word Whisper sometimes begins again from the top
-    ("streaming speech recognition, spoken words streaming speech recognition, ..."):
-    when `run` words after the promised ones repeat the window's first words, or the
-    first new words, everything from there on is dropped.
-    """
-    words = list(words)
-    normalized = [_norm(w) for w in words]
-    starts = {0, keep} if keep < len(words) else {0}
-    for j in range(max(keep, 1), len(words) - run + 1):
-        if any(s < j and normalized[j : j + run] == normalized[s : s + run] for s in starts):
-            return words[:j]
-    return words
-
-
-# A word the alignment gives this little audio or less was not heard (invented text).
-UNHEARD_WORD_S = 0.04
-
-
-def drop_stacked_words(words: Sequence[Word], keep: int, run: int = 3) -> list[Word]:
-    """Cut the hypothesis at `run` new words in a row that the alignment gave no audio.
-
-    When Whisper loops ("... next year, we'll be on Zoom and I hope that next year, ..."
-    on a window that ends mid-sentence), the alignment stacks the invented words, each
-    zero-length, at one instant, anywhere in the window. Heard words have a duration;
-    three in a row at one instant were not heard.
-    """
-    words = list(words)
-    short = 0
-    for j in range(keep, len(words)):
-        short = short + 1 if words[j].end_s - words[j].start_s <= UNHEARD_WORD_S else 0
-        if short == run:
-            return words[: j - run + 1]
-    return words
 
 
 def drop_hallucination(hypothesis: Hypothesis, options: PolicyOptions) -> bool:

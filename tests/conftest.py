@@ -13,8 +13,8 @@ from harness import running_server
 from speech import Utterance, synthesize
 
 from server.config import ModelSection
-from server.engine import build_engine
-from streaming.whisper_ct2 import CTranslate2Whisper
+from server.engines import build_engine
+from server.engines.ct2 import CTranslate2Whisper
 
 THREE_SENTENCES = [
     "Streaming speech recognition turns spoken words into text while people are still talking.",

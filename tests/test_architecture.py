@@ -18,6 +18,8 @@ CORE_ALLOWED = {
     "numpy", "soxr", "webrtcvad",
     "streaming",
 }
+# Model backends load files, download and set process-wide threads: server/engines/.
+BACKENDS = {"ctranslate2", "faster_whisper", "tokenizers", "huggingface_hub", "threadpoolctl"}
 
 
 def _module_name(path: Path) -> str:
@@ -52,6 +54,16 @@ def test_the_core_imports_only_what_its_allowlist_names() -> None:
             continue
         tops = {imported.split(".")[0] for imported in _imported(path, modules)}
         assert tops <= CORE_ALLOWED, f"{name} imports {sorted(tops - CORE_ALLOWED)}"
+
+
+def test_model_backends_are_imported_only_in_server_engines() -> None:
+    modules = _modules()
+    outside = {}
+    for name, path in modules.items():
+        backends = {i.split(".")[0] for i in _imported(path, modules)} & BACKENDS
+        if backends and not name.startswith("server.engines"):
+            outside[name] = backends
+    assert not outside, f"backends imported outside server/engines: {outside}"
 
 
 def test_client_does_not_import_the_server() -> None:

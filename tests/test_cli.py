@@ -56,6 +56,21 @@ def test_serve_with_an_invalid_setting_names_the_key() -> None:
     assert "server.port" in result.stderr
 
 
+def test_serve_with_a_model_that_will_not_load_says_why(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = _cli("serve", "--model", str(empty), timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert "has no model.bin" in result.stderr
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model.bin").write_bytes(b"not a model")
+    result = _cli("serve", "--model", str(broken), timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert "CTranslate2 cannot load the Whisper model" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_serve_refuses_a_public_address_without_keys() -> None:
     result = _cli("serve", "--host", "0.0.0.0", timeout=30)
     assert result.returncode == 2

