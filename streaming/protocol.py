@@ -74,8 +74,11 @@ def _parse_rate(name: str, value: Any) -> int:
         if digits.isascii() and digits.isdigit() and len(digits) <= MAX_RATE_DIGITS:
             return int(digits)
     shown = value if not isinstance(value, str) or len(value) <= 40 else value[:40] + "..."
-    raise ProtocolError("bad_request", f"{name} must be an integer number of Hz from "
-                        f"{MIN_SAMPLE_RATE_HZ} to {MAX_SAMPLE_RATE_HZ}, not {shown!r}")
+    raise ProtocolError(
+        "bad_request",
+        f"{name} must be an integer number of Hz from "
+        f"{MIN_SAMPLE_RATE_HZ} to {MAX_SAMPLE_RATE_HZ}, not {shown!r}",
+    )
 
 
 def parse_params(raw: dict[str, Any]) -> StreamParams:
@@ -93,7 +96,9 @@ def parse_params(raw: dict[str, Any]) -> StreamParams:
     if language is not None and not isinstance(language, str):
         raise ProtocolError("bad_request", f"language must be a string, not {language!r}")
     return StreamParams(
-        sample_rate=_parse_rate("sample_rate", raw["sample_rate"]) if "sample_rate" in raw else None,
+        sample_rate=_parse_rate("sample_rate", raw["sample_rate"])
+        if "sample_rate" in raw
+        else None,
         encoding=encoding,
         language=language,
         interim=_parse_bool("interim", raw["interim"]) if "interim" in raw else None,
@@ -126,15 +131,18 @@ def _json_depth(text: str) -> int:
 
 def _bounded_int(digits: str) -> int:
     if len(digits.lstrip("-")) > MAX_NUMBER_DIGITS:
-        raise ProtocolError("bad_request", f"a number in the text frame has more than "
-                            f"{MAX_NUMBER_DIGITS} digits; refused")
+        raise ProtocolError(
+            "bad_request",
+            f"a number in the text frame has more than {MAX_NUMBER_DIGITS} digits; refused",
+        )
     return int(digits)
 
 
 def parse_client_text(text: str) -> ClientMessage:
     if _json_depth(text) > MAX_JSON_DEPTH:
-        raise ProtocolError("bad_request", f"text frame nests JSON deeper than "
-                            f"{MAX_JSON_DEPTH} levels; refused")
+        raise ProtocolError(
+            "bad_request", f"text frame nests JSON deeper than {MAX_JSON_DEPTH} levels; refused"
+        )
     try:
         message = json.loads(text, parse_int=_bounded_int)
     except json.JSONDecodeError as exc:

@@ -27,9 +27,7 @@ def sine(freq_hz: float, rate_hz: int, seconds: float, amplitude: float = 0.5) -
     return (amplitude * np.sin(2 * np.pi * freq_hz * t)).astype(np.float32)
 
 
-def resample_in_chunks(
-    signal: np.ndarray, rate_hz: int, chunk_lengths: list[int]
-) -> np.ndarray:
+def resample_in_chunks(signal: np.ndarray, rate_hz: int, chunk_lengths: list[int]) -> np.ndarray:
     """Feed `signal` in consecutive chunks of the given lengths, then the final flush."""
     resampler = StreamResampler(rate_hz)
     out: list[np.ndarray] = []
@@ -131,7 +129,10 @@ def test_audio_format_accepts_rates_from_8_to_48_khz(rate: int) -> None:
 
 @pytest.mark.parametrize("rate", [-16_000, 0, 7_999, 48_001, 96_000])
 def test_audio_format_rejects_rates_outside_8_to_48_khz(rate: int) -> None:
-    with pytest.raises(AudioFormatError, match=f"sample_rate must be an integer number of Hz from 8000 to 48000, not {rate}"):
+    with pytest.raises(
+        AudioFormatError,
+        match=f"sample_rate must be an integer number of Hz from 8000 to 48000, not {rate}",
+    ):
         AudioFormat(rate, "pcm_s16le")
 
 

@@ -48,12 +48,14 @@ def test_keys_are_required_checked_and_never_logged(
     caplog.set_level(logging.DEBUG)
     with serving(scripted, settings_with(auth={"api_keys": [KEY, "other"]})) as live:
         url = f"{live.url}/v1/stream"
-        statuses = asyncio.run(_statuses(
-            (url, {}),
-            (url + "?token=wrong", {}),
-            (url, {"additional_headers": {"Authorization": "Bearer wrong"}}),
-            (url + f"?token={KEY}", {}),
-        ))
+        statuses = asyncio.run(
+            _statuses(
+                (url, {}),
+                (url + "?token=wrong", {}),
+                (url, {"additional_headers": {"Authorization": "Bearer wrong"}}),
+                (url + f"?token={KEY}", {}),
+            )
+        )
         with_header = asyncio.run(stream_file(other_speech.path, url, speed=0, api_key=KEY))
     assert statuses == [401, 401, 401, 101]
     assert scripted_words(with_header.text)
@@ -61,17 +63,21 @@ def test_keys_are_required_checked_and_never_logged(
     assert server_records and not [r for r in server_records if KEY in r.getMessage()]
 
 
-def test_foreign_browser_origins_are_refused_and_the_own_page_allowed(scripted: ScriptedWhisper) -> None:
+def test_foreign_browser_origins_are_refused_and_the_own_page_allowed(
+    scripted: ScriptedWhisper,
+) -> None:
     settings = settings_with(auth={"allowed_origins": ["https://captions.example.org"]})
     with serving(scripted, settings) as live:
         url = f"{live.url}/v1/stream"
         own = live.http_url
-        statuses = asyncio.run(_statuses(
-            (url, {"origin": "https://evil.example.com"}),
-            (url, {"origin": own}),
-            (url, {"origin": "https://captions.example.org"}),
-            (url, {}),
-        ))
+        statuses = asyncio.run(
+            _statuses(
+                (url, {"origin": "https://evil.example.com"}),
+                (url, {"origin": own}),
+                (url, {"origin": "https://captions.example.org"}),
+                (url, {}),
+            )
+        )
     assert statuses == [403, 101, 101, 101]
 
 
@@ -80,10 +86,26 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("tls")
     cert, key = folder / "cert.pem", folder / "key.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-        check=True, capture_output=True,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        ],
+        check=True,
+        capture_output=True,
     )
     return cert, key
 
@@ -95,7 +117,8 @@ def test_tls_serves_wss_and_https(
     with serving(scripted, settings_with(server={"tls_cert": cert, "tls_key": key})) as live:
         wss = live.url.replace("ws://", "wss://")
         transcript = asyncio.run(
-            stream_file(other_speech.path, f"{wss}/v1/stream", speed=0, cafile=cert))
+            stream_file(other_speech.path, f"{wss}/v1/stream", speed=0, cafile=cert)
+        )
         context = ssl.create_default_context(cafile=cert)
         https = live.http_url.replace("http://", "https://")
         with urllib.request.urlopen(f"{https}/healthz", context=context, timeout=5) as r:
@@ -109,6 +132,7 @@ def test_tls_serves_wss_and_https(
 def test_text_floods_and_oversized_text_end_the_session(scripted: ScriptedWhisper) -> None:
     settings = settings_with(limits={"max_bad_messages": 20, "max_text_bytes": 1024})
     with serving(scripted, settings) as live:
+
         async def flood() -> tuple[list[dict[str, Any]], int | None]:
             messages = []
             async with websockets.connect(f"{live.url}/v1/stream") as ws:
@@ -133,15 +157,20 @@ def test_text_floods_and_oversized_text_end_the_session(scripted: ScriptedWhispe
 def test_non_finite_floats_and_absurd_rates_get_clear_errors(scripted_url: str) -> None:
     async def run() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         url = stream_url(f"{scripted_url}/v1/stream", encoding="f32le")
-        frames = [np.array([0.1, np.nan, 0.2], "<f4").tobytes(),
-                  np.array([np.inf] * 4, "<f4").tobytes(),
-                  np.array([5.0, -7.0] * 800, "<f4").tobytes()]
+        frames = [
+            np.array([0.1, np.nan, 0.2], "<f4").tobytes(),
+            np.array([np.inf] * 4, "<f4").tobytes(),
+            np.array([5.0, -7.0] * 800, "<f4").tobytes(),
+        ]
+
         async def chunks():  # type: ignore[no-untyped-def]
             for frame in frames:
                 yield frame
+
         floats = await run_session(url, chunks())
-        absurd = await run_session(stream_url(f"{scripted_url}/v1/stream",
-                                              sample_rate=10**12), _nothing())
+        absurd = await run_session(
+            stream_url(f"{scripted_url}/v1/stream", sample_rate=10**12), _nothing()
+        )
         return floats.messages, absurd.messages
 
     floats, absurd = asyncio.run(run())
@@ -160,6 +189,7 @@ async def _nothing():  # type: ignore[no-untyped-def]
 def test_a_client_that_never_reads_is_closed_and_freed(scripted: ScriptedWhisper) -> None:
     settings = settings_with(limits={"max_outbound_messages": 16, "max_bad_messages": 10**6})
     with serving(scripted, settings) as live:
+
         async def never_read() -> bool:
             port = int(live.url.rsplit(":", 1)[1])
             sock = socket.socket()
@@ -195,6 +225,7 @@ def test_a_handshake_that_never_completes_is_dropped(scripted: ScriptedWhisper) 
 
 def test_many_sessions_from_one_address_are_refused_with_429(scripted: ScriptedWhisper) -> None:
     with serving(scripted, settings_with(limits={"max_sessions_per_client": 2})) as live:
+
         async def run() -> int:
             url = f"{live.url}/v1/stream"
             async with websockets.connect(url), websockets.connect(url):
@@ -208,6 +239,7 @@ def test_a_client_that_vanishes_mid_utterance_is_freed(
 ) -> None:
     pcm, rate = read_pcm(three_sentences.path)
     with serving(scripted) as live:
+
         async def vanish() -> None:
             ws = await websockets.connect(stream_url(f"{live.url}/v1/stream", sample_rate=rate))
             for offset in range(0, rate * 3, rate // 10):
@@ -230,6 +262,7 @@ def test_an_engine_error_ends_only_its_own_session(other_speech: Utterance) -> N
     pcm, rate = read_pcm(other_speech.path)
     loud = np.clip(pcm.astype(np.int32) * 40, -32768, 32767).astype("<i2")
     with serving(ScriptedWhisper(fail_if=_loud)) as live:
+
         async def both() -> tuple[Transcript, Transcript]:
             async def chunks(audio: np.ndarray):  # type: ignore[no-untyped-def]
                 for offset in range(0, len(audio), rate // 10):
@@ -237,8 +270,9 @@ def test_an_engine_error_ends_only_its_own_session(other_speech: Utterance) -> N
                     await asyncio.sleep(0.02)
 
             url = stream_url(f"{live.url}/v1/stream", sample_rate=rate)
-            bad, good = await asyncio.gather(run_session(url, chunks(loud)),
-                                             run_session(url, chunks(pcm)))
+            bad, good = await asyncio.gather(
+                run_session(url, chunks(loud)), run_session(url, chunks(pcm))
+            )
             return bad, good
 
         bad, good = asyncio.run(both())

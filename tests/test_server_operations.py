@@ -20,8 +20,6 @@ from speech import Utterance, read_pcm, wer
 
 from client.stream import ClientError, Transcript, run_session, stream_file, stream_url
 
-
-
 KINDS = ("partial", "final")
 
 
@@ -38,16 +36,19 @@ def test_concurrent_sessions_are_batched_and_each_transcript_is_right(
     engine: object, three_sentences: Utterance, other_speech: Utterance
 ) -> None:
     with serving(engine) as live:  # type: ignore[arg-type]
+
         async def many() -> list[Transcript]:
             files = [three_sentences, other_speech] * 2
-            return list(await asyncio.gather(*(
-                stream_file(u.path, f"{live.url}/v1/stream", speed=3.0) for u in files)))
+            return list(
+                await asyncio.gather(
+                    *(stream_file(u.path, f"{live.url}/v1/stream", speed=3.0) for u in files)
+                )
+            )
 
         transcripts = asyncio.run(many())
         sizes = [b.size for b in live.app.scheduler.batches]
         _, metrics = _get(f"{live.http_url}/metrics")
-    for transcript, utterance in zip(transcripts, [three_sentences, other_speech] * 2,
-                                     strict=True):
+    for transcript, utterance in zip(transcripts, [three_sentences, other_speech] * 2, strict=True):
         check_invariants(transcript.messages)
         assert wer(utterance.text, transcript.text) <= 0.10, transcript.text
     assert max(sizes) > 1, f"four streams at once never shared a model call: {sizes}"
@@ -58,9 +59,11 @@ def test_sessions_past_the_maximum_are_refused_with_503(
     scripted: ScriptedWhisper, other_speech: Utterance
 ) -> None:
     with serving(scripted, settings_with(limits={"max_sessions": 1})) as live:
+
         async def run() -> tuple[Transcript, str]:
             first = asyncio.create_task(
-                stream_file(other_speech.path, f"{live.url}/v1/stream", speed=2.0))
+                stream_file(other_speech.path, f"{live.url}/v1/stream", speed=2.0)
+            )
             await asyncio.sleep(0.5)
             try:
                 await stream_file(other_speech.path, f"{live.url}/v1/stream")
@@ -77,11 +80,15 @@ def test_sessions_past_the_maximum_are_refused_with_503(
     assert 'whisperstream_refused_sessions_total{reason="max_sessions"} 1.0' in metrics
 
 
-def test_frame_size_idle_and_session_length_limits(scripted: ScriptedWhisper, other_speech: Utterance) -> None:
-    settings = settings_with(limits={"max_frame_bytes": 4096, "idle_timeout_s": 1.0,
-                                 "max_session_s": 2.0})
+def test_frame_size_idle_and_session_length_limits(
+    scripted: ScriptedWhisper, other_speech: Utterance
+) -> None:
+    settings = settings_with(
+        limits={"max_frame_bytes": 4096, "idle_timeout_s": 1.0, "max_session_s": 2.0}
+    )
     pcm, rate = read_pcm(other_speech.path)
     with serving(scripted, settings) as live:
+
         async def oversized() -> list[dict[str, Any]]:
             async with websockets.connect(f"{live.url}/v1/stream") as ws:
                 await ws.send(b"\x00" * 8192)
@@ -103,8 +110,9 @@ def test_frame_size_idle_and_session_length_limits(scripted: ScriptedWhisper, ot
                 for offset in range(0, len(pcm), 2048):
                     yield pcm[offset : offset + 2048].tobytes()
 
-            return await run_session(stream_url(f"{live.url}/v1/stream", sample_rate=rate),
-                                     chunks())
+            return await run_session(
+                stream_url(f"{live.url}/v1/stream", sample_rate=rate), chunks()
+            )
 
         messages = asyncio.run(oversized())
         idle_messages, idle_code = asyncio.run(idle())
@@ -140,15 +148,19 @@ def test_metrics_report_sessions_audio_steps_and_errors(
             break
         time.sleep(0.05)
     assert status == 200
-    values = {line.split(" ")[0]: float(line.split(" ")[1])
-              for line in text.splitlines() if line and not line.startswith("#")}
+    values = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
     assert values["whisperstream_active_sessions"] == 0
     assert values["whisperstream_audio_seconds_total"] >= other_speech.duration_s - 0.1
     steps = [values.get(f'whisperstream_steps_total{{kind="{k}"}}', 0) for k in KINDS]
     assert sum(steps) >= 1 and values["whisperstream_finals_total"] >= 1
     assert values['whisperstream_errors_total{code="bad_request"}'] >= 1
-    assert sum(values.get(f'whisperstream_step_latency_seconds_count{{kind="{k}"}}', 0)
-               for k in KINDS) == sum(steps)
+    assert sum(
+        values.get(f'whisperstream_step_latency_seconds_count{{kind="{k}"}}', 0) for k in KINDS
+    ) == sum(steps)
     assert "whisperstream_lag_seconds_bucket" in text
     assert _get(scripted_url.replace("ws://", "http://") + "/readyz")[0] == 200
 
@@ -158,6 +170,7 @@ def test_shutdown_finishes_live_sessions_with_their_finals_and_done(
 ) -> None:
     pcm, rate = read_pcm(three_sentences.path)
     with serving(scripted) as live:
+
         async def run() -> Transcript:
             sent = asyncio.Event()
 
@@ -169,8 +182,9 @@ def test_shutdown_finishes_live_sessions_with_their_finals_and_done(
                 sent.set()
                 await asyncio.sleep(60)  # the client would go on; the server ends it
 
-            task = asyncio.create_task(run_session(
-                stream_url(f"{live.url}/v1/stream", sample_rate=rate), chunks()))
+            task = asyncio.create_task(
+                run_session(stream_url(f"{live.url}/v1/stream", sample_rate=rate), chunks())
+            )
             await sent.wait()
             live.stop()
             return await asyncio.wait_for(task, 30)
@@ -191,6 +205,7 @@ def test_sigterm_stops_the_command_cleanly_after_finishing_sessions(
 ) -> None:
     pcm, rate = read_pcm(other_speech.path)
     with serve_command() as server:
+
         async def run() -> Transcript:
             async def chunks():  # type: ignore[no-untyped-def]
                 for offset in range(0, len(pcm), rate // 10):
@@ -200,7 +215,8 @@ def test_sigterm_stops_the_command_cleanly_after_finishing_sessions(
                 await asyncio.sleep(60)
 
             return await asyncio.wait_for(
-                run_session(stream_url(server.url, sample_rate=rate), chunks()), 60)
+                run_session(stream_url(server.url, sample_rate=rate), chunks()), 60
+            )
 
         transcript = asyncio.run(run())
         assert server.process.wait(30) == 0
