@@ -62,7 +62,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -427,14 +427,30 @@ class OfflineResult:
     ref: list[RefWord]
 
 
+def read_audio(path: Path) -> tuple[np.ndarray, int]:
+    """A recording's samples (float32 mono) and sample rate (streaming.audio.read_wav)."""
+    from streaming.audio import AudioFormatError, read_wav
+
+    try:
+        return read_wav(path)
+    except AudioFormatError as exc:
+        raise BenchError(str(exc)) from None
+
+
+def read_pcm(path: Path) -> tuple[bytes, int]:
+    """A recording as the 16-bit PCM it is streamed as, and its sample rate."""
+    from streaming.audio import to_pcm_s16le
+
+    samples, rate = read_audio(path)
+    return to_pcm_s16le(samples), rate
+
+
 def read_audio_16k(path: Path) -> np.ndarray:
+    """A recording at the model's 16 kHz, for the offline baseline."""
     import numpy as np
     import soxr
 
-    from client.stream import read_wav
-
-    pcm, rate = read_wav(path)
-    audio = np.frombuffer(pcm, "<i2").astype(np.float32) / 32768.0
+    audio, rate = read_audio(path)
     if rate != 16_000:
         audio = soxr.resample(audio, rate, 16_000).astype(np.float32)
     return audio
@@ -531,40 +547,25 @@ class StreamRecord:
     error: str | None
 
 
-async def _paced_frames(
-    pcm: bytes, rate: int, speed: float, clock: dict[str, float],
-    on_audio: Callable[[float], None],
-) -> AsyncIterator[bytes]:
-    from client.stream import FRAME_S
-
-    step = max(1, int(rate * FRAME_S)) * 2
-    origin = time.monotonic()
-    clock["origin"] = origin
-    for offset in range(0, len(pcm), step):
-        chunk = pcm[offset : offset + step]
-        sent_until = (offset + len(chunk)) / 2 / rate  # a frame leaves once it was heard
-        await asyncio.sleep(max(0.0, origin + sent_until / speed - time.monotonic()))
-        yield chunk
-        on_audio(len(chunk) / 2 / rate)
-
-
 async def stream_one(
     item: Item, url: str, speed: float, api_key: str | None,
     on_audio: Callable[[float], None],
 ) -> StreamRecord:
-    from client.stream import ClientError, read_wav, run_session, stream_url
+    from client.stream import ClientError, PaceClock, paced_frames, run_session, stream_url
 
-    pcm, rate = read_wav(item.wav)
+    pcm, rate = read_pcm(item.wav)
     duration = len(pcm) / 2 / rate
-    clock: dict[str, float] = {}
+    clock = PaceClock()
     full_url = stream_url(url, sample_rate=rate, encoding="pcm_s16le")
     try:
         transcript = await run_session(
-            full_url, _paced_frames(pcm, rate, speed, clock, on_audio), api_key=api_key
+            full_url, paced_frames(pcm, rate, speed, clock, on_audio), api_key=api_key
         )
     except ClientError as exc:
         return StreamRecord(item, duration, [], None, str(exc))
-    origin = clock.get("origin", transcript.arrivals[0] if transcript.arrivals else 0.0)
+    origin = clock.origin
+    if origin is None:
+        origin = transcript.arrivals[0] if transcript.arrivals else 0.0
     messages = [(round(t - origin, 4), m)
                 for t, m in zip(transcript.arrivals, transcript.messages, strict=True)]
     error = None
@@ -1135,13 +1136,9 @@ def items_for_level(items: list[Item], level: int) -> list[Item]:
 
 
 def stream_duration(item: Item) -> float:
-    from client.stream import ClientError, read_wav
-
-    try:
-        pcm, rate = read_wav(item.wav)
-    except ClientError as exc:
-        raise BenchError(str(exc)) from None
-    return len(pcm) / 2 / rate
+    """The seconds of audio a file streams."""
+    samples, rate = read_audio(item.wav)
+    return len(samples) / rate
 
 
 def _runs_from_report(path: Path, config: Path | None) -> tuple[list[RunResult], dict[str, Any]]:

@@ -51,7 +51,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from server.bench import (
@@ -60,15 +60,18 @@ from server.bench import (
     ProcessMonitor,
     Variant,
     _code_version,
-    _paced_frames,
     _progress,
     _round,
     load_manifest,
     percentile,
     print_rows,
+    read_pcm,
     started_server,
     variant_settings,
 )
+
+if TYPE_CHECKING:
+    from client.stream import PaceClock
 
 WARMUP_MAX_S = 60.0  # RSS "start" is taken after this, or a quarter of the run if shorter
 REFUSED_BACKOFF_S = 1.0  # a refused worker waits this long before it tries again
@@ -116,15 +119,13 @@ class Soak:
 
     def __init__(self, items: list[Item], url: str, streams: int, window_s: float,
                  speed: float, leave_fraction: float, seed: int, api_key: str | None) -> None:
-        from client.stream import read_wav
-
         self.items, self.url, self.streams = items, url, streams
         self.window_s, self.speed, self.api_key = window_s, speed, api_key
         self.leave_fraction, self.seed = leave_fraction, seed
         self.audio: dict[str, tuple[bytes, int]] = {}
         for item in items:
             if item.id not in self.audio:
-                self.audio[item.id] = read_wav(item.wav)
+                self.audio[item.id] = read_pcm(item.wav)
         self.sessions: list[SessionLog] = []
         self.live = 0
         self.finals = 0
@@ -182,9 +183,9 @@ class Soak:
 
     async def _session(self, log: SessionLog, pcm: bytes, rate: int,
                        leave_at: float | None) -> None:
-        from client.stream import run_session, stream_url
+        from client.stream import PaceClock, paced_frames, run_session, stream_url
 
-        clock: dict[str, float] = {}
+        clock = PaceClock()
         arrivals: list[tuple[float, dict[str, Any]]] = []
         leaving = asyncio.Event()
 
@@ -198,7 +199,7 @@ class Soak:
             self.audio_s += seconds
 
         async def frames() -> AsyncIterator[bytes]:
-            async for chunk in _paced_frames(pcm, rate, self.speed, clock, on_audio):
+            async for chunk in paced_frames(pcm, rate, self.speed, clock, on_audio):
                 if leave_at is not None and log.audio_sent_s >= leave_at:
                     leaving.set()
                     await asyncio.Event().wait()  # until the session is cancelled
@@ -220,8 +221,8 @@ class Soak:
                      close_code=None if isinstance(result, BaseException) else result.close_code)
 
     def _record(self, log: SessionLog, arrivals: list[tuple[float, dict[str, Any]]],
-                clock: dict[str, float], left: bool, close_code: int | None) -> None:
-        origin = clock.get("origin")
+                clock: PaceClock, left: bool, close_code: int | None) -> None:
+        origin = clock.origin
         done: dict[str, Any] | None = None
         for arrival, message in arrivals:
             kind = message.get("type")
