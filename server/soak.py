@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from server.addresses import is_loopback
 from server.bench import (
     BenchError,
     Item,
@@ -103,10 +104,8 @@ class SessionLog:
 
 
 def _is_loopback_url(url: str) -> bool:
-    from server.cli import _is_loopback
-
     parts = urlsplit(url)
-    return parts.scheme in ("ws", "wss") and _is_loopback(parts.hostname or "")
+    return parts.scheme in ("ws", "wss") and is_loopback(parts.hostname or "")
 
 
 def _http_status(message: str) -> int | None:
