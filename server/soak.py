@@ -55,21 +55,13 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from server.addresses import is_loopback
-from server.bench import (
-    BenchError,
-    Item,
-    ProcessMonitor,
-    Variant,
-    _code_version,
-    _progress,
-    _round,
-    load_manifest,
-    percentile,
-    print_rows,
-    read_pcm,
-    started_server,
-    variant_settings,
-)
+from server.bench.errors import BenchError
+from server.bench.manifest import Item, load_manifest, read_pcm
+from server.bench.monitor import ProcessMonitor
+from server.bench.report import code_version, print_rows, progress_display, rounded
+from server.bench.runner import started_server
+from server.bench.scoring import percentile
+from server.bench.variants import Variant, variant_settings
 
 if TYPE_CHECKING:
     from client.stream import PaceClock
@@ -258,8 +250,8 @@ class Soak:
 
 
 def _lag_stats(values: list[float]) -> dict[str, Any]:
-    return {"p50": _round(percentile(values, 50)), "p90": _round(percentile(values, 90)),
-            "max": _round(max(values)) if values else None, "n": len(values)}
+    return {"p50": rounded(percentile(values, 50)), "p90": rounded(percentile(values, 90)),
+            "max": rounded(max(values)) if values else None, "n": len(values)}
 
 
 def _mb(x: float | None) -> float | None:
@@ -484,7 +476,7 @@ def _soak(args: argparse.Namespace) -> int:
             soak.url, pid = stack.enter_context(started_server(env, args.config, log_dir))
         monitor = ProcessMonitor(pid, series_every=args.sample_every) if pid else None
         idle = monitor.rss() if monitor is not None else None
-        progress = stack.enter_context(_progress(console))
+        progress = stack.enter_context(progress_display(console))
         if monitor is not None:
             monitor.start()
         began = time.monotonic()
@@ -499,8 +491,8 @@ def _soak(args: argparse.Namespace) -> int:
                                  server.get("sampled_peak_rss_bytes"))
     figures["rss"]["high_water_mb"] = _mb(server.get("peak_rss_bytes"))  # since the start
     cpu = server.get("cpu_s")
-    figures["server_cpu_s"] = _round(cpu)
-    figures["server_cpu_s_per_audio_s"] = (_round(cpu / soak.audio_s, 4)
+    figures["server_cpu_s"] = rounded(cpu)
+    figures["server_cpu_s_per_audio_s"] = (rounded(cpu / soak.audio_s, 4)
                                            if cpu is not None and soak.audio_s else None)
     caption = (f"{len(items)} files from {args.manifest}, {os.cpu_count()} cores, load "
                f"average {os.getloadavg()[0]:.1f}. Lag: final's arrival minus the sending "
@@ -517,7 +509,7 @@ def _soak(args: argparse.Namespace) -> int:
             "manifest": str(args.manifest),
             "url": soak.url if args.url else "started by the soak",
             "machine": {"cpu_count": os.cpu_count(), "loadavg": os.getloadavg()},
-            "code": _code_version(),
+            "code": code_version(),
             "definitions": __doc__,
             "figures": figures,
             "server": server,
