@@ -159,8 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="print every message as JSON")
         p.set_defaults(func=cmd_stream if name == "stream" else cmd_mic)
 
-    from server import soak
     from server.bench import cli as bench
+    from server.bench import soak
 
     bench.add_subcommand(sub)  # whisperstream bench
     soak.add_subcommand(sub)  # whisperstream soak

@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import math
 import os
 import random
@@ -51,20 +50,18 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
+from client.stream import ClientError, PaceClock, paced_frames, run_session, stream_url
 from server.addresses import is_loopback
 from server.bench.errors import BenchError
 from server.bench.manifest import Item, load_manifest, read_pcm
 from server.bench.monitor import ProcessMonitor
-from server.bench.report import code_version, print_rows, progress_display, rounded
+from server.bench.report import code_version, print_rows, progress_display, rounded, write_json
 from server.bench.runner import started_server
 from server.bench.scoring import percentile
 from server.bench.variants import Variant, variant_settings
-
-if TYPE_CHECKING:
-    from client.stream import PaceClock
 
 WARMUP_MAX_S = 60.0  # RSS "start" is taken after this, or a quarter of the run if shorter
 REFUSED_BACKOFF_S = 1.0  # a refused worker waits this long before it tries again
@@ -137,8 +134,6 @@ class Soak:
         await asyncio.gather(*(self._worker(w) for w in range(self.streams)))
 
     async def _worker(self, worker: int) -> None:
-        from client.stream import ClientError
-
         rng = random.Random(self.seed * 1000 + worker)
         while self.now() < self.window_s:
             item = rng.choice(self.items)
@@ -174,8 +169,6 @@ class Soak:
 
     async def _session(self, log: SessionLog, pcm: bytes, rate: int,
                        leave_at: float | None) -> None:
-        from client.stream import PaceClock, paced_frames, run_session, stream_url
-
         clock = PaceClock()
         arrivals: list[tuple[float, dict[str, Any]]] = []
         leaving = asyncio.Event()
@@ -399,7 +392,7 @@ def add_subcommand(sub: Any) -> None:
         description="Streams files of a manifest at real-time pace on N connections for a "
         "given time, with some clients leaving early, and reports the server's RSS at start "
         "and end, the lag of finals early and late in the run, and finals expected and "
-        "received. Definitions: the docstring of server/soak.py.",
+        "received. Definitions: the docstring of server/bench/soak.py.",
     )
     p.add_argument("--manifest", type=Path, required=True,
                    help="JSON lines with 'wav' (relative to the manifest)")
@@ -516,8 +509,7 @@ def _soak(args: argparse.Namespace) -> int:
             "rss_samples_mb": [[round(t, 2), _mb(r)] for t, r in samples],
             "sessions": [_session_json(s) for s in soak.sessions],
         }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        write_json(args.out, report)
         console.print(f"wrote {args.out}")
     return 1 if problems or figures["finals"]["expected"] != figures["finals"]["received"] else 0
 
