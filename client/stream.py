@@ -7,7 +7,6 @@ import contextlib
 import json
 import ssl
 import time
-import wave
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,21 +40,18 @@ class Transcript:
         return " ".join(m["text"] for m in self.of_type("final") if m["text"]).strip()
 
 
-def read_wav(path: Path) -> tuple[bytes, int]:
-    """16-bit PCM mono (or the first channel of stereo) and its sample rate."""
-    try:
-        with wave.open(str(path), "rb") as wav:
-            if wav.getsampwidth() != 2:
-                raise ClientError(f"{path}: only 16-bit PCM WAV files are supported")
-            frames = wav.readframes(wav.getnframes())
-            channels, rate = wav.getnchannels(), wav.getframerate()
-    except (wave.Error, EOFError) as exc:
-        raise ClientError(f"{path}: not a readable PCM WAV file ({exc})") from None
-    if channels > 1:
-        import numpy as np
+def read_pcm(path: Path) -> tuple[bytes, int]:
+    """A WAV file as 16-bit PCM mono (channels mixed down) and its sample rate; 8-, 16- and
+    32-bit PCM files are read (streaming.audio.read_wav)."""
+    from streaming.audio import AudioFormatError, read_wav, to_pcm_s16le
 
-        frames = np.frombuffer(frames, "<i2").reshape(-1, channels)[:, 0].tobytes()
-    return frames, rate
+    try:
+        samples, rate = read_wav(Path(path).read_bytes(), str(path))
+    except OSError as exc:
+        raise ClientError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except AudioFormatError as exc:
+        raise ClientError(str(exc)) from None
+    return to_pcm_s16le(samples), rate
 
 
 def stream_url(url: str, **params: Any) -> str:
@@ -64,14 +60,39 @@ def stream_url(url: str, **params: Any) -> str:
     return f"{url}{'&' if '?' in url else '?'}{query}" if query else url
 
 
-async def _pcm_chunks(pcm: bytes, rate: int, speed: float) -> AsyncIterator[bytes]:
-    step = int(rate * FRAME_S) * 2
-    started = time.monotonic()
-    for i, offset in enumerate(range(0, len(pcm), step)):
+@dataclass
+class PaceClock:
+    """When paced audio began: audio time t counts as sent at `origin` + t / speed."""
+
+    origin: float | None = None  # time.monotonic() when the first frame was asked for
+
+
+async def paced_frames(
+    pcm: bytes,
+    rate: int,
+    speed: float = 1.0,
+    clock: PaceClock | None = None,
+    on_audio: Callable[[float], None] | None = None,
+) -> AsyncIterator[bytes]:
+    """16-bit PCM in frames of FRAME_S, each leaving once it was heard, as a microphone
+    delivers it: the frame that ends at audio time t is yielded t / speed seconds after
+    the first was asked for (speed 0: as fast as possible).
+
+    `clock.origin` is set when the first frame is asked for; `on_audio(seconds)` is called
+    with each frame's duration once the consumer has taken it and asks for the next.
+    """
+    step = max(1, int(rate * FRAME_S)) * 2
+    origin = time.monotonic()
+    if clock is not None:
+        clock.origin = origin
+    for offset in range(0, len(pcm), step):
+        chunk = pcm[offset : offset + step]
         if speed > 0:
-            due = started + i * FRAME_S / speed
-            await asyncio.sleep(max(0.0, due - time.monotonic()))
-        yield pcm[offset : offset + step]
+            sent_until = (offset + len(chunk)) / 2 / rate
+            await asyncio.sleep(max(0.0, origin + sent_until / speed - time.monotonic()))
+        yield chunk
+        if on_audio is not None:
+            on_audio(len(chunk) / 2 / rate)
 
 
 async def run_session(
@@ -130,7 +151,7 @@ async def stream_file(
     interim: bool | None = None,
     cafile: Path | None = None,
 ) -> Transcript:
-    pcm, rate = read_wav(path)
+    pcm, rate = read_pcm(path)
     full_url = stream_url(url, sample_rate=rate, encoding="pcm_s16le", interim=interim)
-    return await run_session(full_url, _pcm_chunks(pcm, rate, speed), on_message, api_key,
+    return await run_session(full_url, paced_frames(pcm, rate, speed), on_message, api_key,
                              cafile)

@@ -4,23 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import logging
 import signal
 import sys
 from pathlib import Path
 from typing import Any
 
+from server.addresses import is_loopback
+
 log = logging.getLogger("whisperstream")
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 async def _serve(settings: Any) -> None:
@@ -79,7 +71,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"whisperstream: {exc}", file=sys.stderr)
         return 2
     _configure_logging(settings.server.log_level, settings.server.log_file)
-    if (not settings.auth.api_keys and not _is_loopback(settings.server.host)
+    if (not settings.auth.api_keys and not is_loopback(settings.server.host)
             and not settings.server.allow_public_without_auth):
         print(
             f"whisperstream: refusing to listen on {settings.server.host} with no API keys; "
@@ -164,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="print every message as JSON")
         p.set_defaults(func=cmd_stream if name == "stream" else cmd_mic)
 
-    from server import bench, soak
+    from server.bench import cli as bench
+    from server.bench import soak
 
     bench.add_subcommand(sub)  # whisperstream bench
     soak.add_subcommand(sub)  # whisperstream soak

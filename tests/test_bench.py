@@ -12,20 +12,13 @@ import numpy as np
 import pytest
 from speech import Utterance
 
-from server.bench import (
-    BenchError,
-    Item,
-    RefWord,
-    analyse_session,
-    items_for_level,
-    load_manifest,
-    load_manifests,
-    markdown_table,
-    parse_variant,
-    quiet_cuts,
-    speech_seconds,
-    trim_to_sound,
-)
+from server.bench.errors import BenchError
+from server.bench.manifest import Item, load_manifest, load_manifests
+from server.bench.offline import quiet_cuts, trim_to_sound
+from server.bench.report import markdown_table
+from server.bench.runner import items_for_level
+from server.bench.scoring import RefWord, analyse_session, speech_seconds
+from server.bench.variants import parse_variant
 from server.cli import main
 
 

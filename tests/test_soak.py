@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from speech import Utterance, synthesize
 
-from server.soak import add_subcommand, rss_figures
+from server.bench.soak import add_subcommand, rss_figures
 
 SHORT_SPEECH = [
     "Turn on the lights in the kitchen.",

@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import math
 import os
 import random
@@ -54,21 +53,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from server.bench import (
-    BenchError,
-    Item,
-    ProcessMonitor,
-    Variant,
-    _code_version,
-    _paced_frames,
-    _progress,
-    _round,
-    load_manifest,
-    percentile,
-    print_rows,
-    started_server,
-    variant_settings,
-)
+from client.stream import ClientError, PaceClock, paced_frames, run_session, stream_url
+from server.addresses import is_loopback
+from server.bench.errors import BenchError
+from server.bench.manifest import Item, load_manifest, read_pcm
+from server.bench.monitor import ProcessMonitor
+from server.bench.report import code_version, print_rows, progress_display, rounded, write_json
+from server.bench.runner import started_server
+from server.bench.scoring import percentile
+from server.bench.variants import Variant, variant_settings
 
 WARMUP_MAX_S = 60.0  # RSS "start" is taken after this, or a quarter of the run if shorter
 REFUSED_BACKOFF_S = 1.0  # a refused worker waits this long before it tries again
@@ -100,10 +93,8 @@ class SessionLog:
 
 
 def _is_loopback_url(url: str) -> bool:
-    from server.cli import _is_loopback
-
     parts = urlsplit(url)
-    return parts.scheme in ("ws", "wss") and _is_loopback(parts.hostname or "")
+    return parts.scheme in ("ws", "wss") and is_loopback(parts.hostname or "")
 
 
 def _http_status(message: str) -> int | None:
@@ -116,15 +107,13 @@ class Soak:
 
     def __init__(self, items: list[Item], url: str, streams: int, window_s: float,
                  speed: float, leave_fraction: float, seed: int, api_key: str | None) -> None:
-        from client.stream import read_wav
-
         self.items, self.url, self.streams = items, url, streams
         self.window_s, self.speed, self.api_key = window_s, speed, api_key
         self.leave_fraction, self.seed = leave_fraction, seed
         self.audio: dict[str, tuple[bytes, int]] = {}
         for item in items:
             if item.id not in self.audio:
-                self.audio[item.id] = read_wav(item.wav)
+                self.audio[item.id] = read_pcm(item.wav)
         self.sessions: list[SessionLog] = []
         self.live = 0
         self.finals = 0
@@ -145,8 +134,6 @@ class Soak:
         await asyncio.gather(*(self._worker(w) for w in range(self.streams)))
 
     async def _worker(self, worker: int) -> None:
-        from client.stream import ClientError
-
         rng = random.Random(self.seed * 1000 + worker)
         while self.now() < self.window_s:
             item = rng.choice(self.items)
@@ -182,9 +169,7 @@ class Soak:
 
     async def _session(self, log: SessionLog, pcm: bytes, rate: int,
                        leave_at: float | None) -> None:
-        from client.stream import run_session, stream_url
-
-        clock: dict[str, float] = {}
+        clock = PaceClock()
         arrivals: list[tuple[float, dict[str, Any]]] = []
         leaving = asyncio.Event()
 
@@ -198,7 +183,7 @@ class Soak:
             self.audio_s += seconds
 
         async def frames() -> AsyncIterator[bytes]:
-            async for chunk in _paced_frames(pcm, rate, self.speed, clock, on_audio):
+            async for chunk in paced_frames(pcm, rate, self.speed, clock, on_audio):
                 if leave_at is not None and log.audio_sent_s >= leave_at:
                     leaving.set()
                     await asyncio.Event().wait()  # until the session is cancelled
@@ -220,8 +205,8 @@ class Soak:
                      close_code=None if isinstance(result, BaseException) else result.close_code)
 
     def _record(self, log: SessionLog, arrivals: list[tuple[float, dict[str, Any]]],
-                clock: dict[str, float], left: bool, close_code: int | None) -> None:
-        origin = clock.get("origin")
+                clock: PaceClock, left: bool, close_code: int | None) -> None:
+        origin = clock.origin
         done: dict[str, Any] | None = None
         for arrival, message in arrivals:
             kind = message.get("type")
@@ -258,8 +243,8 @@ class Soak:
 
 
 def _lag_stats(values: list[float]) -> dict[str, Any]:
-    return {"p50": _round(percentile(values, 50)), "p90": _round(percentile(values, 90)),
-            "max": _round(max(values)) if values else None, "n": len(values)}
+    return {"p50": rounded(percentile(values, 50)), "p90": rounded(percentile(values, 90)),
+            "max": rounded(max(values)) if values else None, "n": len(values)}
 
 
 def _mb(x: float | None) -> float | None:
@@ -407,7 +392,7 @@ def add_subcommand(sub: Any) -> None:
         description="Streams files of a manifest at real-time pace on N connections for a "
         "given time, with some clients leaving early, and reports the server's RSS at start "
         "and end, the lag of finals early and late in the run, and finals expected and "
-        "received. Definitions: the docstring of server/soak.py.",
+        "received. Definitions: the docstring of server/bench/soak.py.",
     )
     p.add_argument("--manifest", type=Path, required=True,
                    help="JSON lines with 'wav' (relative to the manifest)")
@@ -484,7 +469,7 @@ def _soak(args: argparse.Namespace) -> int:
             soak.url, pid = stack.enter_context(started_server(env, args.config, log_dir))
         monitor = ProcessMonitor(pid, series_every=args.sample_every) if pid else None
         idle = monitor.rss() if monitor is not None else None
-        progress = stack.enter_context(_progress(console))
+        progress = stack.enter_context(progress_display(console))
         if monitor is not None:
             monitor.start()
         began = time.monotonic()
@@ -499,8 +484,8 @@ def _soak(args: argparse.Namespace) -> int:
                                  server.get("sampled_peak_rss_bytes"))
     figures["rss"]["high_water_mb"] = _mb(server.get("peak_rss_bytes"))  # since the start
     cpu = server.get("cpu_s")
-    figures["server_cpu_s"] = _round(cpu)
-    figures["server_cpu_s_per_audio_s"] = (_round(cpu / soak.audio_s, 4)
+    figures["server_cpu_s"] = rounded(cpu)
+    figures["server_cpu_s_per_audio_s"] = (rounded(cpu / soak.audio_s, 4)
                                            if cpu is not None and soak.audio_s else None)
     caption = (f"{len(items)} files from {args.manifest}, {os.cpu_count()} cores, load "
                f"average {os.getloadavg()[0]:.1f}. Lag: final's arrival minus the sending "
@@ -517,15 +502,14 @@ def _soak(args: argparse.Namespace) -> int:
             "manifest": str(args.manifest),
             "url": soak.url if args.url else "started by the soak",
             "machine": {"cpu_count": os.cpu_count(), "loadavg": os.getloadavg()},
-            "code": _code_version(),
+            "code": code_version(),
             "definitions": __doc__,
             "figures": figures,
             "server": server,
             "rss_samples_mb": [[round(t, 2), _mb(r)] for t, r in samples],
             "sessions": [_session_json(s) for s in soak.sessions],
         }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        write_json(args.out, report)
         console.print(f"wrote {args.out}")
     return 1 if problems or figures["finals"]["expected"] != figures["finals"]["received"] else 0
 
