@@ -70,7 +70,7 @@ class TranscriptionServer:
             cfg.port,
             process_request=self.routes,
             max_size=4 * self.settings.limits.max_frame_bytes,
-            max_queue=64,
+            max_queue=16,  # frames read ahead of the session: at most 16 x max_size bytes
             open_timeout=self.settings.limits.handshake_timeout_s,
             ssl=self._tls_context(),
         ) as server:

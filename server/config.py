@@ -116,6 +116,7 @@ class LimitsSection(_Section):
     max_frame_bytes: int = Field(1_048_576, ge=1024)
     max_session_s: float = Field(4 * 3600.0, gt=0)
     idle_timeout_s: float = Field(60.0, gt=0)
+    min_audio_ratio: float = Field(0.1, ge=0.0, le=1.0)
     max_outbound_messages: int = Field(1024, ge=16)
     shutdown_timeout_s: float = Field(10.0, gt=0)
     max_lag_s: float = Field(10.0, gt=0)

@@ -80,11 +80,17 @@ class SessionSink(Protocol):
 
 @dataclass(frozen=True)
 class DriverLimits:
-    idle_timeout_s: float = 60.0  # no input for this long ends the session
+    # Less than `min_audio_ratio * idle_timeout_s` seconds of audio within a window of
+    # `idle_timeout_s` ends the session (0: any audio will do). Control messages do not
+    # count, so neither a trickle of tiny frames nor of messages holds a slot forever.
+    idle_timeout_s: float = 60.0
+    min_audio_ratio: float = 0.1
     idle_finishes: bool = False  # True: idle time finishes the transcript; False: an error
     max_audio_s: float = 4 * 3600.0  # more audio than this finishes the session
     max_audio_key: str = "limits.max_session_s"  # the setting, named in the message
-    max_lag_s: float = 10.0  # results this far behind the audio: `overloaded`
+    # Results this far behind the audio: `overloaded`; closed segments holding this much
+    # audio unfinalized: the front door stops reading (`wait_for_room`) until half is done.
+    max_lag_s: float = 10.0
     flush_timeout_s: float = 10.0  # longest wait for the last messages to leave
 
 
@@ -116,7 +122,9 @@ class SessionDriver:
         self.close_code: int | None = None
         self._wake = asyncio.Event()
         self._ended = asyncio.Event()
-        self._last_input = time.monotonic()
+        self._room = asyncio.Event()  # set while the session may take more audio
+        self._room.set()
+        self._held_back = False  # the front door waited for room in this idle window
         self._overloaded = False
         self._flushing = False
 
@@ -173,6 +181,7 @@ class SessionDriver:
             self.outlet.close(code, reason)
         self._ended.set()
         self._wake.set()
+        self._room.set()
 
     def fail(self, code: int, error: str, message: str) -> None:
         """Tell the client what went wrong, then end the session."""
@@ -204,9 +213,23 @@ class SessionDriver:
 
     # Input -----------------------------------------------------------------------
 
+    async def wait_for_room(self) -> None:
+        """Backpressure: return once the session may take more audio. A front door that
+        can stop reading (TCP) awaits this before each read, so a client that sends
+        faster than the engine decodes is slowed down instead of buffered in memory."""
+        if self.session.pending_seconds > self.limits.max_lag_s and self.live:
+            self._room.clear()
+            self._held_back = True
+            log.info("session %s: %.1f s of audio wait for their finals; not reading until "
+                     "the engine catches up", self.id, self.session.pending_seconds)
+        await self._room.wait()
+
+    def _update_room(self) -> None:
+        if not self.live or self.session.pending_seconds <= self.limits.max_lag_s / 2:
+            self._room.set()
+
     def receive_audio(self, data: bytes) -> None:
         """One frame of audio; raises the session's AudioFormatError or ProtocolError."""
-        self._last_input = time.monotonic()
         session = self.session
         before = session.received_seconds
         session.receive_audio(data)
@@ -221,17 +244,12 @@ class SessionDriver:
 
     def receive_message(self, message: ClientMessage) -> None:
         """A control message; raises the session's ProtocolError."""
-        self._last_input = time.monotonic()
         if isinstance(message, Stop):
             self.stop()
             return
         self.session.receive_message(message)
         self.flush()
         self._wake.set()
-
-    def touch(self) -> None:
-        """Input that is neither audio nor a control message (the idle clock restarts)."""
-        self._last_input = time.monotonic()
 
     # Output ----------------------------------------------------------------------
 
@@ -305,6 +323,7 @@ class SessionDriver:
             session.complete_job(job, hypothesis)
             self._check_lag(job.start_sample + len(job.request.audio))
             self.flush()
+            self._update_room()
 
     def _check_lag(self, decoded_until_sample: int) -> None:
         lag_s = self.session.received_seconds - decoded_until_sample / MODEL_SAMPLE_RATE_HZ
@@ -317,17 +336,23 @@ class SessionDriver:
             self._overloaded = False
 
     async def _watch_idle(self) -> None:
-        idle_s = self.limits.idle_timeout_s
+        limits = self.limits
+        idle_s, least_s = limits.idle_timeout_s, limits.min_audio_ratio * limits.idle_timeout_s
         while self.state is State.OPEN:
-            left_s = self._last_input + idle_s - time.monotonic()
-            if left_s > 0:
-                await asyncio.sleep(left_s)
+            heard_before = self.session.received_seconds
+            self._held_back = False
+            await asyncio.sleep(idle_s)
+            heard_s = self.session.received_seconds - heard_before
+            if self.state is not State.OPEN or self._held_back or not self._room.is_set():
+                continue  # not reading was the server's doing, not the client's
+            if heard_s > least_s or (heard_s > 0 and least_s == 0):
                 continue
-            if self.limits.idle_finishes:
-                log.info("session %s: no audio for %g s (limits.idle_timeout_s); finishing it",
-                         self.id, idle_s)
+            if limits.idle_finishes:
+                log.info("session %s: %.1f s of audio in %g s (limits.idle_timeout_s); "
+                         "finishing it", self.id, heard_s, idle_s)
                 self.stop()
             else:
-                self.fail(CLOSE_LIMIT, "limit", f"no audio or message for {idle_s:g} s "
-                          "(limits.idle_timeout_s); the session was closed")
+                self.fail(CLOSE_LIMIT, "limit", f"{heard_s:.1f} s of audio in the last "
+                          f"{idle_s:g} s, less than {least_s:g} s (limits.idle_timeout_s, "
+                          "limits.min_audio_ratio); the session was closed")
             return

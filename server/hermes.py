@@ -175,7 +175,8 @@ class HermesAsr:
         self._listening: dict[tuple[str, str | None], _Listening] = {}
         limits = self.settings.limits
         self._limits = DriverLimits(
-            idle_timeout_s=limits.idle_timeout_s, idle_finishes=True,
+            idle_timeout_s=limits.idle_timeout_s, min_audio_ratio=limits.min_audio_ratio,
+            idle_finishes=True,
             max_lag_s=limits.max_lag_s, flush_timeout_s=limits.shutdown_timeout_s,
         )
 

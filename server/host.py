@@ -82,7 +82,8 @@ class SessionHost:
     def default_limits(self) -> DriverLimits:
         limits = self.settings.limits
         return DriverLimits(
-            idle_timeout_s=limits.idle_timeout_s, max_audio_s=limits.max_session_s,
+            idle_timeout_s=limits.idle_timeout_s, min_audio_ratio=limits.min_audio_ratio,
+            max_audio_s=limits.max_session_s,
             max_lag_s=limits.max_lag_s, flush_timeout_s=limits.shutdown_timeout_s,
         )
 

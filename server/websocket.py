@@ -119,6 +119,9 @@ class WebSocketSession:
         driver, limits = self.driver, self.limits
         first = True
         while driver.live and not driver.session.stopping:
+            await driver.wait_for_room()
+            if not driver.live:
+                return
             data = await self.ws.recv()
             try:
                 if isinstance(data, bytes):
@@ -160,7 +163,6 @@ class WebSocketSession:
         config = self.host.session_config(message.params)
         self.driver.session.reconfigure(config)
         self.driver.labels.update(message.params.labels)
-        self.driver.touch()
         self.driver.send(Started(config.audio.sample_rate_hz, config.audio.encoding,
                                  config.language, config.interim))
 

@@ -131,6 +131,13 @@ class Session:
     def received_seconds(self) -> float:
         return self._received_samples / MODEL_SAMPLE_RATE_HZ
 
+    @property
+    def pending_seconds(self) -> float:
+        """Audio of closed segments still waiting for their finals: what the engine is
+        behind by, and what the session holds beyond its live segment."""
+        samples = sum(len(s.closed.audio) for s in self._to_finalize if s.closed is not None)
+        return samples / MODEL_SAMPLE_RATE_HZ
+
     def reconfigure(self, config: SessionConfig) -> None:
         """Apply a `start` message; only allowed before any audio."""
         if self._audio_seen:

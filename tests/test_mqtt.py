@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import websockets
@@ -194,7 +194,7 @@ def test_a_broker_restart_mid_stream_loses_no_final_and_keeps_their_order(
             # Transcription goes on without the broker; finals wait in the outbox.
             await asyncio.wait_for(_until(lambda: sum(t > stopped_at for t in ws_finals_at)
                                           >= 2), 60)
-            queued_in_outage = live.app.sinks[0].link.queued
+            queued_in_outage = cast(SessionPublisher, live.app.sinks[0]).link.queued
             await asyncio.to_thread(broker.start)
             transcript = await stream
             session = transcript.messages[0]["session"]
@@ -203,7 +203,7 @@ def test_a_broker_restart_mid_stream_loses_no_final_and_keeps_their_order(
 
     with serving(engine, settings) as live:  # type: ignore[arg-type]
         transcript, sub, queued_in_outage = asyncio.run(scenario(live.url, live))
-        stats = live.app.sinks[0].stats
+        stats = cast(SessionPublisher, live.app.sinks[0]).stats
     assert queued_in_outage >= 2
     assert stats.connections >= 2 and stats.dropped_essential == 0
     check_invariants(transcript.messages)
@@ -236,7 +236,7 @@ def test_with_no_broker_transcription_goes_on_and_finals_wait_in_the_outbox(
             stream_url(f"{live.url}/v1/stream", sample_rate=other_speech.sample_rate),
             _chunks(other_speech.path, 0)))  # type: ignore[arg-type]
         took_s = time.monotonic() - began
-        publisher = live.app.sinks[0]
+        publisher = cast(SessionPublisher, live.app.sinks[0])
         queued = publisher.link.queued
     check_invariants(transcript.messages)
     assert transcript.close_code == 1000 and transcript.of_type("done")

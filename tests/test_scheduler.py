@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 
 from server.scheduler import InferenceScheduler
-from streaming.engine import DecodeRequest, Hypothesis, Word
+from streaming.engine import DecodeRequest, EngineCapabilities, Hypothesis, Word
 
 
 class RecordingEngine:
     """A scripted engine: answers each window with its length, records the batches."""
 
     name = "recording"
+    capabilities = EngineCapabilities()
 
     def __init__(self, fail_on_seconds: float | None = None) -> None:
         self.batches: list[list[float]] = []
@@ -77,7 +78,7 @@ def test_a_failing_window_fails_alone() -> None:
     scheduler = InferenceScheduler(engine, max_batch_size=8)
     results = asyncio.run(_submit_while_blocked(scheduler, engine, [3.0, 3.1, 2.9]))
     assert isinstance(results[0], RuntimeError)
-    assert [h.text for h in results[1:]] == ["3.1", "2.9"]  # type: ignore[union-attr]
+    assert [h.text for h in results[1:]] == ["3.1", "2.9"]
 
 
 def test_with_two_workers_two_batches_run_at_once() -> None:

@@ -14,6 +14,7 @@ import ssl
 import subprocess
 import time
 import urllib.request
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -163,7 +164,7 @@ def test_non_finite_floats_and_absurd_rates_get_clear_errors(scripted_url: str) 
             np.array([5.0, -7.0] * 800, "<f4").tobytes(),
         ]
 
-        async def chunks():  # type: ignore[no-untyped-def]
+        async def chunks() -> AsyncIterator[bytes]:
             for frame in frames:
                 yield frame
 
@@ -181,7 +182,7 @@ def test_non_finite_floats_and_absurd_rates_get_clear_errors(scripted_url: str) 
     assert absurd[0]["code"] == "bad_request" and "8000 to 48000" in absurd[0]["message"]
 
 
-async def _nothing():  # type: ignore[no-untyped-def]
+async def _nothing() -> AsyncIterator[bytes]:
     return
     yield b""
 
@@ -264,7 +265,7 @@ def test_an_engine_error_ends_only_its_own_session(other_speech: Utterance) -> N
     with serving(ScriptedWhisper(fail_if=_loud)) as live:
 
         async def both() -> tuple[Transcript, Transcript]:
-            async def chunks(audio: np.ndarray):  # type: ignore[no-untyped-def]
+            async def chunks(audio: np.ndarray) -> AsyncIterator[bytes]:
                 for offset in range(0, len(audio), rate // 10):
                     yield audio[offset : offset + rate // 10].tobytes()
                     await asyncio.sleep(0.02)

@@ -10,6 +10,7 @@ import json
 import signal
 import time
 import urllib.request
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -106,7 +107,7 @@ def test_frame_size_idle_and_session_length_limits(
                 return messages, ws.close_code
 
         async def too_long() -> Transcript:
-            async def chunks():  # type: ignore[no-untyped-def]
+            async def chunks() -> AsyncIterator[bytes]:
                 for offset in range(0, len(pcm), 2048):
                     yield pcm[offset : offset + 2048].tobytes()
 
@@ -174,7 +175,7 @@ def test_shutdown_finishes_live_sessions_with_their_finals_and_done(
         async def run() -> Transcript:
             sent = asyncio.Event()
 
-            async def chunks():  # type: ignore[no-untyped-def]
+            async def chunks() -> AsyncIterator[bytes]:
                 # All the audio but no stop: the server is told to shut down meanwhile.
                 for offset in range(0, len(pcm), rate // 10):
                     yield pcm[offset : offset + rate // 10].tobytes()
@@ -207,7 +208,7 @@ def test_sigterm_stops_the_command_cleanly_after_finishing_sessions(
     with serve_command() as server:
 
         async def run() -> Transcript:
-            async def chunks():  # type: ignore[no-untyped-def]
+            async def chunks() -> AsyncIterator[bytes]:
                 for offset in range(0, len(pcm), rate // 10):
                     yield pcm[offset : offset + rate // 10].tobytes()
                     await asyncio.sleep(0.01)

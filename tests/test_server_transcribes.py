@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import urllib.request
+from collections.abc import AsyncIterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -68,7 +70,7 @@ def test_f32le_at_48khz_is_resampled_and_transcribed(
     audio = soxr.resample(pcm.astype(np.float32) / 32768.0, rate, 48_000).astype("<f4")
     frame = 48_000 * 37 // 1000  # odd frame lengths are fine: any whole number of samples
 
-    async def chunks():  # type: ignore[no-untyped-def]
+    async def chunks() -> AsyncIterator[bytes]:
         for offset in range(0, len(audio), frame):
             yield audio[offset : offset + frame].tobytes()
             await asyncio.sleep(0.005)
@@ -115,10 +117,10 @@ def test_flush_finalizes_the_current_segment_mid_speech(
     pcm, rate = read_pcm(other_speech.path)
     half = len(pcm) // 2
 
-    async def run() -> list[dict[str, object]]:
+    async def run() -> list[dict[str, Any]]:
         import websockets
 
-        messages: list[dict[str, object]] = []
+        messages: list[dict[str, Any]] = []
         url = stream_url(f"{server_url}/v1/stream", sample_rate=rate)
         async with websockets.connect(url) as ws:
             await ws.send(pcm[:half].tobytes())
@@ -147,7 +149,7 @@ def test_silence_and_noise_give_no_invented_text(server_url: str) -> None:
     audio = np.concatenate([np.zeros(16_000 * 3), rng.normal(0, 0.003, 16_000 * 3)])
     pcm = (audio * 32767).astype("<i2").tobytes()
 
-    async def chunks():  # type: ignore[no-untyped-def]
+    async def chunks() -> AsyncIterator[bytes]:
         for offset in range(0, len(pcm), 6400):
             yield pcm[offset : offset + 6400]
 
