@@ -107,6 +107,8 @@ class WebSocketSession:
     async def receive_loop(self) -> None:
         try:
             await self._receive_until_stop()
+            if not self.driver.live:
+                return  # ended by a limit or a fault: its error and close are queued
             # After stop: the driver finishes; more from the client is refused.
             async for _ in self.ws:
                 if not self.driver.stopped_by_server and self.driver.live:
