@@ -60,18 +60,22 @@ class TranscriptionServer:
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Server]:
         """Serve until the context exits, then shut down gracefully."""
-        cfg = self.settings.server
+        cfg, limits = self.settings.server, self.settings.limits
         # websockets refuses frames over max_size with close 1009 and no word of why; let
         # frames up to 4x the limit in, so that the limit is answered with an `error`.
+        # No permessage-deflate: audio hardly compresses, and inflating a client's frames
+        # ran on the event loop (200 frames of 1 KB that inflate to 1 MiB each: /healthz
+        # waited 5 s and more; issue 18).
         # MQTT (sinks, Hermes) starts first and stops last: sessions finish into it.
         async with mqtt_services(self.host), serve(
             partial(handle_stream, self.host),
             cfg.host,
             cfg.port,
             process_request=self.routes,
-            max_size=4 * self.settings.limits.max_frame_bytes,
+            compression=None,
+            max_size=4 * limits.max_frame_bytes,
             max_queue=16,  # frames read ahead of the session: at most 16 x max_size bytes
-            open_timeout=self.settings.limits.handshake_timeout_s,
+            open_timeout=limits.handshake_timeout_s,
             ssl=self._tls_context(),
         ) as server:
             self.host.scheduler.start()

@@ -1,0 +1,269 @@
+"""Hostile clients (issue 18): one client must never take the server from everyone else.
+
+The middle layer: a real server on a free loopback port with the scripted engine, attacked
+over real sockets, each attack bounded in count and time. What is asserted is what a user
+would check: the attacker gets the documented answer (status, close code, message), the
+server keeps answering `/healthz` within a second, a good session beside the attack gets
+its transcript, new sessions are still admitted, and memory stays bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import socket
+import struct
+import threading
+import time
+import urllib.error
+import urllib.request
+import zlib
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import psutil
+import websockets
+from fakes import ScriptedWhisper, scripted_words
+from harness import LiveServer, serving
+from speech import Utterance
+
+from client.stream import Transcript, stream_file
+
+T = TypeVar("T")
+KEY = "hostile-test-key"
+PING, BINARY, CLOSE = 0x9, 0x2, 0x8
+
+
+# Raw WebSocket and HTTP from a plain socket ------------------------------------------
+
+
+def _port(live: LiveServer) -> int:
+    return int(live.url.rsplit(":", 1)[1])
+
+
+def _frame(opcode: int, payload: bytes, *, rsv1: bool = False) -> bytes:
+    """One masked client frame (FIN set)."""
+    mask = os.urandom(4)
+    head = bytes([0x80 | (0x40 if rsv1 else 0) | opcode])
+    n = len(payload)
+    if n < 126:
+        head += bytes([0x80 | n])
+    elif n < 1 << 16:
+        head += bytes([0x80 | 126]) + struct.pack("!H", n)
+    else:
+        head += bytes([0x80 | 127]) + struct.pack("!Q", n)
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return head + mask + masked
+
+
+def _server_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """The (unmasked) frames the server sent, as (opcode, payload); a cut-off tail is left."""
+    frames, i = [], 0
+    while i + 2 <= len(data):
+        opcode, n = data[i] & 0x0F, data[i + 1] & 0x7F
+        i += 2
+        if n == 126:
+            n, i = struct.unpack("!H", data[i : i + 2])[0], i + 2
+        elif n == 127:
+            n, i = struct.unpack("!Q", data[i : i + 8])[0], i + 8
+        if i + n > len(data):
+            break
+        frames.append((opcode, data[i : i + n]))
+        i += n
+    return frames
+
+
+def _close_of(frames: list[tuple[int, bytes]]) -> tuple[int, str] | None:
+    for opcode, payload in frames:
+        if opcode == CLOSE and len(payload) >= 2:
+            return struct.unpack("!H", payload[:2])[0], payload[2:].decode()
+    return None
+
+
+def _read_until_closed(sock: socket.socket, timeout: float = 10.0) -> bytes:
+    """Everything the server sends until it closes the connection (or `timeout`)."""
+    sock.settimeout(timeout)
+    data = b""
+    with contextlib.suppress(TimeoutError, ConnectionResetError):
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data
+
+
+def _upgrade(port: int, *, host: str | None = None, headers: tuple[str, ...] = (),
+             rcvbuf: int | None = None) -> tuple[socket.socket, bytes, bytes]:
+    """A WebSocket handshake by hand: (socket, the response head, bytes already after it)."""
+    sock = socket.socket()
+    if rcvbuf is not None:  # fixed and small: no autotuning, the client's window stays shut
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    lines = ["GET /v1/stream HTTP/1.1", f"Host: {host or f'127.0.0.1:{port}'}",
+             "Upgrade: websocket", "Connection: Upgrade", f"Sec-WebSocket-Key: {key}",
+             "Sec-WebSocket-Version: 13", *headers]
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+    sock.settimeout(10)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        assert chunk, f"closed during the handshake: {data!r}"
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return sock, head, rest
+
+
+def _http(port: int, raw: bytes, timeout: float = 5.0) -> bytes:
+    """Send raw bytes as a request; everything the server answers until it closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(raw)
+        return _read_until_closed(sock, timeout)
+
+
+def _status(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1 ") else 0
+
+
+def _body(answer: bytes) -> bytes:
+    return answer.partition(b"\r\n\r\n")[2]
+
+
+def _get(port: int, path: str, *headers: str, method: str = "GET",
+         host: str | None = None) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host or f'127.0.0.1:{port}'}", *headers]
+    return _http(port, ("\r\n".join(lines) + "\r\n\r\n").encode())
+
+
+async def _handshake_status(url: str, **kwargs: Any) -> tuple[int, str]:
+    """(101, "") for an admitted session, else the refusal's (status, body)."""
+    try:
+        async with websockets.connect(url, **kwargs):
+            return 101, ""
+    except websockets.InvalidStatus as exc:
+        return exc.response.status_code, exc.response.body.decode()
+
+
+def _admitted(live: LiveServer) -> bool:
+    return asyncio.run(_handshake_status(f"{live.url}/v1/stream"))[0] == 101
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float) -> float | None:
+    """Seconds until `condition` held, or None if it did not within `timeout`."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if condition():
+            return time.monotonic() - started
+        time.sleep(0.05)
+    return None
+
+
+# Watching the server while it is attacked --------------------------------------------
+
+
+@dataclass
+class Watch:
+    """`/healthz` latency every 0.1 s and the process's RSS (the server runs in this
+    process, in the harness's thread), from before the attack to its end."""
+
+    http_url: str
+    latencies: list[float] = field(default_factory=list)
+    rss_start: int = 0
+    rss_max: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def worst_s(self) -> float:
+        return max(self.latencies)
+
+    @property
+    def rss_growth_mb(self) -> float:
+        return (self.rss_max - self.rss_start) / 1e6
+
+    def _run(self) -> None:
+        process = psutil.Process()
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                with urllib.request.urlopen(f"{self.http_url}/healthz", timeout=5) as r:
+                    ok = r.status == 200
+            except OSError:
+                ok = False
+            self.latencies.append(time.monotonic() - started if ok else float("inf"))
+            self.rss_max = max(self.rss_max, process.memory_info().rss)
+            self._stop.wait(0.1)
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[Watch]:
+        self.rss_start = self.rss_max = psutil.Process().memory_info().rss
+        thread = threading.Thread(target=self._run, daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            self._stop.set()
+            thread.join(10)
+
+
+def _beside(live: LiveServer, attack: Callable[[], T], speech: Utterance,
+            speed: float = 2.0) -> tuple[T, Watch, Transcript]:
+    """Run `attack` while a good session streams `speech`, watching the server."""
+    url = f"{live.url}/v1/stream"
+    with Watch(live.http_url).running() as watch, ThreadPoolExecutor(2) as pool:
+        good = pool.submit(lambda: asyncio.run(stream_file(speech.path, url, speed=speed)))
+        time.sleep(0.3)  # the good session is under way when the attack starts
+        result = pool.submit(attack).result(timeout=120)
+        transcript = good.result(timeout=120)
+    return result, watch, transcript
+
+
+def _good(transcript: Transcript) -> bool:
+    return (transcript.close_code == 1000 and transcript.messages[-1]["type"] == "done"
+            and scripted_words(transcript.text))
+
+
+# Finding 2: compression ----------------------------------------------------------------
+
+
+def test_a_client_offering_deflate_gets_no_compression(scripted: ScriptedWhisper) -> None:
+    with serving(scripted) as live:
+        async def offer() -> tuple[str | None, list[Any]]:
+            async with websockets.connect(f"{live.url}/v1/stream", compression="deflate") as ws:
+                assert ws.response is not None
+                return ws.response.headers.get("Sec-WebSocket-Extensions"), ws.protocol.extensions
+
+        header, extensions = asyncio.run(offer())
+    assert header is None and extensions == []
+
+
+def _deflated_zeros(size: int) -> bytes:
+    """A permessage-deflate payload that inflates to `size` zero bytes."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    data = compressor.compress(bytes(size)) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    return data[:-4]  # RFC 7692: the 00 00 ff ff tail is left off
+
+
+def test_a_deflate_bomb_is_refused_and_the_server_stays_responsive(
+    scripted: ScriptedWhisper, other_speech: Utterance
+) -> None:
+    """200 compressed frames of 1 MiB of zeros (about 1 KB each on the wire), sent at once:
+    issue 18 saw /healthz take 8-14 s and a good session beside lose its transcript."""
+    bomb = _frame(BINARY, _deflated_zeros(1 << 20), rsv1=True)
+    with serving(scripted) as live:
+        def attack() -> tuple[bytes, tuple[int, str] | None]:
+            sock, head, rest = _upgrade(_port(live), headers=(
+                "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits",))
+            with sock:
+                with contextlib.suppress(OSError):  # the server may close before the end
+                    sock.sendall(bomb * 200)
+                return head, _close_of(_server_frames(rest + _read_until_closed(sock)))
+
+        (head, close), watch, good = _beside(live, attack, other_speech)
+        admitted = _admitted(live)
+    assert len(bomb) < 2000
+    assert b" 101 " in head and b"permessage-deflate" not in head.lower()
+    assert close == (1002, "reserved bits must be 0")
+    assert watch.worst_s < 1.0, f"/healthz took {watch.worst_s:.2f} s during the attack"
+    assert _good(good), good.messages[-3:]
+    assert admitted
