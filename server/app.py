@@ -22,6 +22,7 @@ from functools import partial
 from websockets.asyncio.server import Server, serve
 
 from server.config import Settings
+from server.connection import GuardedConnection
 from server.driver import SessionSink
 from server.hermes import HermesAsr
 from server.host import SessionHost
@@ -65,7 +66,9 @@ class TranscriptionServer:
         # frames up to 4x the limit in, so that the limit is answered with an `error`.
         # No permessage-deflate: audio hardly compresses, and inflating a client's frames
         # ran on the event loop (200 frames of 1 KB that inflate to 1 MiB each: /healthz
-        # waited 5 s and more; issue 18).
+        # waited 5 s and more; issue 18). Keepalive: a ping every keepalive_s, and a
+        # pong (or, in GuardedConnection, the output the client leaves unread) at most
+        # that late, else the connection is dropped.
         # MQTT (sinks, Hermes) starts first and stops last: sessions finish into it.
         async with mqtt_services(self.host), serve(
             partial(handle_stream, self.host),
@@ -73,9 +76,13 @@ class TranscriptionServer:
             cfg.port,
             process_request=self.routes,
             compression=None,
+            create_connection=GuardedConnection,
             max_size=4 * limits.max_frame_bytes,
             max_queue=16,  # frames read ahead of the session: at most 16 x max_size bytes
             open_timeout=limits.handshake_timeout_s,
+            ping_interval=limits.keepalive_s,
+            ping_timeout=limits.keepalive_s,
+            close_timeout=min(10.0, limits.keepalive_s),
             ssl=self._tls_context(),
         ) as server:
             self.host.scheduler.start()

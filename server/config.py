@@ -124,6 +124,9 @@ class LimitsSection(_Section):
     max_text_bytes: int = Field(65_536, ge=256)
     max_bad_messages: int = Field(50, ge=1)
     handshake_timeout_s: float = Field(10.0, gt=0)
+    # Ping every keepalive_s; a pong, or the server's unsent output, late by as much again
+    # drops the connection (server/connection.py).
+    keepalive_s: float = Field(20.0, gt=0)
 
 
 class AuthSection(_Section):

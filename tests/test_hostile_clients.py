@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import logging
 import os
 import socket
 import struct
@@ -25,12 +26,14 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import psutil
+import pytest
 import websockets
 from fakes import ScriptedWhisper, scripted_words
-from harness import LiveServer, serving
+from harness import LiveServer, serving, settings_with
 from speech import Utterance
 
 from client.stream import Transcript, stream_file
+from server.websocket import WebSocketOutlet
 
 T = TypeVar("T")
 KEY = "hostile-test-key"
@@ -266,4 +269,93 @@ def test_a_deflate_bomb_is_refused_and_the_server_stays_responsive(
     assert close == (1002, "reserved bits must be 0")
     assert watch.worst_s < 1.0, f"/healthz took {watch.worst_s:.2f} s during the attack"
     assert _good(good), good.messages[-3:]
+    assert admitted
+
+
+# Finding 3: a client that does not read --------------------------------------------
+
+
+def _ping_flood(port: int, seconds: float) -> tuple[int, int]:
+    """For `seconds`, open sessions that send pings as fast as they can and never read;
+    reconnect whenever the server drops one. Returns (connections, dropped by the server)."""
+    batch = _frame(PING, b"p" * 125) * 2000  # 262 KB of pings, as many pongs
+    deadline = time.monotonic() + seconds
+    connections = dropped = 0
+    while time.monotonic() < deadline:
+        sock, _, _ = _upgrade(port, rcvbuf=4096)
+        connections += 1
+        sock.settimeout(5)
+        try:
+            while time.monotonic() < deadline:
+                sock.sendall(batch)
+        except TimeoutError:
+            pass  # the server stopped reading: not dropped (yet)
+        except OSError:
+            dropped += 1
+        finally:
+            sock.close()
+    return connections, dropped
+
+
+def test_a_client_that_pings_and_never_reads_is_dropped_and_memory_stays_bounded(
+    other_speech: Utterance,
+) -> None:
+    """Issue 18: pongs piled up without flow control, RSS 291 -> 1,141 MB in 70 s."""
+    with serving(ScriptedWhisper()) as live:
+        (connections, dropped), watch, good = _beside(
+            live, lambda: _ping_flood(_port(live), 10.0), other_speech, speed=1.0)
+        freed = _wait_for(lambda: live.app.active_sessions == 0, 10)
+        admitted = _admitted(live)
+    assert dropped >= 1 and dropped >= connections - 1, (connections, dropped)
+    assert watch.rss_growth_mb < 100, f"RSS grew {watch.rss_growth_mb:.0f} MB"
+    assert watch.worst_s < 1.0, f"/healthz took {watch.worst_s:.2f} s during the attack"
+    assert _good(good), good.messages[-3:]
+    assert freed is not None and admitted
+
+
+def test_keepalive_that_cannot_be_answered_closes_the_connection(
+    scripted: ScriptedWhisper,
+) -> None:
+    """A client that opens a session, then neither reads nor sends: the server's ping is
+    never answered, and the connection is closed (1011) long before the idle timeout."""
+    settings = settings_with(limits={"keepalive_s": 1.0, "idle_timeout_s": 60.0})
+    with serving(scripted, settings) as live:
+        sock, _, rest = _upgrade(_port(live), rcvbuf=4096)
+        with sock:
+            freed = _wait_for(lambda: live.app.active_sessions == 0, 15)
+            close = _close_of(_server_frames(rest + _read_until_closed(sock)))
+        admitted = _admitted(live)
+    assert freed is not None and freed < 6, freed
+    assert close == (1011, "keepalive ping timeout")
+    assert admitted
+
+
+def test_a_client_whose_unread_output_stays_above_the_write_limit_is_dropped(
+    scripted: ScriptedWhisper, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Pings until the server's pongs no longer fit in the socket buffers and its own
+    buffer holds more than the write limit, then nothing, never reading: websockets'
+    keepalive ping would wait behind the unsent pongs forever (issue 18); the connection
+    is dropped after the keepalive time instead."""
+    caplog.set_level(logging.INFO)
+    settings = settings_with(limits={"keepalive_s": 1.0, "idle_timeout_s": 60.0})
+    burst = _frame(PING, b"p" * 125) * 100  # 13 KB of pings
+    with serving(scripted, settings) as live:
+        sock, _, _ = _upgrade(_port(live), rcvbuf=4096)
+        with sock:
+            _wait_for(lambda: bool(live.app.host.drivers), 5)
+            outlet = live.app.host.drivers[0].outlet
+            assert isinstance(outlet, WebSocketOutlet)
+            server_side = outlet.ws.transport
+            sent = 0
+            # 64 KiB unsent: above the write limit (32 KiB), far below the cap (1 MiB)
+            while server_side.get_write_buffer_size() < 65536 and sent < 64_000_000:
+                sock.sendall(burst)
+                sent += len(burst)
+                time.sleep(0.001)
+            freed = _wait_for(lambda: live.app.active_sessions == 0, 15)
+        admitted = _admitted(live)
+    assert sent < 64_000_000
+    assert freed is not None and freed < 4, freed
+    assert any("output not taken for 1 s" in r.getMessage() for r in caplog.records)
     assert admitted
