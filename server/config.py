@@ -3,6 +3,7 @@ then command-line flags, validated in one place by pydantic-settings."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +35,23 @@ class ServerSection(_Section):
     tls_cert: Path | None = None  # PEM certificate (chain): serve wss:// and https://
     tls_key: Path | None = None  # its PEM private key
     log_file: Path | None = None  # also log here; if it cannot be written, stderr only
+    # Peers whose X-Forwarded-For / Forwarded header names the client (server/forwarding.py).
+    trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(
+        default_factory=list)
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _networks(cls, value: Any) -> Any:
+        if not isinstance(value, list):
+            return value
+        networks = []
+        for item in value:
+            try:  # "10.0.0.7" is one address; host bits in "10.0.0.7/8" are ignored
+                networks.append(ipaddress.ip_network(str(item).strip(), strict=False))
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or network (CIDR, e.g. "
+                                 "10.0.0.0/8)") from None
+        return networks
 
     @field_validator("tls_cert", "tls_key")
     @classmethod

@@ -130,7 +130,7 @@ class HttpRoutes:
             return self._refuse(connection, http.HTTPStatus.SERVICE_UNAVAILABLE,
                                 "shutdown", "server shutting down; try again later\n")
         limits = self.settings.limits
-        address = client_address(connection)
+        address = client_address(connection, self.settings.server.trusted_proxies)
         if self.host.sessions_from(address) >= limits.max_sessions_per_client:
             return self._refuse(
                 connection, http.HTTPStatus.TOO_MANY_REQUESTS, "per_client",

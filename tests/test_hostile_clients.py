@@ -359,3 +359,55 @@ def test_a_client_whose_unread_output_stays_above_the_write_limit_is_dropped(
     assert freed is not None and freed < 4, freed
     assert any("output not taken for 1 s" in r.getMessage() for r in caplog.records)
     assert admitted
+
+
+# Finding 5: forwarded client addresses --------------------------------------------
+
+
+def _through_proxy(live: LiveServer, *headers: str) -> tuple[socket.socket, int, bytes]:
+    """(socket, status, the refusal's body or b"")"""
+    sock, head, rest = _upgrade(_port(live), headers=headers)
+    status = _status(head)
+    return sock, status, b"" if status == 101 else rest + _read_until_closed(sock, 2)
+
+
+def test_a_trusted_proxy_forwards_each_clients_address_for_the_limits(
+    scripted: ScriptedWhisper, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The test is the proxy: it connects from 127.0.0.1, which is trusted."""
+    caplog.set_level(logging.INFO)
+    settings = settings_with(server={"trusted_proxies": ["127.0.0.0/8", "10.1.0.0/16"]},
+                             limits={"max_sessions_per_client": 1})
+    with serving(scripted, settings) as live:
+        attempts = [
+            ("X-Forwarded-For: 203.0.113.7",),
+            ("X-Forwarded-For: 203.0.113.8",),
+            # a forged left-most entry, then the address a trusted proxy in front added
+            ("X-Forwarded-For: 198.51.100.1, 203.0.113.7, 10.1.2.3",),
+            ('Forwarded: for="[2001:db8::17]:4711";proto=https',),
+            ("Forwarded: for=198.51.100.9, for=203.0.113.8",),
+        ]
+        opened = [_through_proxy(live, *headers) for headers in attempts]
+        statuses = [status for _, status, _ in opened]
+        refusals = [body for _, status, body in opened if status != 101]
+        for sock, _, _ in opened:
+            sock.close()
+    assert statuses == [101, 101, 429, 101, 429]
+    assert b"too many sessions from 203.0.113.7 " in refusals[0]
+    assert b"too many sessions from 203.0.113.8 " in refusals[1]
+    opened_from = [r.getMessage() for r in caplog.records if ": opened from " in r.getMessage()]
+    assert [line.split(" from ")[1].split(" ")[0] for line in opened_from] == [
+        "203.0.113.7", "203.0.113.8", "2001:db8::17"]
+
+
+def test_an_untrusted_peer_cannot_choose_its_address(scripted: ScriptedWhisper) -> None:
+    settings = settings_with(server={"trusted_proxies": ["10.0.0.0/8"]},
+                             limits={"max_sessions_per_client": 1})
+    with serving(scripted, settings) as live:
+        first, status1, _ = _through_proxy(live, "X-Forwarded-For: 203.0.113.7")
+        second, status2, refusal = _through_proxy(live, "X-Forwarded-For: 203.0.113.8",
+                                                  "Forwarded: for=203.0.113.9")
+        first.close()
+        second.close()
+    assert (status1, status2) == (101, 429)
+    assert b"too many sessions from 127.0.0.1 " in refusal
