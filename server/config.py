@@ -38,6 +38,8 @@ class ServerSection(_Section):
     # Peers whose X-Forwarded-For / Forwarded header names the client (server/forwarding.py).
     trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(
         default_factory=list)
+    # With no API keys, Host names answered besides loopback ones (DNS rebinding).
+    allowed_hosts: list[str] = Field(default_factory=list)
 
     @field_validator("trusted_proxies", mode="before")
     @classmethod
@@ -53,12 +55,31 @@ class ServerSection(_Section):
                                  "10.0.0.0/8)") from None
         return networks
 
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, value: list[str]) -> list[str]:
+        names = [name.strip().lower().strip("[]").rstrip(".") for name in value]
+        for name in names:
+            if not name or any(c in name for c in "/@ ") or (
+                    ":" in name and not _is_ipv6(name)):
+                raise ValueError(f"{name!r} is not a host name or address (no scheme, "
+                                 "port or path, e.g. captions.example.org)")
+        return names
+
     @field_validator("tls_cert", "tls_key")
     @classmethod
     def _readable(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_file():
             raise ValueError(f"file {str(value)!r} does not exist")
         return value
+
+
+def _is_ipv6(name: str) -> bool:
+    try:
+        ipaddress.IPv6Address(name)
+    except ValueError:
+        return False
+    return True
 
 
 class ModelSection(_Section):

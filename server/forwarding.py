@@ -1,10 +1,12 @@
-"""The client's address behind a trusted proxy, from request headers.
+"""Addresses from request headers: the client behind a trusted proxy, and the Host name.
 
-For a connection from a trusted proxy (`server.trusted_proxies`), `forwarded_client`
-gives the client's address from `X-Forwarded-For` or, without it, `Forwarded: for=`.
-Proxies append the address they received from, so the list is read from the right,
-skipping trusted proxies; the first address that is not one is the client. Everything
-left of it was written by whoever sent the request and is not believed.
+- `forwarded_client`: for a connection from a trusted proxy (`server.trusted_proxies`),
+  the client's address from `X-Forwarded-For` or, without it, `Forwarded: for=`. Proxies
+  append the address they received from, so the list is read from the right, skipping
+  trusted proxies; the first address that is not one is the client. Everything left of
+  it was written by whoever sent the request and is not believed.
+- `host_name` / `is_loopback_name`: the name a request's `Host` header gives, for the
+  DNS-rebinding check in server/routes.py.
 """
 
 from __future__ import annotations
@@ -15,9 +17,12 @@ from collections.abc import Sequence
 
 from websockets.datastructures import Headers
 
+from server.addresses import is_loopback
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+_HOST_NAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*")
 _FOR = re.compile(r'(?:^|;)\s*for\s*=\s*("[^"]*"|[^;,\s]*)', re.IGNORECASE)
 
 
@@ -71,3 +76,40 @@ def forwarded_client(peer: str, headers: Headers, trusted: Sequence[IPNetwork]) 
         if not _trusted(forwarded, trusted):
             break
     return str(address)
+
+
+def host_name(header: str) -> str | None:
+    """The name in a Host header (`name`, `name:port`, `[v6]:port`), lower case, without
+    a trailing dot; None if it is not a host name or address (so only such a name is
+    ever shown back in an answer)."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        name, bracket, port = header[1:].partition("]")
+        if not bracket or not _is_address(name) or (port and not port.startswith(":")):
+            return None
+        port = port[1:]
+    else:
+        name, _, port = header.partition(":")
+        name = name.rstrip(".")
+        if not _HOST_NAME.fullmatch(name):
+            return None
+    if port and not port.isdigit():
+        return None
+    return name
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def is_loopback_name(name: str) -> bool:
+    """`localhost` and names under it (browsers resolve them to loopback themselves),
+    127.0.0.0/8, ::1, and IPv4-mapped loopback addresses."""
+    if is_loopback(name) or name.endswith(".localhost"):
+        return True
+    address = parse_address(f"[{name}]" if ":" in name else name)
+    return address is not None and address.is_loopback

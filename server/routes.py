@@ -1,5 +1,8 @@
 """HTTP on the WebSocket port: health, readiness, metrics, the browser page, and the
 checks a `/v1/stream` upgrade passes before it becomes a session (key, origin, limits).
+
+With no API keys, a request whose Host header names neither a loopback address nor one
+of `server.allowed_hosts` gets 421 (DNS rebinding).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
+from server.forwarding import host_name, is_loopback_name
 from server.host import SessionHost
 from server.websocket import STREAM_PATH, client_address
 
@@ -69,6 +73,7 @@ class HttpRoutes:
         self.host = host
         self.settings = host.settings
         self._keys = [k.get_secret_value().encode() for k in host.settings.auth.api_keys]
+        self._allowed_hosts = frozenset(host.settings.server.allowed_hosts)
         self.draining = False
         self.ready = False
 
@@ -85,15 +90,31 @@ class HttpRoutes:
         # Compare against every key in constant time, so timing tells nothing.
         return any([hmac.compare_digest(candidate, key) for key in self._keys])
 
+    def _host_allowed(self, request: Request) -> bool:
+        """With API keys, any Host; without, only names of this machine's loopback
+        addresses and `server.allowed_hosts`: a web page whose own name was rebound to
+        127.0.0.1 names itself in Host, and so does not get in."""
+        if self._keys:
+            return True
+        name = host_name(request.headers.get("Host", ""))
+        return name is not None and (is_loopback_name(name) or name in self._allowed_hosts)
+
     def _origin_allowed(self, request: Request) -> bool:
-        """Browsers send Origin; other clients do not. The server's own page is allowed."""
+        """Browsers send Origin; other clients do not. Besides `auth.allowed_origins`, the
+        server's own page is allowed: the origin of the Host asked for, if that host is
+        allowed (it is checked before this)."""
         origin = request.headers.get("Origin")
         if origin is None:
             return True
         allowed = self.settings.auth.allowed_origins
         if "*" in allowed or origin in allowed:
             return True
-        return urlsplit(origin).netloc == request.headers.get("Host", "")
+        try:
+            netloc = urlsplit(origin).netloc
+        except ValueError:
+            return False
+        host = request.headers.get("Host", "")
+        return bool(netloc) and netloc.lower() == host.lower() and self._host_allowed(request)
 
     def _refuse(self, connection: ServerConnection, status: http.HTTPStatus, reason: str,
                 text: str) -> Response:
@@ -112,6 +133,15 @@ class HttpRoutes:
             if not self.ready:
                 return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "not ready\n")
             return connection.respond(http.HTTPStatus.OK, "ready\n")
+        if not self._host_allowed(request):
+            name = host_name(request.headers.get("Host", ""))
+            text = (f"this server does not answer to the host name {name} "
+                    "(server.allowed_hosts)\n" if name else
+                    "missing or malformed Host header\n")
+            if path == STREAM_PATH:
+                return self._refuse(connection, http.HTTPStatus.MISDIRECTED_REQUEST, "host",
+                                    text)
+            return connection.respond(http.HTTPStatus.MISDIRECTED_REQUEST, text)
         if path == "/metrics":
             return _ok(self.host.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
         if path == STREAM_PATH:

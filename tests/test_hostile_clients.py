@@ -411,3 +411,51 @@ def test_an_untrusted_peer_cannot_choose_its_address(scripted: ScriptedWhisper) 
         second.close()
     assert (status1, status2) == (101, 429)
     assert b"too many sessions from 127.0.0.1 " in refusal
+
+
+# Finding 6: DNS rebinding --------------------------------------------------------
+
+
+async def _as_host(port: int, host: str, **kwargs: Any) -> tuple[int, str]:
+    """A handshake to the server on 127.0.0.1 whose Host header names `host`, as a browser
+    sends it after a DNS name was rebound to 127.0.0.1."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    return await _handshake_status(f"ws://{host}/v1/stream", sock=sock, **kwargs)
+
+
+def test_host_names_other_than_loopback_are_refused_without_keys(
+    scripted: ScriptedWhisper,
+) -> None:
+    settings = settings_with(server={"allowed_hosts": ["captions.lan"]})
+    with serving(scripted, settings) as live:
+        port = _port(live)
+
+        async def handshakes() -> list[tuple[int, str]]:
+            return list(await asyncio.gather(
+                _as_host(port, f"evil.example:{port}", origin=f"http://evil.example:{port}"),
+                _as_host(port, f"evil.example:{port}"),
+                _as_host(port, f"localhost:{port}"),
+                _as_host(port, f"[::1]:{port}"),
+                _as_host(port, f"127.0.0.2:{port}"),
+                _as_host(port, f"captions.lan:{port}", origin=f"http://captions.lan:{port}"),
+                _as_host(port, f"127.0.0.1:{port}", origin=f"http://evil.example:{port}"),
+            ))
+
+        results = asyncio.run(handshakes())
+        page = _get(port, "/", host=f"evil.example:{port}")
+        metrics = _get(port, "/metrics", host=f"evil.example:{port}")
+        health = _get(port, "/healthz", host=f"evil.example:{port}")
+        own_page = _get(port, "/")
+    assert [status for status, _ in results] == [421, 421, 101, 101, 101, 101, 403]
+    assert results[0][1] == ("this server does not answer to the host name evil.example "
+                             "(server.allowed_hosts)\n")
+    assert (_status(page), _status(metrics), _status(health), _status(own_page)) == (
+        421, 421, 200, 200)
+
+
+def test_with_keys_any_host_name_may_connect_with_the_key(scripted: ScriptedWhisper) -> None:
+    with serving(scripted, settings_with(auth={"api_keys": [KEY]})) as live:
+        port = _port(live)
+        statuses = asyncio.run(_as_host(port, f"captions.example.org:{port}",
+                                        additional_headers={"Authorization": f"Bearer {KEY}"}))
+    assert statuses == (101, "")
