@@ -1,12 +1,16 @@
 """HTTP on the WebSocket port: health, readiness, metrics, the browser page, and the
 checks a `/v1/stream` upgrade passes before it becomes a session (key, origin, limits).
 
-With no API keys, a request whose Host header names neither a loopback address nor one
-of `server.allowed_hosts` gets 421 (DNS rebinding).
+Every request is checked first: one that is malformed (control characters, a path over
+`MAX_PATH_CHARS`, two Host, Origin or Authorization headers) gets 400, a method other
+than GET or HEAD 405, and with no API keys a Host header that names neither a loopback
+address nor one of `server.allowed_hosts` 421 (DNS rebinding). HEAD gets GET's answer
+without its body.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import http
 import logging
@@ -27,6 +31,8 @@ log = logging.getLogger(__name__)
 
 WEB_ROOT = Path(__file__).resolve().parent.parent / "client" / "web"
 PROBE_PATHS = ("/healthz", "/readyz", "/metrics")
+MAX_PATH_CHARS = 2048
+SINGLE_HEADERS = ("Host", "Origin", "Authorization")  # one each, or the request is refused
 _CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript",
                   ".mjs": "text/javascript", ".css": "text/css", ".png": "image/png",
                   ".svg": "image/svg+xml", ".ico": "image/x-icon"}
@@ -64,6 +70,22 @@ def _ok(body: bytes, content_type: str) -> Response:
     headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(body))),
                        ("Cache-Control", "no-cache")])
     return Response(http.HTTPStatus.OK.value, "OK", headers, body)
+
+
+def _malformed(request: Request) -> str | None:
+    """Why a request cannot be answered (400), or None."""
+    if any(ord(c) < 0x21 or ord(c) == 0x7F for c in request.path):
+        return "control characters in the path"
+    if len(request.path) > MAX_PATH_CHARS:
+        return f"the path is longer than {MAX_PATH_CHARS} characters"
+    for name in SINGLE_HEADERS:
+        if len(request.headers.get_all(name)) > 1:
+            return f"more than one {name} header"
+    try:
+        urlsplit(request.path)
+    except ValueError:
+        return "malformed path"
+    return None
 
 
 class HttpRoutes:
@@ -122,9 +144,25 @@ class HttpRoutes:
         return connection.respond(status, text)
 
     def __call__(self, connection: ServerConnection, request: Request) -> Response | None:
+        response = self._route(connection, request)
+        if response is not None and request.method == "HEAD":
+            response = dataclasses.replace(response, body=b"")
+        return response
+
+    def _route(self, connection: ServerConnection, request: Request) -> Response | None:
+        malformed = _malformed(request)
+        if malformed is not None:
+            return connection.respond(http.HTTPStatus.BAD_REQUEST, f"bad request: {malformed}\n")
         path = urlsplit(request.path).path
         if path in PROBE_PATHS:
             connection.logger = connection.protocol.logger = _PROBE_LOGGER
+        allowed = "GET" if path == STREAM_PATH else "GET, HEAD"
+        if request.method not in allowed.split(", "):
+            response = connection.respond(http.HTTPStatus.METHOD_NOT_ALLOWED,
+                                          f"method {request.method} not allowed here; "
+                                          f"use {allowed}\n")
+            response.headers["Allow"] = allowed
+            return response
         if path == "/healthz":
             if self.draining:
                 return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "shutting down\n")
@@ -178,8 +216,11 @@ class HttpRoutes:
 
     def _static(self, connection: ServerConnection, path: str) -> Response:
         name = "index.html" if path == "/" else path.lstrip("/")
-        file = (WEB_ROOT / name).resolve()
-        if WEB_ROOT.resolve() not in file.parents or not file.is_file():
-            return connection.respond(http.HTTPStatus.NOT_FOUND, f"no such page: {path}\n")
-        return _ok(file.read_bytes(),
-                   _CONTENT_TYPES.get(file.suffix, "application/octet-stream"))
+        try:  # a name too long for the file system is no page either
+            file = (WEB_ROOT / name).resolve()
+            if WEB_ROOT.resolve() in file.parents and file.is_file():
+                return _ok(file.read_bytes(),
+                           _CONTENT_TYPES.get(file.suffix, "application/octet-stream"))
+        except (OSError, ValueError):
+            pass
+        return connection.respond(http.HTTPStatus.NOT_FOUND, f"no such page: {path}\n")

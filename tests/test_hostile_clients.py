@@ -459,3 +459,67 @@ def test_with_keys_any_host_name_may_connect_with_the_key(scripted: ScriptedWhis
         statuses = asyncio.run(_as_host(port, f"captions.example.org:{port}",
                                         additional_headers={"Authorization": f"Bearer {KEY}"}))
     assert statuses == (101, "")
+
+
+# Finding 7: HTTP requests that are not ours to answer ----------------------------
+
+
+@pytest.mark.parametrize(
+    ("request_head", "reason"),
+    [
+        (b"GET /he\x00althz HTTP/1.1\r\nHost: 127.0.0.1\r\n", b"control character"),
+        (b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n", b"2048 characters"),
+        (b"GET /v1/stream?" + b"a" * 3000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n",
+         b"2048 characters"),
+        (b"GET //[ HTTP/1.1\r\nHost: 127.0.0.1\r\n", b"malformed"),
+        (b"GET /v1/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer a\r\n"
+         b"Authorization: Bearer b\r\n", b"more than one Authorization header"),
+        (b"GET /v1/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: evil\r\nOrigin: http://evil\r\n",
+         b"more than one Host header"),
+        (b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: http://a\r\nOrigin: http://b\r\n",
+         b"more than one Origin header"),
+    ],
+    ids=["nul", "long-path", "long-query", "malformed", "two-authorization", "two-host",
+         "two-origin"],
+)
+def test_bad_requests_get_400_with_a_reason_and_no_traceback(
+    scripted_url: str, caplog: pytest.LogCaptureFixture, request_head: bytes, reason: bytes
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    port = int(scripted_url.rsplit(":", 1)[1])
+    answer = _http(port, request_head + b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                   b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                   b"Sec-WebSocket-Version: 13\r\n\r\n")
+    assert _status(answer) == 400 and reason in _body(answer), answer
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
+
+
+def test_wrong_methods_get_405_and_head_no_body(
+    scripted_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    port = int(scripted_url.rsplit(":", 1)[1])
+    post = _get(port, "/healthz", "Content-Length: 0", method="POST")
+    delete = _get(port, "/v1/stream", method="DELETE")
+    head = _get(port, "/healthz", method="HEAD")
+    head_page = _get(port, "/", method="HEAD")
+    head_stream = _get(port, "/v1/stream", method="HEAD")
+    assert (_status(post), _status(delete)) == (405, 405)
+    assert b"\r\nAllow: GET, HEAD\r\n" in post and b"POST" in _body(post)
+    assert _status(head) == 200 and _body(head) == b"" and b"Content-Length: 3\r\n" in head
+    assert _status(head_page) == 200 and _body(head_page) == b""
+    assert _status(head_stream) == 405 and b"\r\nAllow: GET\r\n" in head_stream
+    assert _body(head_stream) == b""
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
+
+
+def test_pipelined_requests_get_one_answer_and_a_clean_close(
+    scripted_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    port = int(scripted_url.rsplit(":", 1)[1])
+    answers = [_http(port, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                     b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n") for _ in range(20)]
+    assert all(a.count(b"HTTP/1.1 ") == 1 and _status(a) == 200 and _body(a) == b"ok\n"
+               for a in answers), answers
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
