@@ -40,6 +40,7 @@ class ServerSection(_Section):
         default_factory=list)
     # With no API keys, Host names answered besides loopback ones (DNS rebinding).
     allowed_hosts: list[str] = Field(default_factory=list)
+    metrics_public: bool = False  # with API keys, serve /metrics without one
 
     @field_validator("trusted_proxies", mode="before")
     @classmethod

@@ -17,7 +17,7 @@ import logging
 import re
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote_plus, urlsplit
 
 from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
@@ -39,13 +39,41 @@ _CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript",
 
 
 class RedactSecrets(logging.Filter):
-    """Keeps API keys out of logs: websockets logs request lines and headers at DEBUG."""
+    """Keeps API keys out of logs: websockets logs request lines and headers at DEBUG.
 
-    _SECRET = re.compile(r"(token=|authorization:\s*bearer\s+)[^\s&'\"]+", re.IGNORECASE)
+    - A query parameter whose name decodes to `token` (`?tok%65n=KEY` is `token` to
+      parse_qs, and so to the key check) has its value redacted.
+    - `Authorization: ...` in a message is redacted, whatever the scheme.
+    - websockets' request header lines ("< %s: %s") keep their value only for headers
+      known to carry no secret; any other (X-Api-Key, Cookie, Proxy-Authorization, ...)
+      is logged as its name and [redacted].
+    """
+
+    _PARAMETER = re.compile(r"(?<=[?&])([^=&\s'\"#]+)=([^&\s'\"#]*)")
+    _AUTHORIZATION = re.compile(r"(authorization:\s*)\S[^'\"]*", re.IGNORECASE)
+    SAFE_HEADERS = frozenset({
+        "host", "upgrade", "connection", "origin", "user-agent", "accept",
+        "accept-encoding", "accept-language", "cache-control", "pragma", "content-length",
+        "content-type", "sec-websocket-key", "sec-websocket-version",
+        "sec-websocket-extensions", "sec-websocket-protocol", "x-forwarded-for",
+        "x-forwarded-proto", "x-forwarded-host", "x-forwarded-port", "x-real-ip",
+        "forwarded", "via", "dnt", "referer",
+    })
+
+    @classmethod
+    def _parameter(cls, match: re.Match[str]) -> str:
+        if unquote_plus(match.group(1)).strip().lower() == "token":
+            return f"{match.group(1)}=[redacted]"
+        return match.group(0)
 
     def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if (record.msg == "< %s: %s" and isinstance(args, tuple) and len(args) == 2
+                and str(args[0]).lower() not in self.SAFE_HEADERS):
+            record.args = (args[0], "[redacted]")
         message = record.getMessage()
-        redacted = self._SECRET.sub(r"\1[redacted]", message)
+        redacted = self._PARAMETER.sub(self._parameter, message)
+        redacted = self._AUTHORIZATION.sub(r"\1[redacted]", redacted)
         if redacted != message:
             record.msg, record.args = redacted, ()
         return True
@@ -181,6 +209,12 @@ class HttpRoutes:
                                     text)
             return connection.respond(http.HTTPStatus.MISDIRECTED_REQUEST, text)
         if path == "/metrics":
+            if not self.settings.server.metrics_public and not self._authorized(request):
+                response = connection.respond(
+                    http.HTTPStatus.UNAUTHORIZED, "missing or wrong API key (Authorization: "
+                    "Bearer KEY; server.metrics_public: true makes /metrics public)\n")
+                response.headers["WWW-Authenticate"] = "Bearer"
+                return response
             return _ok(self.host.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
         if path == STREAM_PATH:
             return self._admit(connection, request)

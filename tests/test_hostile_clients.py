@@ -523,3 +523,41 @@ def test_pipelined_requests_get_one_answer_and_a_clean_close(
     assert all(a.count(b"HTTP/1.1 ") == 1 and _status(a) == 200 and _body(a) == b"ok\n"
                for a in answers), answers
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
+
+
+# Finding 8: metrics and secrets in logs ------------------------------------------
+
+
+def test_metrics_need_the_key_when_keys_are_configured(scripted: ScriptedWhisper) -> None:
+    with serving(scripted, settings_with(auth={"api_keys": [KEY]})) as live:
+        port = _port(live)
+        anonymous = _get(port, "/metrics")
+        wrong = _get(port, "/metrics", "Authorization: Bearer nope")
+        prometheus = _get(port, "/metrics", f"Authorization: Bearer {KEY}")
+    public = settings_with(auth={"api_keys": [KEY]}, server={"metrics_public": True})
+    with serving(ScriptedWhisper(), public) as live:
+        open_metrics = _get(_port(live), "/metrics")
+    assert (_status(anonymous), _status(wrong)) == (401, 401)
+    assert b"WWW-Authenticate: Bearer" in anonymous and b"server.metrics_public" in anonymous
+    assert b"whisperstream_active_sessions" not in anonymous
+    assert _status(prometheus) == 200 and b"whisperstream_active_sessions" in prometheus
+    assert _status(open_metrics) == 200 and b"whisperstream_active_sessions" in open_metrics
+
+
+def test_keys_in_encoded_query_names_and_other_auth_headers_are_never_logged(
+    scripted: ScriptedWhisper, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    with serving(scripted, settings_with(auth={"api_keys": [KEY]})) as live:
+        url = f"{live.url}/v1/stream"
+        statuses = [
+            asyncio.run(_handshake_status(f"{url}?tok%65n={KEY}"))[0],
+            asyncio.run(_handshake_status(f"{url}?%74oken={KEY}&x=1"))[0],
+            asyncio.run(_handshake_status(url, additional_headers={
+                "X-Api-Key": KEY, "Cookie": f"key={KEY}", "Proxy-Authorization": KEY,
+                "Authorization": f"Basic {KEY}"}))[0],
+        ]
+    assert statuses == [101, 101, 401]
+    server_records = [r for r in caplog.records if not r.name.startswith("websockets.client")]
+    assert any("tok%65n=[redacted]" in r.getMessage() for r in server_records)
+    assert server_records and not [r for r in server_records if KEY in r.getMessage()]
