@@ -257,4 +257,5 @@ class HttpRoutes:
                            _CONTENT_TYPES.get(file.suffix, "application/octet-stream"))
         except (OSError, ValueError):
             pass
-        return connection.respond(http.HTTPStatus.NOT_FOUND, f"no such page: {path}\n")
+        # The path is not echoed: the answer says nothing a client did not know.
+        return connection.respond(http.HTTPStatus.NOT_FOUND, "no such page\n")

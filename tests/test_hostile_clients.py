@@ -561,3 +561,12 @@ def test_keys_in_encoded_query_names_and_other_auth_headers_are_never_logged(
     server_records = [r for r in caplog.records if not r.name.startswith("websockets.client")]
     assert any("tok%65n=[redacted]" in r.getMessage() for r in server_records)
     assert server_records and not [r for r in server_records if KEY in r.getMessage()]
+
+
+# Finding 9: the 404 page ---------------------------------------------------------
+
+
+def test_the_404_page_does_not_echo_the_path(scripted_url: str) -> None:
+    port = int(scripted_url.rsplit(":", 1)[1])
+    answer = _get(port, "/%3Cscript%3Ealert(1)%3C/script%3E<b>")
+    assert _status(answer) == 404 and _body(answer) == b"no such page\n"
