@@ -107,12 +107,45 @@ def normalize_word(word: Word) -> str:
     return re.sub(r"[^\w']", "", word.text.lower())
 
 
+# The alignment's evidence that words were heard. A word it gives this little audio or
+# less was not (invented text has no audio left to be given: it is stacked, zero-length,
+# at one instant). A phrase said again takes about as long as the first time; Whisper's
+# echoes and restarts of it get a fraction of that, squeezed after the first saying.
+UNHEARD_WORD_S = 0.04
+ALIGN_STEP_S = 0.02  # one step of the alignment (an encoder position)
+SAID_AGAIN_PACE = 0.5
+
+
+def heard_again(first: Sequence[Word], again: Sequence[Word]) -> bool:
+    """Whether `again`, words that repeat `first`, have audio of their own.
+
+    Said again, the words come after the first saying (from its end on, within one
+    alignment step), move forward in time with durations (at most one in three as short
+    as an unheard word: "a" may get 20 ms), and take at least SAID_AGAIN_PACE of the
+    first saying's time. A restart or echo that re-uses the first saying's audio is
+    stacked at one instant or squeezed into a sliver of audio after it.
+    """
+    if not first or not again:
+        return False
+    if again[0].start_s < first[-1].end_s - ALIGN_STEP_S:
+        return False
+    unheard = sum(w.end_s - w.start_s <= UNHEARD_WORD_S for w in again)
+    if unheard > len(again) // 3:
+        return False
+    first_s = first[-1].end_s - first[0].start_s
+    again_s = again[-1].end_s - again[0].start_s
+    # (1e-9: times are sums of 20 ms steps in floating point)
+    return again_s > len(again) * UNHEARD_WORD_S and again_s >= SAID_AGAIN_PACE * first_s - 1e-9
+
+
 def drop_trailing_echo(words: Sequence[Word], keep: int, min_words: int = 3) -> list[Word]:
     """Remove a run of words at the end that repeats the run just before it.
 
     Whisper, near the end of a window, likes to say the last phrase again ("each other
-    across the water. Other across the water"): repeated text at a boundary. Speech
-    rarely repeats three words or more in a row, so such an echo is cut; the first
+    across the water. Other across the water"): repeated text at a boundary, with no
+    audio of its own (the alignment squeezes it after the first saying). A speaker who
+    says a phrase twice ("thank you very much, thank you very much") gives the second
+    saying its own time, so only an echo that was not `heard_again` is cut; the first
     `keep` words (promised ones) are never touched.
     """
     words = list(words)
@@ -121,7 +154,8 @@ def drop_trailing_echo(words: Sequence[Word], keep: int, min_words: int = 3) -> 
         cut = False
         for size in range(len(words) // 2, min_words - 1, -1):
             tail, before = words[-size:], words[-2 * size : -size]
-            if len(words) - size >= keep and _echoes(tail, before):
+            if len(words) - size >= keep and _echoes(tail, before) \
+                    and not heard_again(before, tail):
                 words, cut = words[:-size], True
                 break
     return words

@@ -13,6 +13,7 @@ from streaming.policy import (
     agreed_prefix,
     drop_hallucination,
     drop_trailing_echo,
+    heard_again,
     tentative_words,
 )
 
@@ -189,17 +190,54 @@ def _words(text: str) -> list[Word]:
     return [Word(f" {t}", i * 0.3, i * 0.3 + 0.25, 0.9, (i,)) for i, t in enumerate(text.split())]
 
 
+def _echoed(text: str, echo: str, at_s: float | None = None, each_s: float = 0.0) -> list[Word]:
+    """`text` as heard, then `echo` with no audio of its own: stacked at `at_s` (default:
+    the end of the heard words), or `each_s` apiece from there."""
+    heard = _words(text)
+    at = heard[-1].end_s if at_s is None else at_s
+    return [*heard, *(Word(f" {t}", at + i * each_s, at + (i + 1) * each_s, 0.5, (50 + i,))
+                      for i, t in enumerate(echo.split()))]
+
+
 def test_a_trailing_echo_of_three_words_or_more_is_cut() -> None:
-    words = _words("calling to each other across the water. Other across the water")
+    words = _echoed("calling to each other across the water.", "Other across the water")
     kept = drop_trailing_echo(words, keep=0)
     assert " ".join(w.text.strip() for w in kept) == "calling to each other across the water."
+    # Squeezed after the first saying (a tenth of its time) it is no more heard.
+    squeezed = _echoed("calling to each other across the water.", "Other across the water",
+                       each_s=0.03)
+    assert len(drop_trailing_echo(squeezed, keep=0)) == 7
 
 
 def test_a_near_echo_after_a_sentence_end_is_cut() -> None:
     # The final CI once printed: Whisper said the last phrase again with one word bent.
-    words = _words("near the river early in the morning. Earlier in the morning.")
+    words = _echoed("near the river early in the morning.", "Earlier in the morning.")
     kept = drop_trailing_echo(words, keep=0)
     assert " ".join(w.text.strip() for w in kept) == "near the river early in the morning."
+
+
+def test_a_phrase_really_said_twice_at_the_end_stays() -> None:
+    # The same text as the echoes above, but the second saying has its own audio.
+    for text in ("calling to each other across the water. Other across the water",
+                 "near the river early in the morning. Earlier in the morning.",
+                 "thank you very much, thank you very much"):
+        words = _words(text)
+        assert drop_trailing_echo(words, keep=0) == words
+
+
+def test_heard_again_needs_audio_of_its_own_after_the_first_saying() -> None:
+    first = sentence(" the", " art", " of", step_s=0.3)  # 0.0 to 0.9 s
+    later = [word(w.text, w.start_s + 1.0, w.end_s + 1.0) for w in first]
+    assert heard_again(first, later)
+    stacked = [word(w.text, 0.9, 0.9) for w in first]
+    assert not heard_again(first, stacked)
+    squeezed = [word(w.text, 0.9 + 0.05 * i, 0.95 + 0.05 * i) for i, w in enumerate(first)]
+    assert not heard_again(first, squeezed)  # 0.15 s for what took 0.9 s
+    overlapping = [word(w.text, w.start_s + 0.5, w.end_s + 0.5) for w in first]
+    assert not heard_again(first, overlapping)  # starts before the first saying ended
+    one_short = [later[0], word(" art", 1.3, 1.32), later[2]]
+    assert heard_again(first, one_short)  # "a", "of" may get 20 ms
+    assert not heard_again(first, [])
 
 
 def test_similar_phrases_in_one_sentence_stay() -> None:

@@ -19,14 +19,7 @@ import threadpoolctl
 from faster_whisper.feature_extractor import FeatureExtractor
 from faster_whisper.tokenizer import Tokenizer
 
-from server.engines.guards import (
-    END_MARGIN_S,
-    drop_restart,
-    drop_squeezed_tail,
-    drop_stacked_words,
-    prefix_words,
-    trim_repetition,
-)
+from server.engines.guards import END_MARGIN_S, clean_tail, trim_repetition
 from server.engines.models import BUNDLED_MODEL, load_tokenizer, resolve_model_path
 from streaming.audio import MODEL_SAMPLE_RATE_HZ
 from streaming.engine import (
@@ -36,7 +29,6 @@ from streaming.engine import (
     Hypothesis,
     Word,
 )
-from streaming.policy import drop_trailing_echo
 
 log = logging.getLogger(__name__)
 
@@ -147,9 +139,11 @@ class CTranslate2Whisper:
         context_len = min(len(c) for c in contexts)
         starts: list[list[int]] = []
         budget = 1
+        prompt_lens = []
         for request, context, audio in zip(requests, contexts, audios, strict=True):
             prompt = [tokenizer.sot_prev, *context[len(context) - context_len:]] \
                 if context_len else []
+            prompt_lens.append(len(prompt))
             mode = tokenizer.timestamp_begin if self.timestamps else tokenizer.no_timestamps
             start = [*prompt, *tokenizer.sot_sequence, mode,
                      *request.prefix_tokens]
@@ -180,40 +174,39 @@ class CTranslate2Whisper:
             # before what it generated.
             while sequence and sequence[0] >= tokenizer.eot:
                 sequence.pop(0)
+            # CTranslate2 leaves out the end of text; a decode that ran into its budget
+            # (half of max_length, less the prompt, as measured) never reached it.
+            ran_out = len(sequence) >= min(budget // 2, budget - prompt_lens[i])
             tail = sequence[len(prefix):] if sequence[: len(prefix)] == prefix else sequence
             duration_s = len(audio) / MODEL_SAMPLE_RATE_HZ
-            new_tokens = self._text_tokens(tail, tokenizer, duration_s)
+            new_tokens = self._text_tokens(tail, tokenizer, duration_s, ended=not ran_out)
             words = self._words(tokenizer, encoded_array[i : i + 1], prefix, new_tokens,
                                 len(audio) // HOP_SAMPLES)
             hypotheses.append(Hypothesis(
-                words=tuple(self._clean_tail(words, prefix, duration_s)),
+                words=tuple(clean_tail(words, prefix, duration_s)),
                 no_speech_prob=float(result.no_speech_prob),
                 avg_logprob=float(result.scores[0]) if result.scores else 0.0,
             ))
         return hypotheses
 
     @staticmethod
-    def _clean_tail(words: list[Word], prefix: list[int], duration_s: float) -> list[Word]:
-        keep = len(prefix_words(words, prefix))
-        words = drop_squeezed_tail(words, keep, duration_s)
-        words = drop_stacked_words(words, keep)
-        words = drop_restart(words, keep)
-        return drop_trailing_echo(words, keep)
-
-    @staticmethod
-    def _text_tokens(generated: list[int], tokenizer: Tokenizer, duration_s: float) -> list[int]:
-        """Text tokens up to the end of text, or up to a timestamp past the real audio."""
+    def _text_tokens(generated: list[int], tokenizer: Tokenizer, duration_s: float,
+                     ended: bool = False) -> list[int]:
+        """Text tokens up to the end of text, or up to a timestamp past the real audio;
+        `ended`: the decoder ended the text itself (see trim_repetition)."""
         text: list[int] = []
         for token in generated:
             if token == tokenizer.eot:
+                ended = True
                 break
             if token >= tokenizer.timestamp_begin:
                 if text and (token - tokenizer.timestamp_begin) * 0.02 >= duration_s - END_MARGIN_S:
+                    ended = True
                     break  # a new span at the end of the audio: text invented in the padding
                 continue
             if token < tokenizer.eot:
                 text.append(token)
-        return trim_repetition(text)
+        return trim_repetition(text, ended=ended)
 
     def _split_words(self, tokenizer: Tokenizer, tokens: list[int]) -> list[list[int]]:
         """Word token groups; a word starts with a leading space."""
