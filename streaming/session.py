@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -85,10 +86,43 @@ class _Segment:
     # what it heard; the final reuses it when it heard past the end of speech.
     heard_until: int = 0
     heard: Hypothesis | None = None
+    # The words the last partial step showed, and those that it and the step before
+    # both showed (what a reader saw twice in a row): the final must explain any it lacks.
+    shown: tuple[Word, ...] = ()
+    shown_twice: tuple[Word, ...] = ()
 
 
 def _seconds(samples: int) -> float:
     return round(samples / MODEL_SAMPLE_RATE_HZ, 3)
+
+
+def _tokens(words: Sequence[Word]) -> list[int]:
+    return [t for w in words for t in w.tokens]
+
+
+def _common_tokens(a: Sequence[Word], b: Sequence[Word]) -> int:
+    """How many leading tokens two word lists share (words may group tokens apart)."""
+    n = 0
+    for x, y in zip(_tokens(a), _tokens(b), strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _words_within(words: Sequence[Word], tokens: int) -> int:
+    """How many leading words lie wholly within the first `tokens` tokens."""
+    count = taken = 0
+    for w in words:
+        taken += len(w.tokens)
+        if taken > tokens:
+            break
+        count += 1
+    return count
+
+
+def _text(words: Sequence[Word]) -> str:
+    return "".join(w.text for w in words).strip()
 
 
 class Session:
@@ -266,7 +300,7 @@ class Session:
             segment = self._to_finalize[0]
             assert segment.heard is not None
             self._finalize(segment, list(segment.previous),
-                           drop_hallucination(segment.heard, self.config.policy))
+                           drop_hallucination(segment.heard, self.config.policy), segment.heard)
         self._maybe_done()
 
     def complete_job(self, job: Job, hypothesis: Hypothesis) -> None:
@@ -282,15 +316,16 @@ class Session:
                   for w in hypothesis.words),
             hypothesis.no_speech_prob, hypothesis.avg_logprob,
         )
-        words = drop_trailing_echo(self._keep_promises(segment, shifted),
-                                   keep=len(segment.committed))
+        kept = self._keep_promises(segment, shifted)
+        words = drop_trailing_echo(kept, keep=len(segment.committed))
         log.debug("session %s: %s of segment %d over %.2f-%.2f s: %r (promised %d)",
                   self.id, "final" if job.final else "partial", segment.index,
                   job.start_sample / MODEL_SAMPLE_RATE_HZ,
                   job.start_sample / MODEL_SAMPLE_RATE_HZ + job.audio_seconds,
                   "".join(w.text for w in words), len(segment.committed))
         if job.final:
-            self._finalize(segment, words, drop_hallucination(hypothesis, self.config.policy))
+            self._finalize(segment, words, drop_hallucination(hypothesis, self.config.policy),
+                           hypothesis, echo=kept[len(words):])
         else:
             segment.heard_until = job.start_sample + len(job.request.audio)
             segment.heard = hypothesis
@@ -339,6 +374,8 @@ class Session:
         shown = tentative_words(segment.previous, words, len(segment.committed), window_s,
                                 self.config.policy)
         segment.previous = tuple(words)
+        twice = _words_within(shown, _common_tokens(segment.shown, shown))
+        segment.shown_twice, segment.shown = tuple(shown[:twice]), tuple(shown)
         text = "".join(w.text for w in shown).strip()
         stable = "".join(w.text for w in segment.committed).strip()
         # A new promise is news even when the text is unchanged.
@@ -375,11 +412,22 @@ class Session:
         segment.window_start = max(segment.window_start, int(cut_s * MODEL_SAMPLE_RATE_HZ))
         segment.trimmed = k
 
-    def _finalize(self, segment: _Segment, words: list[Word], hallucinated: bool) -> None:
+    def _finalize(self, segment: _Segment, words: list[Word], hallucinated: bool,
+                  heard: Hypothesis | None = None, echo: Sequence[Word] = ()) -> None:
+        """Send the segment's final: `words` (or only the promised ones, when the
+        hypothesis `heard` is `hallucinated`); `echo`, what the session's echo guard cut."""
         closed = segment.closed
         assert closed is not None
         if hallucinated:
             words = segment.committed
+        promised = len(_tokens(segment.committed))
+        if _common_tokens(segment.committed, words) < promised:
+            # _keep_promises makes this impossible; should a path ever skip it, the
+            # final still keeps every word a partial showed as stable.
+            log.warning("session %s: the final of segment %d lost promised words; kept",
+                        self.id, segment.index)
+            words = list(segment.committed) + words[_words_within(words, promised):]
+        self._explain_losses(segment, words, hallucinated, heard, echo)
         self._to_finalize.popleft()
         del self._segments[segment.index]
         start_s, end_s = _seconds(closed.start_sample), _seconds(closed.end_sample)
@@ -396,6 +444,31 @@ class Session:
             self._history.append(text)
         self._finals_sent += 1
         self._out.append(Final(segment.index, text, start_s, end_s, tuple(timings)))
+
+    def _explain_losses(self, segment: _Segment, words: Sequence[Word], hallucinated: bool,
+                        heard: Hypothesis | None, echo: Sequence[Word]) -> None:
+        """A DEBUG line for words the partials showed two steps in a row that the final
+        lacks, with the reason."""
+        shown = segment.shown_twice
+        same = _common_tokens(shown, words)
+        lost = shown[_words_within(shown, same):]
+        if not lost:
+            return
+        rest = words[_words_within(words, same):]
+        if hallucinated:
+            why = "the hallucination filter took the final's unpromised words for invented text"
+            if heard is not None:
+                why += (f" (no_speech_prob {heard.no_speech_prob:.2f}, "
+                        f"avg_logprob {heard.avg_logprob:.2f})")
+        elif echo and _common_tokens(lost, echo) > 0:
+            why = f"the echo guard cut {_text(echo)!r}, a repeat without audio of its own"
+        elif rest:
+            why = f"the final's decode heard {_text(rest)!r} there instead"
+        else:
+            why = ("the final's decode ended before them (the model did not hear them in the "
+                   "closed segment, or the engine's guards cut them)")
+        log.debug("session %s: the final of segment %d lacks %r, which partials showed two "
+                  "steps in a row: %s", self.id, segment.index, _text(lost), why)
 
     def _maybe_done(self) -> None:
         if (
