@@ -14,11 +14,11 @@ from speech import Utterance
 
 from server.bench.errors import BenchError
 from server.bench.manifest import Item, load_manifest, load_manifests
-from server.bench.offline import quiet_cuts, trim_to_sound
-from server.bench.report import markdown_table
-from server.bench.runner import items_for_level
-from server.bench.scoring import RefWord, analyse_session, speech_seconds
-from server.bench.variants import parse_variant
+from server.bench.offline import OfflineResult, quiet_cuts, trim_to_sound
+from server.bench.report import markdown_table, run_figures, runs_from_report
+from server.bench.runner import RunResult, StreamRecord, items_for_level
+from server.bench.scoring import RefWord, analyse_session, lost_phrases, normalize, speech_seconds
+from server.bench.variants import Variant, parse_variant
 from server.cli import main
 
 
@@ -163,9 +163,75 @@ def test_markdown_table_has_a_column_per_run() -> None:
         "latency_s": {k: {"p50": 0.5, "p90": 1.0, "n": 3} for k in
                       ("first_correct", "settled", "final", "segment_end_to_final")},
     }
-    table = markdown_table([figures, {**figures, "variant": "b", "concurrency": 2}])
+    table = markdown_table([figures, {**figures, "variant": "b", "concurrency": 2,
+                                      "lost_phrases": 3}])
     assert "| | a ×1 | b ×2 |" in table
     assert "| streamed - offline | +2.0 points | +2.0 points |" in table
+    assert "| lost phrases | n/a | 3 |" in table  # figures from before they were counted
+
+
+# Lost phrases -----------------------------------------------------------------------------
+
+REFERENCE = normalize("may justly be considered as the invention of the art of printing and "
+                      "the press")
+
+
+def test_a_lost_phrase_is_three_words_in_a_row_that_offline_got_and_streaming_did_not() -> None:
+    offline = list(REFERENCE)
+    streamed = REFERENCE[:5] + REFERENCE[10:]  # "the invention of the art" never shown
+    assert lost_phrases(REFERENCE, offline, streamed) == [(5, 10)]
+    # Two words lost are a word error, not a phrase.
+    assert lost_phrases(REFERENCE, offline, REFERENCE[:5] + REFERENCE[7:]) == []
+    # Words the offline pass missed too are the model's, not streaming's.
+    assert lost_phrases(REFERENCE, REFERENCE[:5] + REFERENCE[10:], streamed) == []
+    # Misheard words count as lost; one heard right ("the") ends the run.
+    misheard = [*REFERENCE[:5], "a", "convention", "off", "the", "heart", *REFERENCE[10:]]
+    assert lost_phrases(REFERENCE, offline, misheard) == [(5, 8)]
+    assert lost_phrases(REFERENCE, offline, REFERENCE[:-3]) == [(len(REFERENCE) - 3,
+                                                                 len(REFERENCE))]
+    assert lost_phrases(REFERENCE, offline, []) == [(0, len(REFERENCE))]
+    assert lost_phrases([], [], []) == []
+
+
+def _run_of(text: str, finals: list[str]) -> tuple[RunResult, dict[str, OfflineResult]]:
+    ref_words = normalize(text)
+    item = Item("f1", Path("f1.wav"), text)
+    messages: list[tuple[float, dict[str, Any]]] = [(0.0, {"type": "ready"})]
+    messages += [(1.0 + k, final(k, t)) for k, t in enumerate(finals)]
+    messages.append((9.0, {"type": "done", "audio_seconds": 8.0, "segments": len(finals)}))
+    record = StreamRecord(item, 8.0, messages, 1000, None)
+    run = RunResult(Variant("v"), 1, [record], {}, ("bundled", "int8", 1), "tiny", 9.0)
+    ref = [RefWord(w, 0.4 * i, 0.4 * i + 0.3) for i, w in enumerate(ref_words)]
+    return run, {"f1": OfflineResult(text, [(0.0, 8.0)], ref)}
+
+
+def test_lost_phrases_are_listed_per_file_and_counted_in_the_figures() -> None:
+    text = "may justly be considered as the invention of the art of printing."
+    run, offline = _run_of(text, ["May justly be considered as", "of printing."])
+    figures, files = run_figures(run, offline, (0, 12), speed=1.0)
+    assert figures["lost_phrases"] == 1
+    (lost,) = files[0]["lost_phrases"]
+    assert lost == {"words": "the invention of the art", "ref_index": 5, "length": 5,
+                    "start": 2.0, "end": 3.9}
+    whole, _ = _run_of(text, [text])
+    assert run_figures(whole, offline, (0, 12), speed=1.0)[0]["lost_phrases"] == 0
+
+
+def test_a_report_from_before_lost_phrases_is_analysed_again_with_them(tmp_path: Path) -> None:
+    # The JSON of an earlier bench: no lost phrases anywhere, only the messages.
+    text = "may justly be considered as the invention of the art of printing."
+    run, offline = _run_of(text, ["May justly be considered as", "of printing."])
+    old_figures, old_files = run_figures(run, offline, (0, 12), speed=1.0)
+    del old_figures["lost_phrases"]
+    for file in old_files:
+        del file["lost_phrases"]
+    report = tmp_path / "old.json"
+    report.write_text(json.dumps({"manifest": "m.jsonl", "speed": 1.0, "runs": [
+        {"figures": old_figures, "files": old_files}]}))
+    (again,), _ = runs_from_report(report, None)
+    figures, files = run_figures(again, offline, (0, 12), speed=1.0)
+    assert figures["lost_phrases"] == 1
+    assert files[0]["lost_phrases"][0]["words"] == "the invention of the art"
 
 
 @pytest.mark.model

@@ -37,6 +37,13 @@ its arrival. A partial revision is a partial whose words (lower case, punctuatio
 do not extend the previous partial of its segment; a `stable` retraction is a partial or
 final whose text does not start with the segment's last `stable`.
 
+A lost phrase is a run of LOST_PHRASE_WORDS (3) or more consecutive reference words that
+the offline transcript of the same run gets (each aligned as a hit) and the streamed finals
+do not (none of them a hit): words the model could hear that streaming lost. They are
+listed per file (`lost_phrases`, with the first word's index and the aligned times) and
+counted in the table; `--from` computes them from the stored messages and a new offline
+pass, so reports from before they were counted get them too.
+
 Cost: the server process's CPU seconds (all threads) and peak RSS; and, from the server's
 /metrics, its model steps (partial and final) and the wall seconds its model calls took,
 each per second of audio streamed.

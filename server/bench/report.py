@@ -18,6 +18,7 @@ from server.bench.runner import RunResult, StreamRecord, model_key_of
 from server.bench.scoring import (
     LATENCY_KINDS,
     analyse_session,
+    lost_phrases,
     normalize,
     percentile,
     speech_seconds,
@@ -40,6 +41,7 @@ def run_figures(
     errors = ref_total = 0
     audio_s = speech_s = 0.0
     partials = revisions = retractions = segments = failed = server_errors = 0
+    lost_total = 0
     pooled: dict[str, list[float]] = {k: [] for k in LATENCY_KINDS}
     unreached = {k: 0 for k in ("first_correct", "settled", "final")}
     for record in run.records:
@@ -48,6 +50,15 @@ def run_figures(
         analysis = analyse_session(result.ref, record.messages, speed)
         hyp = normalize(analysis.transcript)
         file_errors = word_errors(ref_words, hyp)
+        # The reference words are normalized as result.ref's, so its times index them.
+        lost = [
+            {"words": " ".join(ref_words[a:b]), "ref_index": a, "length": b - a,
+             "start": round(result.ref[a].start, 3), "end": round(result.ref[b - 1].end, 3)}
+            if len(result.ref) == len(ref_words) else
+            {"words": " ".join(ref_words[a:b]), "ref_index": a, "length": b - a}
+            for a, b in lost_phrases(ref_words, normalize(result.text), hyp)
+        ]
+        lost_total += len(lost)
         errors += file_errors
         ref_total += len(ref_words)
         audio_s += record.duration_s
@@ -71,6 +82,7 @@ def run_figures(
             "transcript": analysis.transcript,
             "offline_transcript": result.text,
             "wer": rounded(file_errors / len(ref_words)) if ref_words else None,
+            "lost_phrases": lost,
             "error": record.error,
             "close_code": record.close_code,
             "partials": analysis.partials,
@@ -100,6 +112,7 @@ def run_figures(
         "wer": rounded(errors / ref_total, 4) if ref_total else None,
         "offline_wer": rounded(offline_errors[0] / offline_errors[1], 4)
         if offline_errors[1] else None,
+        "lost_phrases": lost_total,
         "failed_sessions": failed,
         "server_errors": server_errors,
         "segments": segments,
@@ -159,6 +172,9 @@ def table_rows(figures: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
         ("WER, streamed finals", [pct(f["wer"]) for f in figures]),
         ("WER, offline (same model)", [pct(f["offline_wer"]) for f in figures]),
         ("streamed - offline", [delta(f) for f in figures]),
+        # Reports from before lost phrases were counted have none: "n/a" (--from counts).
+        ("lost phrases", [str(f["lost_phrases"]) if f.get("lost_phrases") is not None
+                          else "n/a" for f in figures]),
         ("word → first correct p50 / p90", [lat(f, "first_correct") for f in figures]),
         ("word → settled p50 / p90", [lat(f, "settled") for f in figures]),
         ("word → final p50 / p90", [lat(f, "final") for f in figures]),

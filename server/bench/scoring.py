@@ -17,6 +17,7 @@ from typing import Any
 SPOKEN_SLACK_S = 0.5  # reference words starting this soon after the audio sent count as spoken
 CONTEXT_WORDS = 3  # a word is shown correctly when these words before it are right too
 SPEECH_GAP_S = 0.5  # reference words closer than this count as one stretch of speech
+LOST_PHRASE_WORDS = 3  # a lost phrase: this many reference words in a row, or more
 LATENCY_KINDS = ("first_correct", "settled", "final", "segment_end_to_final")
 
 
@@ -91,6 +92,29 @@ def _reach(alignment: list[tuple[str, int | None]]) -> int:
         if alignment[i][1] is not None:
             return i + 1
     return 0
+
+
+def lost_phrases(
+    ref: Sequence[str], offline: Sequence[str], streamed: Sequence[str],
+    min_words: int = LOST_PHRASE_WORDS,
+) -> list[tuple[int, int]]:
+    """Runs of at least `min_words` consecutive reference words that the offline
+    transcript has (each aligned as equal) and the streamed finals do not (none of them
+    equal): phrases the model could hear that streaming lost. (start, end) indices into
+    `ref`, end excluded."""
+    offline_hits = {i for i, (kind, _) in enumerate(align(ref, offline)) if kind == "equal"}
+    streamed_hits = {i for i, (kind, _) in enumerate(align(ref, streamed)) if kind == "equal"}
+    runs: list[tuple[int, int]] = []
+    start: int | None = None
+    for i in range(len(ref) + 1):
+        lost = i < len(ref) and i in offline_hits and i not in streamed_hits
+        if lost and start is None:
+            start = i
+        elif not lost and start is not None:
+            if i - start >= min_words:
+                runs.append((start, i))
+            start = None
+    return runs
 
 
 # Latency of one session --------------------------------------------------------------
