@@ -10,6 +10,8 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e .
+	# Silero VAD's ONNX model (vad.detector: silero) without the torch it declares.
+	$(BIN)/pip install --quiet --no-deps silero-vad==6.2.3
 	touch $@
 
 $(BIN)/.installed-test: $(BIN)/.installed pyproject.toml

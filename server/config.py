@@ -18,7 +18,7 @@ from pydantic_settings import (
 
 from streaming.audio import MAX_SAMPLE_RATE_HZ, MIN_SAMPLE_RATE_HZ, AudioFormat
 from streaming.policy import PolicyOptions, Tentative
-from streaming.vad import VadOptions
+from streaming.vad import Detector, VadOptions
 
 DEFAULT_CONFIG = Path("config.yaml")
 
@@ -101,13 +101,32 @@ class ModelSection(_Section):
 
 
 class VadSection(_Section):
-    aggressiveness: int = Field(2, ge=0, le=3)
+    detector: Detector = "webrtc"  # webrtcvad, or Silero VAD on onnxruntime
+    aggressiveness: int = Field(2, ge=0, le=3)  # webrtc
+    silero_threshold: float = Field(0.5, ge=0.2, le=0.9)  # silero
     frame_ms: Literal[10, 20, 30] = 30
     start_ms: int = Field(90, ge=0)
     end_ms: int = Field(450, ge=30)
     pad_ms: int = Field(240, ge=0)
     max_segment_s: float = Field(15.0, ge=2.0, le=28.0)
     normalize_level: bool = True
+
+    @field_validator("detector")
+    @classmethod
+    def _installed(cls, value: str) -> str:
+        if value == "silero":  # a missing model fails here, at start, not in a session
+            import importlib.util
+
+            from server.vad_silero import SileroUnavailable, model_path
+
+            try:
+                model_path()
+            except SileroUnavailable as exc:
+                raise ValueError(str(exc)) from None
+            if importlib.util.find_spec("onnxruntime") is None:
+                raise ValueError("vad.detector: silero needs onnxruntime: pip install "
+                                 "onnxruntime")
+        return value
 
     def options(self) -> VadOptions:
         return VadOptions(**self.model_dump())

@@ -21,9 +21,18 @@ from streaming.audio import AudioFormat, AudioFormatError
 from streaming.engine import Engine
 from streaming.protocol import ProtocolError, StreamParams
 from streaming.session import Session, SessionConfig
-from streaming.vad import WebRtcClassifier
+from streaming.vad import FrameClassifier, VadOptions, WebRtcClassifier
 
 log = logging.getLogger(__name__)
+
+
+def frame_classifier(options: VadOptions) -> FrameClassifier:
+    """The speech detector a session's VAD asks, frame by frame (`vad.detector`)."""
+    if options.detector == "silero":
+        from server.vad_silero import SileroClassifier
+
+        return SileroClassifier(options.silero_threshold)
+    return WebRtcClassifier(options.aggressiveness)
 
 
 class Host(Protocol):
@@ -61,6 +70,10 @@ class SessionHost:
         )
         self.sinks: list[SessionSink] = []
         self._drivers: set[SessionDriver] = set()
+        if settings.vad.detector == "silero":  # load the model once, before any session
+            from server.vad_silero import check_available
+
+            check_available()
 
     @property
     def engine_name(self) -> str:
@@ -119,7 +132,7 @@ class SessionHost:
                      client_address: str = "", publish: bool = True) -> SessionDriver:
         """A new session, driven and counted from now on; `serve` runs it. With
         `publish`, the sinks (MQTT) get its messages too."""
-        session = Session(session_id, config, WebRtcClassifier(config.vad.aggressiveness))
+        session = Session(session_id, config, frame_classifier(config.vad))
         driver = SessionDriver(
             session, outlet, scheduler=self.scheduler, metrics=self.metrics,
             sinks=self.sinks if publish else (), limits=limits or self.default_limits(),

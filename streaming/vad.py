@@ -9,17 +9,21 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 import webrtcvad
 
 from streaming.audio import MODEL_SAMPLE_RATE_HZ
 
+Detector = Literal["webrtc", "silero"]  # which FrameClassifier the server gives a session
+
 
 @dataclass(frozen=True)
 class VadOptions:
+    detector: Detector = "webrtc"
     aggressiveness: int = 2  # webrtcvad mode, 0 (least) to 3 (most aggressive)
+    silero_threshold: float = 0.5  # Silero's speech probability that starts speech
     frame_ms: int = 30  # webrtcvad takes 10, 20 or 30 ms frames
     start_ms: int = 90  # speech must last this long to open a segment
     end_ms: int = 450  # silence must last this long to close it
@@ -28,8 +32,12 @@ class VadOptions:
     normalize_level: bool = True  # boost quiet recordings for the detector (see LevelNormalizer)
 
     def __post_init__(self) -> None:
+        if self.detector not in ("webrtc", "silero"):
+            raise ValueError("vad.detector must be webrtc or silero")
         if self.aggressiveness not in (0, 1, 2, 3):
             raise ValueError("vad.aggressiveness must be 0, 1, 2 or 3")
+        if not 0.2 <= self.silero_threshold <= 0.9:
+            raise ValueError("vad.silero_threshold must lie between 0.2 and 0.9")
         if self.frame_ms not in (10, 20, 30):
             raise ValueError("vad.frame_ms must be 10, 20 or 30")
         if min(self.start_ms, self.end_ms, self.pad_ms) < 0:

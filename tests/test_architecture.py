@@ -20,6 +20,9 @@ CORE_ALLOWED = {
 }
 # Model backends load files, download and set process-wide threads: server/engines/.
 BACKENDS = {"ctranslate2", "faster_whisper", "tokenizers", "huggingface_hub", "threadpoolctl"}
+# Silero VAD's runtime (and its package, whose model file is all that is used): only the
+# classifier that runs it, server/vad_silero.py, behind the core's FrameClassifier.
+VAD_RUNTIMES = {"onnxruntime", "silero_vad"}
 
 
 def _module_name(path: Path) -> str:
@@ -64,6 +67,14 @@ def test_model_backends_are_imported_only_in_server_engines() -> None:
         if backends and not name.startswith("server.engines"):
             outside[name] = backends
     assert not outside, f"backends imported outside server/engines: {outside}"
+
+
+def test_the_vad_runtime_is_imported_only_by_the_silero_classifier() -> None:
+    modules = _modules()
+    outside = {name: runtimes for name, path in modules.items()
+               if (runtimes := {i.split(".")[0] for i in _imported(path, modules)}
+                   & VAD_RUNTIMES) and name != "server.vad_silero"}
+    assert not outside, f"VAD runtimes imported outside server/vad_silero.py: {outside}"
 
 
 def test_client_does_not_import_the_server() -> None:
