@@ -109,11 +109,16 @@ def normalize_word(word: Word) -> str:
 
 # The alignment's evidence that words were heard. A word it gives this little audio or
 # less was not (invented text has no audio left to be given: it is stacked, zero-length,
-# at one instant). A phrase said again takes about as long as the first time; Whisper's
-# echoes and restarts of it get a fraction of that, squeezed after the first saying.
+# at one instant). A phrase said again is said at about the pace of the first time;
+# Whisper's echoes and restarts of it get a fraction of that, squeezed after it.
 UNHEARD_WORD_S = 0.04
 ALIGN_STEP_S = 0.02  # one step of the alignment (an encoder position)
 SAID_AGAIN_PACE = 0.5
+
+
+def _median_duration(words: Sequence[Word]) -> float:
+    durations = sorted(w.end_s - w.start_s for w in words)
+    return durations[len(durations) // 2]
 
 
 def heard_again(first: Sequence[Word], again: Sequence[Word]) -> bool:
@@ -121,8 +126,10 @@ def heard_again(first: Sequence[Word], again: Sequence[Word]) -> bool:
 
     Said again, the words come after the first saying (from its end on, within one
     alignment step), move forward in time with durations (at most one in three as short
-    as an unheard word: "a" may get 20 ms), and take at least SAID_AGAIN_PACE of the
-    first saying's time. A restart or echo that re-uses the first saying's audio is
+    as an unheard word: "a" may get 20 ms), and at least SAID_AGAIN_PACE of the first
+    saying's pace: their median duration against its median (a median, because an edge
+    word takes in the pause next to it: "We" of "We will meet" got 0.68 s with the
+    silence before it). A restart or echo that re-uses the first saying's audio is
     stacked at one instant or squeezed into a sliver of audio after it.
     """
     if not first or not again:
@@ -132,10 +139,8 @@ def heard_again(first: Sequence[Word], again: Sequence[Word]) -> bool:
     unheard = sum(w.end_s - w.start_s <= UNHEARD_WORD_S for w in again)
     if unheard > len(again) // 3:
         return False
-    first_s = first[-1].end_s - first[0].start_s
-    again_s = again[-1].end_s - again[0].start_s
     # (1e-9: times are sums of 20 ms steps in floating point)
-    return again_s > len(again) * UNHEARD_WORD_S and again_s >= SAID_AGAIN_PACE * first_s - 1e-9
+    return _median_duration(again) >= SAID_AGAIN_PACE * _median_duration(first) - 1e-9
 
 
 def drop_trailing_echo(words: Sequence[Word], keep: int, min_words: int = 3) -> list[Word]:

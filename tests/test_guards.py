@@ -142,7 +142,7 @@ def test_a_restart_of_the_window_text_is_cut() -> None:
 
 
 def test_a_restart_squeezed_into_a_sliver_of_audio_is_cut() -> None:
-    # The second saying gets durations, but a fifth of the time the first one took.
+    # The second saying gets durations, but a fifth of the first one's pace.
     said = _timed(("he", 0.0, 0.22), ("was", 0.22, 0.44), ("a", 0.44, 0.54),
                   ("head", 0.54, 0.78), ("shorter", 0.78, 1.0))
     again = _timed(("he", 1.0, 1.05), ("was", 1.05, 1.1), ("a", 1.1, 1.15), ("head", 1.15, 1.2))
@@ -183,8 +183,19 @@ def test_a_sentence_whose_end_repeats_the_window_start_stays() -> None:
     assert drop_restart(words, keep=11) == words  # "... considered as" promised
 
 
+def test_a_repetition_is_heard_though_the_first_word_took_in_the_pause_before_it() -> None:
+    # tiny.en on the suite's voice: "We" got the 0.5 s of silence before it, so the first
+    # saying of "we will meet" spans twice the time of the second; word for word, the
+    # second saying's pace is the first one's.
+    words = _timed(("We", 0.0, 0.68), ("will", 0.68, 0.84), ("meet", 0.84, 1.02),
+                   ("again", 1.02, 1.32), ("tomorrow,", 1.32, 2.0), ("and", 2.0, 2.18),
+                   ("we", 2.18, 2.32), ("will", 2.32, 2.48), ("meet", 2.48, 2.68),
+                   ("again", 2.68, 2.92), ("next", 2.92, 3.22), ("week.", 3.22, 4.54))
+    assert drop_restart(words, keep=0) == words
+
+
 def test_a_repetition_said_faster_still_counts_as_heard() -> None:
-    # The second saying needs half the first one's time, not the same.
+    # The second saying needs half the first one's pace (median word length), not the same.
     said = _timed(("I", 0.0, 0.2), ("think", 0.2, 0.6), ("so,", 0.6, 1.2))
     quick = _timed(("I", 1.3, 1.4), ("think", 1.4, 1.6), ("so", 1.6, 1.9), ("too.", 1.9, 2.3))
     assert drop_restart([*said, *quick], keep=0) == [*said, *quick]

@@ -232,7 +232,7 @@ def test_heard_again_needs_audio_of_its_own_after_the_first_saying() -> None:
     stacked = [word(w.text, 0.9, 0.9) for w in first]
     assert not heard_again(first, stacked)
     squeezed = [word(w.text, 0.9 + 0.05 * i, 0.95 + 0.05 * i) for i, w in enumerate(first)]
-    assert not heard_again(first, squeezed)  # 0.15 s for what took 0.9 s
+    assert not heard_again(first, squeezed)  # 50 ms a word where the first took 300
     overlapping = [word(w.text, w.start_s + 0.5, w.end_s + 0.5) for w in first]
     assert not heard_again(first, overlapping)  # starts before the first saying ended
     one_short = [later[0], word(" art", 1.3, 1.32), later[2]]
