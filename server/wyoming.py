@@ -68,6 +68,7 @@ log = logging.getLogger(__name__)
 
 HEADER_LIMIT = 64 * 1024  # asyncio's line limit, which the package's server keeps
 SAMPLE_WIDTH = 2  # bytes: 16-bit PCM, what every Wyoming microphone sends
+LINGER_S = 2.0  # after an error event, how long the client's remaining audio is read
 
 
 class BadEvent(Exception):
@@ -317,6 +318,7 @@ class WyomingHandler(AsyncEventHandler):
         self.address = str(peer[0]) if peer else "?"
         self.transcribe: Transcribe | None = None
         self.dropping = False  # an answered command's audio is read and dropped until its stop
+        self.errored = False  # an error event went out: the connection is closed gracefully
         self._pending: asyncio.Future[Event | None] | None = None
 
     async def _read(self) -> Event | None:
@@ -354,12 +356,26 @@ class WyomingHandler(AsyncEventHandler):
         finally:
             if self._pending is not None:
                 self._pending.cancel()
+            if self.errored:
+                await self._linger()
             if task is not None:
                 self.service.connections.discard(task)
             await self.disconnect()
             self.writer.close()
 
+    async def _linger(self) -> None:
+        """Close after an error event so that the client reads it: a socket closed with
+        unread audio in it is reset, and a reset drops what the client had not read yet.
+        So: end our side, then read and drop what the client still sends, for a while."""
+        with contextlib.suppress(ConnectionError, OSError, RuntimeError, TimeoutError):
+            if self.writer.can_write_eof():
+                self.writer.write_eof()
+            async with asyncio.timeout(LINGER_S):
+                while await self.reader.read(65536):
+                    pass
+
     async def _refuse(self, code: str, text: str) -> None:
+        self.errored = True
         log.warning("wyoming %s: %s", self.address, text)
         self.service.host.metrics.errors.labels(code).inc()
         with contextlib.suppress(ConnectionError, OSError):
@@ -419,10 +435,11 @@ class WyomingHandler(AsyncEventHandler):
             self._feed(command, first)
         with service.serving(driver):
             await host.serve(driver, outlet.send_loop(), self._audio_loop(command))
-        if command.client_gone or command.failed or outlet.gone:
+        if command.client_gone or outlet.gone:
             return False
-        if driver.close_code != CLOSE_DONE:
-            return False  # the error event went out last
+        if command.failed or driver.close_code != CLOSE_DONE:
+            self.errored = True  # the error event went out last
+            return False
         self.dropping = not command.audio_stopped
         return True
 
