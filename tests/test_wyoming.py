@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
+import wave
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -365,6 +368,38 @@ def test_stop_on_silence_sends_the_transcript_at_the_first_pause() -> None:
     assert first.types[-1] == "transcript-stop"
     assert second.types[0] == "transcript-start", second.types  # nothing left of the first
     assert scripted_words(second.transcript, at_least=2), second.transcript
+
+
+def test_the_wyoming_bench_cuts_audio_as_a_satellite_and_measures_a_server(
+    tmp_path: Path,
+) -> None:
+    from server.bench.manifest import Item
+    from server.bench.wyoming import satellite_audio
+    from server.cli import main
+
+    wav = tmp_path / "command.wav"
+    audio = np.concatenate([speech_like(4.0, bursts=1), np.zeros(3 * SR, np.float32)])
+    with wave.open(str(wav), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(SR)
+        out.writeframes(pcm16(audio))
+    cut_s = len(satellite_audio(Item("c", wav, ""), 0.7)) / 2 / SR
+    assert 3.0 + 0.7 <= cut_s <= 3.0 + 0.7 + 0.4, cut_s  # speech ends at 3.0 s
+    assert len(satellite_audio(Item("c", wav, ""), 0.0)) == 2 * len(audio)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"id": "c", "wav": "command.wav", "text": "w1 w2 w3"}) + "\n")
+    report = tmp_path / "r.json"
+    with wyoming_server() as (_, port):
+        code = main(["bench", "--wyoming", "--url", f"tcp://127.0.0.1:{port}", "--manifest",
+                     str(manifest), "--speed", "4", "--out", str(report)])
+    assert code == 0
+    [server] = json.loads(report.read_text())["servers"]
+    assert server["files"] == 1 and server["failed"] == 0 and server["streaming"]
+    assert server["stop_to_transcript_p50_s"] is not None
+    assert server["chunks_before_stop_per_file"] >= 1
+    [command] = server["commands"]
+    assert scripted_words(command["transcript"], at_least=2), command
 
 
 @pytest.mark.model
