@@ -131,7 +131,7 @@ def build_info(host: Host, stop_on_silence: bool) -> Info:
         requires_external_vad=not stop_on_silence,
         models=[AsrModel(
             name=host.engine_name,
-            description=f"Whisper {host.engine_name} (CTranslate2)",
+            description=f"{host.engine_name}, on CTranslate2",
             attribution=Attribution(name="OpenAI", url="https://github.com/openai/whisper"),
             installed=True,
             version=None,
@@ -428,8 +428,8 @@ class WyomingHandler(AsyncEventHandler):
                                    publish=False)
         outlet.driver = driver
         command = _Command(driver, outlet, rate, channels)
-        log.info("session %s: voice command from %s (%d Hz, %d channels, %s)", driver.id,
-                 self.address, rate, channels, config.language)
+        log.info("session %s: voice command from %s (%d Hz, %s, %s)", driver.id,
+                 self.address, rate, "mono" if channels == 1 else "stereo", config.language)
         outlet.send(TranscriptStart(language=config.language).event())
         if AudioChunk.is_type(first.type):
             self._feed(command, first)

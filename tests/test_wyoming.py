@@ -11,6 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import subprocess
+import sys
 import time
 import wave
 from collections.abc import Iterator
@@ -368,6 +371,17 @@ def test_stop_on_silence_sends_the_transcript_at_the_first_pause() -> None:
     assert first.types[-1] == "transcript-stop"
     assert second.types[0] == "transcript-start", second.types  # nothing left of the first
     assert scripted_words(second.transcript, at_least=2), second.transcript
+
+
+def test_serve_refuses_wyoming_on_a_public_address_unless_allowed() -> None:
+    """Wyoming has no authentication: API keys do not protect it."""
+    env = {**os.environ, "WHISPERSTREAM_WYOMING__ENABLED": "true",
+           "WHISPERSTREAM_WYOMING__HOST": "0.0.0.0", "WHISPERSTREAM_AUTH__API_KEYS": '["k"]'}
+    result = subprocess.run([sys.executable, "-m", "server.cli", "serve"], env=env,
+                            capture_output=True, text=True, timeout=60,
+                            cwd=Path(__file__).resolve().parent.parent)
+    assert result.returncode == 2, result.stderr
+    assert "allow_public_without_auth" in result.stderr
 
 
 def test_the_wyoming_bench_cuts_audio_as_a_satellite_and_measures_a_server(
