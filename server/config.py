@@ -231,6 +231,17 @@ class HermesSection(_Section):
     max_command_s: float = Field(30.0, gt=0)  # with stopOnSilence, longest voice command
 
 
+class WyomingSection(_Section):
+    """Wyoming speech-to-text service for Home Assistant and Wyoming satellites
+    (server/wyoming.py)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"  # the protocol has no authentication: see README
+    port: int = Field(10300, ge=1, le=65535)
+    stop_on_silence: bool = False  # the first pause ends the command, before audio-stop
+    max_command_s: float = Field(60.0, gt=0)  # longest voice command; then its transcript
+
+
 def _check_tls(settings: Settings) -> None:
     if (settings.server.tls_cert is None) != (settings.server.tls_key is None):
         raise ConfigError("invalid configuration: server.tls_cert and server.tls_key go "
@@ -252,6 +263,7 @@ class Settings(BaseSettings):
     auth: AuthSection = AuthSection()
     mqtt: MqttSection = MqttSection()
     hermes: HermesSection = HermesSection()
+    wyoming: WyomingSection = WyomingSection()
 
 
 class ConfigError(ValueError):
