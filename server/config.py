@@ -45,6 +45,8 @@ class ServerSection(_Section):
 
 class ModelSection(_Section):
     name: str = "bundled"
+    engine: Literal["ctranslate2", "torch"] = "ctranslate2"
+    device: Literal["auto", "cpu", "cuda"] = "cpu"
     compute_type: str = "int8"
     cpu_threads: int = Field(1, ge=0)
     workers: int = Field(0, ge=0, le=64)

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from server.config import ModelSection
-    from server.engines.ct2 import CTranslate2Whisper
+    from server.engines import WhisperEngine
 
 OFFLINE_SINGLE_WINDOW_S = 28.0  # longer files are transcribed offline window by window
 OFFLINE_MIN_WINDOW_S = 15.0
@@ -66,7 +66,7 @@ class OfflineResult:
 
 
 def offline_transcribe(
-    engine: CTranslate2Whisper, audio: np.ndarray
+    engine: WhisperEngine, audio: np.ndarray
 ) -> tuple[list[tuple[int, int]], list[str]]:
     """The windows and their texts."""
     from streaming.engine import DecodeRequest
@@ -80,7 +80,7 @@ def offline_transcribe(
 
 
 def reference_times(
-    engine: CTranslate2Whisper,
+    engine: WhisperEngine,
     audio: np.ndarray,
     ref_words: list[str],
     windows: list[tuple[int, int]],
