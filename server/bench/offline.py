@@ -14,6 +14,7 @@ from server.bench.scoring import RefWord, align, normalize
 if TYPE_CHECKING:
     import numpy as np
 
+    from server.bench.runner import ModelKey
     from server.config import ModelSection
     from server.engines import WhisperEngine
 
@@ -145,13 +146,13 @@ def trim_to_sound(words: list[RefWord], audio: np.ndarray, rate: int = 16_000) -
 
 
 def offline_pass(
-    models: dict[tuple[str, str, int], ModelSection], items: Sequence[Item], progress: Any,
-) -> dict[tuple[str, str, int], dict[str, OfflineResult]]:
+    models: dict[ModelKey, ModelSection], items: Sequence[Item], progress: Any,
+) -> dict[ModelKey, dict[str, OfflineResult]]:
     """Offline transcripts per model (in the order given), and the reference times (from
     the first model)."""
     from server.engines import build_engine
 
-    offline: dict[tuple[str, str, int], dict[str, OfflineResult]] = {}
+    offline: dict[ModelKey, dict[str, OfflineResult]] = {}
     for key, model in models.items():
         engine = build_engine(model)
         task = progress.add_task(f"offline {engine.name}", total=len(items), audio="")
