@@ -300,7 +300,19 @@ class Whisper(nn.Module):
         self.decoder = TextDecoder(dims)
 
 
-REDUCE_RANGE = False  # fbgemm's 7-bit inputs: not needed where VNNI sums without saturating
+def _has_vnni() -> bool:
+    """Whether the CPU has VNNI (AVX512-VNNI or AVX-VNNI), whose int8 dot products sum
+    into 32 bits. Without it fbgemm's pairs of u8 x s8 products saturate 16 bits unless
+    the inputs keep to 7 bits (its reduce_range)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = next((line for line in info if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+REDUCE_RANGE = not _has_vnni()  # fbgemm's 7-bit inputs, where 8 bits could saturate
 
 
 class Int8Linear(nn.Module):
