@@ -224,6 +224,27 @@ def test_a_40_token_prefix_is_read_in_one_decoder_pass(
     assert len(lengths) - 1 <= new + 2, (lengths, new)
 
 
+def test_alignatt_stops_decoding_where_attention_reaches_the_live_edge(
+    torch_engine: TorchWhisper, speech_16k: np.ndarray,
+) -> None:
+    a, b = _sentence_spans(speech_16k)[0]
+    window = speech_16k[a: a + (b - a) * 3 // 5]  # cut mid-sentence: a live window
+    window_s = len(window) / RATE
+    lengths, remove = _decoder_calls(torch_engine)
+    try:
+        whole = torch_engine.transcribe([DecodeRequest(window)])[0]
+        calls_whole = len(lengths)
+        lengths.clear()
+        stopped = torch_engine.transcribe([DecodeRequest(window, stop_edge_s=0.5)])[0]
+        calls_stopped = len(lengths)
+    finally:
+        remove()
+    assert 0 < len(stopped.words) < len(whole.words), (stopped.text, whole.text)
+    assert stopped.tokens == whole.tokens[: len(stopped.tokens)]  # the same words, fewer
+    assert calls_stopped < calls_whole
+    assert stopped.words[-1].end_s <= window_s - 0.2, (stopped.words[-1], window_s)
+
+
 def test_weights_convert_from_model_bin_and_the_conversion_is_cached(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

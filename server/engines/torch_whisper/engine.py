@@ -36,6 +36,7 @@ from server.engines.decoding import (
     MEDIAN_FILTER_WIDTH,
     MIN_AUDIO_S,
     TAIL_PAD_S,
+    TOKENS_PER_SECOND,
     Tokenizers,
     clean_tail,
     decode_budget,
@@ -107,6 +108,7 @@ class _Row:
     max_new: int  # new tokens allowed, end of text included
     duration_s: float
     frames: int  # mel frames of the real audio (without the tail pad)
+    stop_edge: int  # AlignAtt: stop where attention reaches this many last positions
     new: list[int] = field(default_factory=list)
     new_probs: list[float] = field(default_factory=list)
     logprob_sum: float = 0.0  # of the new tokens: as CTranslate2, forced ones count 0
@@ -261,7 +263,8 @@ class TorchWhisper:
                                  len(prompt) + len(tokenizer.sot_sequence))
             max_new = max(1, min(steps - len(prefix), self.dims.n_text_ctx - len(start)))
             rows.append(_Row(start, prefix, 0, len(prompt), max_new, duration_s,
-                             len(samples) // HOP_SAMPLES))
+                             len(samples) // HOP_SAMPLES,
+                             round(request.stop_edge_s * TOKENS_PER_SECOND)))
         width = max(len(r.start) for r in rows)
         for r in rows:
             r.pad = width - len(r.start)
@@ -287,6 +290,7 @@ class TorchWhisper:
         hidden = decoder(tokens, positions, cache, cross_kv, spans, spans, heard,
                          layer_scores)
         calls.append(layer_scores)
+        self._stop_at_edge(layer_scores, rows)
 
         # The first pass's logits: the prefix tokens' probabilities, the no-speech
         # probability (at the start of transcript), and the first new token.
@@ -301,7 +305,9 @@ class TorchWhisper:
         while True:
             # Every chosen token goes through the decoder once more, the end of text
             # included: its row of cross-attention scores is part of the alignment.
-            next_tokens = self._choose(logits, rows, step)
+            next_tokens, chosen = self._choose(logits, rows, step)
+            if not chosen:  # every request stopped at the edge before this token
+                break
             pos = torch.tensor([len(r.start) + len(r.new) - 1 for r in rows],
                                device=self.device)[:, None]
             keys = [(r.pad, width + step + 1) for r in rows]
@@ -309,6 +315,7 @@ class TorchWhisper:
             hidden = decoder(next_tokens[:, None], pos, cache, cross_kv, [(0, 1)] * batch,
                              keys, heard, layer_scores)
             calls.append(layer_scores)
+            self._stop_at_edge(layer_scores, rows)
             step += 1
             if all(r.ended for r in rows):
                 break
@@ -336,9 +343,25 @@ class TorchWhisper:
             out.append(text.gather(1, targets)[:, 0].exp().tolist())
         return out
 
-    def _choose(self, logits: Tensor, rows: list[_Row], step: int) -> Tensor:
+    @staticmethod
+    def _stop_at_edge(layer_scores: list[Tensor], rows: list[_Row]) -> None:
+        """AlignAtt: end a request whose alignment heads, at the row that would choose its
+        next token, attend most to the last `stop_edge` positions of its audio: that
+        token would be about audio not heard yet."""
+        if not any(r.stop_edge and not r.ended for r in rows):
+            return
+        last = torch.cat(layer_scores, dim=1)[:, :, -1]  # [batch, heads, audio]
+        for i, r in enumerate(rows):
+            heard = r.frames // 2
+            if not r.stop_edge or r.ended or heard == 0:
+                continue
+            attention = last[i, :, :heard].softmax(dim=-1).mean(dim=0)
+            if int(attention.argmax()) >= heard - r.stop_edge:
+                r.ended = True
+
+    def _choose(self, logits: Tensor, rows: list[_Row], step: int) -> tuple[Tensor, bool]:
         """Greedy choice of each unfinished request's next token (end of text for the
-        finished ones); records its probabilities."""
+        finished ones), and whether any was chosen; records its probabilities."""
         text_probs = logits[:, : self.eot].softmax(dim=-1)
         logits = logits.clone()
         logits[:, self._suppress] = float("-inf")
@@ -350,16 +373,18 @@ class TorchWhisper:
         chosen = logprobs.argmax(dim=-1)
         picked = chosen.tolist()
         out = torch.full_like(chosen, self.eot)
+        any_chosen = False
         for i, (r, token) in enumerate(zip(rows, picked, strict=True)):
             if r.ended:
                 continue
+            any_chosen = True
             r.new.append(token)
             r.logprob_sum += float(logprobs[i, token])
             r.new_probs.append(float(text_probs[i, token]) if token < self.eot else 0.0)
             out[i] = token
             if token == self.eot or len(r.new) >= r.max_new:
                 r.ended = True
-        return out
+        return out, any_chosen
 
     def _hypothesis(self, tokenizer: Tokenizer, r: _Row, fed: Tensor, prefix_probs: list[float],
                     no_speech: float) -> Hypothesis:
