@@ -3,7 +3,8 @@
 - `SessionHost` (server/host.py): the engine's scheduler, metrics, sinks, the registry of
   live sessions; every session runs on a `SessionDriver` (server/driver.py).
 - Front doors: the WebSocket endpoint (server/websocket.py) and HTTP routes
-  (server/routes.py) on one port; Hermes over MQTT (server/hermes.py) when enabled.
+  (server/routes.py) on one port; Hermes over MQTT (server/hermes.py) and Wyoming over
+  TCP (server/wyoming.py) when enabled.
 - Sinks: the MQTT session publisher (server/mqtt.py) when enabled.
 
 `running()` is the lifecycle: start, serve, and on exit a graceful shutdown that stops
@@ -22,6 +23,7 @@ from functools import partial
 from websockets.asyncio.server import Server, serve
 
 from server.config import Settings
+from server.connection import GuardedConnection
 from server.driver import SessionSink
 from server.hermes import HermesAsr
 from server.host import SessionHost
@@ -30,6 +32,7 @@ from server.mqtt import SessionPublisher
 from server.routes import HttpRoutes
 from server.scheduler import InferenceScheduler
 from server.websocket import handle_stream
+from server.wyoming import WyomingService
 from streaming.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -60,18 +63,29 @@ class TranscriptionServer:
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Server]:
         """Serve until the context exits, then shut down gracefully."""
-        cfg = self.settings.server
+        cfg, limits = self.settings.server, self.settings.limits
         # websockets refuses frames over max_size with close 1009 and no word of why; let
         # frames up to 4x the limit in, so that the limit is answered with an `error`.
-        # MQTT (sinks, Hermes) starts first and stops last: sessions finish into it.
-        async with mqtt_services(self.host), serve(
+        # No permessage-deflate: audio hardly compresses, and inflating a client's frames
+        # ran on the event loop (200 frames of 1 KB that inflate to 1 MiB each: /healthz
+        # waited 5 s and more; issue 18). Keepalive: a ping every keepalive_s, and a
+        # pong (or, in GuardedConnection, the output the client leaves unread) at most
+        # that late, else the connection is dropped.
+        # The integrations (MQTT sinks, Hermes, Wyoming) start first and stop last, after
+        # shutdown has finished every session: sessions finish into the MQTT sinks.
+        async with integrations(self.host), serve(
             partial(handle_stream, self.host),
             cfg.host,
             cfg.port,
             process_request=self.routes,
-            max_size=4 * self.settings.limits.max_frame_bytes,
+            compression=None,
+            create_connection=GuardedConnection,
+            max_size=4 * limits.max_frame_bytes,
             max_queue=16,  # frames read ahead of the session: at most 16 x max_size bytes
-            open_timeout=self.settings.limits.handshake_timeout_s,
+            open_timeout=limits.handshake_timeout_s,
+            ping_interval=limits.keepalive_s,
+            ping_timeout=limits.keepalive_s,
+            close_timeout=min(10.0, limits.keepalive_s),
             ssl=self._tls_context(),
         ) as server:
             self.host.scheduler.start()
@@ -108,9 +122,10 @@ class TranscriptionServer:
 
 
 @contextlib.asynccontextmanager
-async def mqtt_services(host: SessionHost) -> AsyncIterator[None]:
-    """What `mqtt` and `hermes` in the config ask for, for as long as the server runs:
-    the session publisher (one of the host's sinks) and the Hermes ASR service."""
+async def integrations(host: SessionHost) -> AsyncIterator[None]:
+    """What `mqtt`, `hermes` and `wyoming` in the config ask for, for as long as the
+    server runs: the session publisher (one of the host's sinks), the Hermes ASR service
+    and the Wyoming speech-to-text service. They stop in the reverse order."""
     settings = host.settings
     async with contextlib.AsyncExitStack() as stack:
         if settings.mqtt.enabled:
@@ -122,4 +137,6 @@ async def mqtt_services(host: SessionHost) -> AsyncIterator[None]:
                      settings.mqtt.host, settings.mqtt.port)
         if settings.hermes.enabled:
             await stack.enter_async_context(HermesAsr(host).running())
+        if settings.wyoming.enabled:
+            await stack.enter_async_context(WyomingService(host).running())
         yield

@@ -3,6 +3,7 @@ then command-line flags, validated in one place by pydantic-settings."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +35,37 @@ class ServerSection(_Section):
     tls_cert: Path | None = None  # PEM certificate (chain): serve wss:// and https://
     tls_key: Path | None = None  # its PEM private key
     log_file: Path | None = None  # also log here; if it cannot be written, stderr only
+    # Peers whose X-Forwarded-For / Forwarded header names the client (server/forwarding.py).
+    trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(
+        default_factory=list)
+    # With no API keys, Host names answered besides loopback ones (DNS rebinding).
+    allowed_hosts: list[str] = Field(default_factory=list)
+    metrics_public: bool = False  # with API keys, serve /metrics without one
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _networks(cls, value: Any) -> Any:
+        if not isinstance(value, list):
+            return value
+        networks = []
+        for item in value:
+            try:  # "10.0.0.7" is one address; host bits in "10.0.0.7/8" are ignored
+                networks.append(ipaddress.ip_network(str(item).strip(), strict=False))
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or network (CIDR, e.g. "
+                                 "10.0.0.0/8)") from None
+        return networks
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, value: list[str]) -> list[str]:
+        names = [name.strip().lower().strip("[]").rstrip(".") for name in value]
+        for name in names:
+            if not name or any(c in name for c in "/@ ") or (
+                    ":" in name and not _is_ipv6(name)):
+                raise ValueError(f"{name!r} is not a host name or address (no scheme, "
+                                 "port or path, e.g. captions.example.org)")
+        return names
 
     @field_validator("tls_cert", "tls_key")
     @classmethod
@@ -41,6 +73,14 @@ class ServerSection(_Section):
         if value is not None and not value.is_file():
             raise ValueError(f"file {str(value)!r} does not exist")
         return value
+
+
+def _is_ipv6(name: str) -> bool:
+    try:
+        ipaddress.IPv6Address(name)
+    except ValueError:
+        return False
+    return True
 
 
 class ModelSection(_Section):
@@ -130,6 +170,9 @@ class LimitsSection(_Section):
     max_text_bytes: int = Field(65_536, ge=256)
     max_bad_messages: int = Field(50, ge=1)
     handshake_timeout_s: float = Field(10.0, gt=0)
+    # Ping every keepalive_s; a pong, or the server's unsent output, late by as much again
+    # drops the connection (server/connection.py).
+    keepalive_s: float = Field(20.0, gt=0)
 
 
 class AuthSection(_Section):
@@ -194,6 +237,17 @@ class HermesSection(_Section):
     max_command_s: float = Field(30.0, gt=0)  # with stopOnSilence, longest voice command
 
 
+class WyomingSection(_Section):
+    """Wyoming speech-to-text service for Home Assistant and Wyoming satellites
+    (server/wyoming.py)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"  # the protocol has no authentication: see README
+    port: int = Field(10300, ge=1, le=65535)
+    stop_on_silence: bool = False  # the first pause ends the command, before audio-stop
+    max_command_s: float = Field(60.0, gt=0)  # longest voice command; then its transcript
+
+
 def _check_tls(settings: Settings) -> None:
     if (settings.server.tls_cert is None) != (settings.server.tls_key is None):
         raise ConfigError("invalid configuration: server.tls_cert and server.tls_key go "
@@ -215,6 +269,7 @@ class Settings(BaseSettings):
     auth: AuthSection = AuthSection()
     mqtt: MqttSection = MqttSection()
     hermes: HermesSection = HermesSection()
+    wyoming: WyomingSection = WyomingSection()
 
 
 class ConfigError(ValueError):

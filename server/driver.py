@@ -157,9 +157,8 @@ class SessionDriver:
             for task in tasks:
                 task.remove_done_callback(self._task_ended)
                 task.cancel()
-            for result in await asyncio.gather(*tasks, return_exceptions=True):
-                if isinstance(result, Exception):
-                    log.error("session %s: a task failed", self.id, exc_info=result)
+            # A task that failed was logged (and ended the session) by _task_ended.
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     def _task_ended(self, task: asyncio.Task[None]) -> None:
         """Any task that fails ends the session: none may die and leave it open."""

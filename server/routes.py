@@ -1,21 +1,29 @@
 """HTTP on the WebSocket port: health, readiness, metrics, the browser page, and the
 checks a `/v1/stream` upgrade passes before it becomes a session (key, origin, limits).
+
+Every request is checked first: one that is malformed (control characters, a path over
+`MAX_PATH_CHARS`, two Host, Origin or Authorization headers) gets 400, a method other
+than GET or HEAD 405, and with no API keys a Host header that names neither a loopback
+address nor one of `server.allowed_hosts` 421 (DNS rebinding). HEAD gets GET's answer
+without its body.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import http
 import logging
 import re
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote_plus, urlsplit
 
 from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
+from server.forwarding import host_name, is_loopback_name
 from server.host import SessionHost
 from server.websocket import STREAM_PATH, client_address
 
@@ -23,19 +31,49 @@ log = logging.getLogger(__name__)
 
 WEB_ROOT = Path(__file__).resolve().parent.parent / "client" / "web"
 PROBE_PATHS = ("/healthz", "/readyz", "/metrics")
+MAX_PATH_CHARS = 2048
+SINGLE_HEADERS = ("Host", "Origin", "Authorization")  # one each, or the request is refused
 _CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript",
                   ".mjs": "text/javascript", ".css": "text/css", ".png": "image/png",
                   ".svg": "image/svg+xml", ".ico": "image/x-icon"}
 
 
 class RedactSecrets(logging.Filter):
-    """Keeps API keys out of logs: websockets logs request lines and headers at DEBUG."""
+    """Keeps API keys out of logs: websockets logs request lines and headers at DEBUG.
 
-    _SECRET = re.compile(r"(token=|authorization:\s*bearer\s+)[^\s&'\"]+", re.IGNORECASE)
+    - A query parameter whose name decodes to `token` (`?tok%65n=KEY` is `token` to
+      parse_qs, and so to the key check) has its value redacted.
+    - `Authorization: ...` in a message is redacted, whatever the scheme.
+    - websockets' request header lines ("< %s: %s") keep their value only for headers
+      known to carry no secret; any other (X-Api-Key, Cookie, Proxy-Authorization, ...)
+      is logged as its name and [redacted].
+    """
+
+    _PARAMETER = re.compile(r"(?<=[?&])([^=&\s'\"#]+)=([^&\s'\"#]*)")
+    _AUTHORIZATION = re.compile(r"(authorization:\s*)\S[^'\"]*", re.IGNORECASE)
+    SAFE_HEADERS = frozenset({
+        "host", "upgrade", "connection", "origin", "user-agent", "accept",
+        "accept-encoding", "accept-language", "cache-control", "pragma", "content-length",
+        "content-type", "sec-websocket-key", "sec-websocket-version",
+        "sec-websocket-extensions", "sec-websocket-protocol", "x-forwarded-for",
+        "x-forwarded-proto", "x-forwarded-host", "x-forwarded-port", "x-real-ip",
+        "forwarded", "via", "dnt", "referer",
+    })
+
+    @classmethod
+    def _parameter(cls, match: re.Match[str]) -> str:
+        if unquote_plus(match.group(1)).strip().lower() == "token":
+            return f"{match.group(1)}=[redacted]"
+        return match.group(0)
 
     def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if (record.msg == "< %s: %s" and isinstance(args, tuple) and len(args) == 2
+                and str(args[0]).lower() not in self.SAFE_HEADERS):
+            record.args = (args[0], "[redacted]")
         message = record.getMessage()
-        redacted = self._SECRET.sub(r"\1[redacted]", message)
+        redacted = self._PARAMETER.sub(self._parameter, message)
+        redacted = self._AUTHORIZATION.sub(r"\1[redacted]", redacted)
         if redacted != message:
             record.msg, record.args = redacted, ()
         return True
@@ -62,6 +100,22 @@ def _ok(body: bytes, content_type: str) -> Response:
     return Response(http.HTTPStatus.OK.value, "OK", headers, body)
 
 
+def _malformed(request: Request) -> str | None:
+    """Why a request cannot be answered (400), or None."""
+    if any(ord(c) < 0x21 or ord(c) == 0x7F for c in request.path):
+        return "control characters in the path"
+    if len(request.path) > MAX_PATH_CHARS:
+        return f"the path is longer than {MAX_PATH_CHARS} characters"
+    for name in SINGLE_HEADERS:
+        if len(request.headers.get_all(name)) > 1:
+            return f"more than one {name} header"
+    try:
+        urlsplit(request.path)
+    except ValueError:
+        return "malformed path"
+    return None
+
+
 class HttpRoutes:
     """`process_request` for websockets' server: answers plain HTTP, admits upgrades."""
 
@@ -69,6 +123,7 @@ class HttpRoutes:
         self.host = host
         self.settings = host.settings
         self._keys = [k.get_secret_value().encode() for k in host.settings.auth.api_keys]
+        self._allowed_hosts = frozenset(host.settings.server.allowed_hosts)
         self.draining = False
         self.ready = False
 
@@ -85,15 +140,31 @@ class HttpRoutes:
         # Compare against every key in constant time, so timing tells nothing.
         return any([hmac.compare_digest(candidate, key) for key in self._keys])
 
+    def _host_allowed(self, request: Request) -> bool:
+        """With API keys, any Host; without, only names of this machine's loopback
+        addresses and `server.allowed_hosts`: a web page whose own name was rebound to
+        127.0.0.1 names itself in Host, and so does not get in."""
+        if self._keys:
+            return True
+        name = host_name(request.headers.get("Host", ""))
+        return name is not None and (is_loopback_name(name) or name in self._allowed_hosts)
+
     def _origin_allowed(self, request: Request) -> bool:
-        """Browsers send Origin; other clients do not. The server's own page is allowed."""
+        """Browsers send Origin; other clients do not. Besides `auth.allowed_origins`, the
+        server's own page is allowed: the origin of the Host asked for, if that host is
+        allowed (it is checked before this)."""
         origin = request.headers.get("Origin")
         if origin is None:
             return True
         allowed = self.settings.auth.allowed_origins
         if "*" in allowed or origin in allowed:
             return True
-        return urlsplit(origin).netloc == request.headers.get("Host", "")
+        try:
+            netloc = urlsplit(origin).netloc
+        except ValueError:
+            return False
+        host = request.headers.get("Host", "")
+        return bool(netloc) and netloc.lower() == host.lower() and self._host_allowed(request)
 
     def _refuse(self, connection: ServerConnection, status: http.HTTPStatus, reason: str,
                 text: str) -> Response:
@@ -101,9 +172,25 @@ class HttpRoutes:
         return connection.respond(status, text)
 
     def __call__(self, connection: ServerConnection, request: Request) -> Response | None:
+        response = self._route(connection, request)
+        if response is not None and request.method == "HEAD":
+            response = dataclasses.replace(response, body=b"")
+        return response
+
+    def _route(self, connection: ServerConnection, request: Request) -> Response | None:
+        malformed = _malformed(request)
+        if malformed is not None:
+            return connection.respond(http.HTTPStatus.BAD_REQUEST, f"bad request: {malformed}\n")
         path = urlsplit(request.path).path
         if path in PROBE_PATHS:
             connection.logger = connection.protocol.logger = _PROBE_LOGGER
+        allowed = "GET" if path == STREAM_PATH else "GET, HEAD"
+        if request.method not in allowed.split(", "):
+            response = connection.respond(http.HTTPStatus.METHOD_NOT_ALLOWED,
+                                          f"method {request.method} not allowed here; "
+                                          f"use {allowed}\n")
+            response.headers["Allow"] = allowed
+            return response
         if path == "/healthz":
             if self.draining:
                 return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "shutting down\n")
@@ -112,7 +199,22 @@ class HttpRoutes:
             if not self.ready:
                 return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "not ready\n")
             return connection.respond(http.HTTPStatus.OK, "ready\n")
+        if not self._host_allowed(request):
+            name = host_name(request.headers.get("Host", ""))
+            text = (f"this server does not answer to the host name {name} "
+                    "(server.allowed_hosts)\n" if name else
+                    "missing or malformed Host header\n")
+            if path == STREAM_PATH:
+                return self._refuse(connection, http.HTTPStatus.MISDIRECTED_REQUEST, "host",
+                                    text)
+            return connection.respond(http.HTTPStatus.MISDIRECTED_REQUEST, text)
         if path == "/metrics":
+            if not self.settings.server.metrics_public and not self._authorized(request):
+                response = connection.respond(
+                    http.HTTPStatus.UNAUTHORIZED, "missing or wrong API key (Authorization: "
+                    "Bearer KEY; server.metrics_public: true makes /metrics public)\n")
+                response.headers["WWW-Authenticate"] = "Bearer"
+                return response
             return _ok(self.host.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
         if path == STREAM_PATH:
             return self._admit(connection, request)
@@ -130,7 +232,7 @@ class HttpRoutes:
             return self._refuse(connection, http.HTTPStatus.SERVICE_UNAVAILABLE,
                                 "shutdown", "server shutting down; try again later\n")
         limits = self.settings.limits
-        address = client_address(connection)
+        address = client_address(connection, self.settings.server.trusted_proxies)
         if self.host.sessions_from(address) >= limits.max_sessions_per_client:
             return self._refuse(
                 connection, http.HTTPStatus.TOO_MANY_REQUESTS, "per_client",
@@ -148,8 +250,12 @@ class HttpRoutes:
 
     def _static(self, connection: ServerConnection, path: str) -> Response:
         name = "index.html" if path == "/" else path.lstrip("/")
-        file = (WEB_ROOT / name).resolve()
-        if WEB_ROOT.resolve() not in file.parents or not file.is_file():
-            return connection.respond(http.HTTPStatus.NOT_FOUND, f"no such page: {path}\n")
-        return _ok(file.read_bytes(),
-                   _CONTENT_TYPES.get(file.suffix, "application/octet-stream"))
+        try:  # a name too long for the file system is no page either
+            file = (WEB_ROOT / name).resolve()
+            if WEB_ROOT.resolve() in file.parents and file.is_file():
+                return _ok(file.read_bytes(),
+                           _CONTENT_TYPES.get(file.suffix, "application/octet-stream"))
+        except (OSError, ValueError):
+            pass
+        # The path is not echoed: the answer says nothing a client did not know.
+        return connection.respond(http.HTTPStatus.NOT_FOUND, "no such page\n")

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
@@ -20,6 +21,7 @@ from websockets.exceptions import ConnectionClosed
 
 from server.config import LimitsSection
 from server.driver import CLOSE_BAD_REQUEST, OutletFull, SessionDriver
+from server.forwarding import IPNetwork, forwarded_client
 from server.host import SessionHost
 from streaming.audio import AudioFormatError
 from streaming.protocol import (
@@ -38,9 +40,15 @@ log = logging.getLogger(__name__)
 STREAM_PATH = "/v1/stream"
 
 
-def client_address(connection: ServerConnection) -> str:
+def client_address(connection: ServerConnection,
+                   trusted_proxies: Sequence[IPNetwork] = ()) -> str:
+    """The client's address, for the per-client limit and the logs: the peer's, or, from
+    a trusted proxy (`server.trusted_proxies`), the one it forwarded."""
     remote = connection.remote_address
-    return str(remote[0]) if remote else "?"
+    peer = str(remote[0]) if remote else "?"
+    if not trusted_proxies or connection.request is None:
+        return peer
+    return forwarded_client(peer, connection.request.headers, trusted_proxies)
 
 
 @dataclass(frozen=True)
@@ -107,6 +115,8 @@ class WebSocketSession:
     async def receive_loop(self) -> None:
         try:
             await self._receive_until_stop()
+            if not self.driver.live:
+                return  # ended by a limit or a fault: its error and close are queued
             # After stop: the driver finishes; more from the client is refused.
             async for _ in self.ws:
                 if not self.driver.stopped_by_server and self.driver.live:
@@ -183,9 +193,10 @@ async def handle_stream(host: SessionHost, ws: ServerConnection) -> None:
         return
     limits = host.settings.limits
     outlet = WebSocketOutlet(ws, limits.max_outbound_messages)
+    address = client_address(ws, host.settings.server.trusted_proxies)
     driver = host.open_session(session_id, config, outlet, labels=params.labels,
-                               client_address=client_address(ws))
-    log.info("session %s: opened from %s (%s)", session_id, ws.remote_address, config.audio)
+                               client_address=address)
+    log.info("session %s: opened from %s (%s)", session_id, address, config.audio)
     driver.send(Ready(session_id, config.audio.sample_rate_hz, config.audio.encoding,
                       host.engine_name, config.language, config.interim))
     connection = WebSocketSession(ws, driver, limits, host)

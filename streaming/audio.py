@@ -113,5 +113,7 @@ def read_wav(data: bytes, name: str = "WAV data") -> tuple[np.ndarray, int]:
 
 
 def to_pcm_s16le(samples: np.ndarray) -> bytes:
-    """float32 samples in [-1, 1] as 16-bit little-endian PCM."""
-    return bytes((np.clip(samples, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes())
+    """float32 samples in [-1, 1] as 16-bit little-endian PCM: the inverse of the reader's
+    scaling (x / 32768), so a 16-bit file's samples come back exactly as they were."""
+    scaled = np.clip(np.round(np.asarray(samples, np.float64) * 32768.0), -32768, 32767)
+    return bytes(scaled.astype("<i2").tobytes())

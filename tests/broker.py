@@ -18,6 +18,7 @@ from typing import Any
 
 import aiomqtt
 import pytest
+from fakes import free_port
 
 
 def in_ci() -> bool:
@@ -40,12 +41,6 @@ def mosquitto_binary() -> str:
         need("the Mosquitto MQTT broker", "apt-get install mosquitto mosquitto-clients")
     assert found is not None
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Broker:

@@ -221,3 +221,21 @@ def test_any_chunking_gives_the_same_total_length(rate: int, cuts: list[int]) ->
 
     assert abs(len(chunked) - len(whole)) <= 3
     assert abs(len(chunked) - 0.25 * MODEL_SAMPLE_RATE_HZ) <= 4
+
+
+def test_a_16_bit_wav_read_and_written_back_keeps_every_sample() -> None:
+    """The client and the benchmark stream a file's samples exactly as it holds them."""
+    import io
+    import wave
+
+    from streaming.audio import read_wav, to_pcm_s16le
+
+    pcm = np.random.default_rng(0).integers(-32768, 32768, 16_000).astype("<i2").tobytes()
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(16_000)
+        wav.writeframes(pcm)
+    samples, rate = read_wav(buffer.getvalue())
+    assert rate == 16_000 and to_pcm_s16le(samples) == pcm

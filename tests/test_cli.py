@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from harness import ROOT, free_port, serve_command
+from fakes import free_port
+from harness import ROOT, serve_command
 from speech import Utterance, wer
 
 from client.mic import open_sounddevice

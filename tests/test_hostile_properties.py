@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+from fakes import EnergyClassifier
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -93,11 +94,6 @@ def test_any_binary_frame_decodes_to_finite_samples_or_is_refused(data: bytes,
         assert np.all(np.isfinite(samples)) and np.all(np.abs(samples) <= 1.0)
 
 
-class Loud:
-    def is_speech(self, frame: np.ndarray) -> bool:
-        return float(np.mean(np.abs(frame))) > 0.01
-
-
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.lists(st.binary(max_size=3000) | st.sampled_from(['{"type":"flush"}', "{", "[]"]),
@@ -108,7 +104,7 @@ class Loud:
 def test_a_session_survives_any_sequence_of_frames(
     frames: list[bytes | str], rate: int, encoding: str
 ) -> None:
-    classifier: FrameClassifier = Loud()
+    classifier: FrameClassifier = EnergyClassifier()
     config = SessionConfig(audio=AudioFormat(rate, encoding))  # type: ignore[arg-type]
     session = Session("prop", config, classifier)
     for frame in frames:

@@ -14,7 +14,8 @@ from typing import Any, cast
 
 import pytest
 import websockets
-from broker import Broker, Received, Subscriber, free_port, retained, running_broker
+from broker import Broker, Received, Subscriber, retained, running_broker
+from fakes import free_port
 from harness import check_invariants, serving
 from prometheus_client import CollectorRegistry
 from speech import Utterance, read_pcm, synthesize, wer

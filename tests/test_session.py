@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pytest
+from fakes import EnergyClassifier
 
 from streaming.audio import MODEL_SAMPLE_RATE_HZ, AudioFormat, AudioFormatError
 from streaming.engine import DecodeRequest, Hypothesis, Word
@@ -42,11 +43,6 @@ CONFIG = SessionConfig(audio=AudioFormat(SR, "pcm_s16le"), vad=VadOptions(),
                        policy=PolicyOptions(step_s=0.5, holdback_s=0.5))
 # Every closed segment decoded once more for its final (no reuse of the endpoint step).
 DECODE_FINALS = replace(CONFIG, policy=replace(CONFIG.policy, endpoint_silence_s=0.0))
-
-
-class EnergyClassifier:
-    def is_speech(self, frame: np.ndarray) -> bool:
-        return float(np.mean(np.square(frame))) > 1e-4
 
 
 # Value-coded audio and the engine that reads it ------------------------------------------

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from fakes import EnergyClassifier
 
 from streaming.engine import DecodeRequest, Hypothesis, Word
 from streaming.policy import PolicyOptions
@@ -18,11 +19,6 @@ from streaming.session import Session, SessionConfig
 TEXT = {1: " streaming", 2: " speech", 3: " recognition", 4: ",", 5: " spoken", 6: " words",
         7: " turns"}
 SCRIPT = [[1], [1, 2, 3, 7], [1, 2, 3, 7], [1, 2, 3, 4, 5, 6]]
-
-
-class Loud:
-    def is_speech(self, frame: np.ndarray) -> bool:
-        return float(np.mean(np.abs(frame))) > 0.01
 
 
 class RegroupingEngine:
@@ -56,7 +52,7 @@ class RegroupingEngine:
 
 
 def test_promised_words_are_never_repeated_when_the_engine_regroups_them() -> None:
-    session = Session("s", SessionConfig(), Loud())
+    session = Session("s", SessionConfig(), EnergyClassifier())
     engine = RegroupingEngine()
     audio = (np.ones(16_000 * 4) * 0.3 * 32767).astype("<i2")
     messages = []
@@ -120,7 +116,7 @@ def test_alignatt_promises_from_one_hypothesis_and_asks_partials_to_stop_at_the_
     stable: dict[str, str] = {}
     for name in ("local_agreement", "alignatt"):
         config = SessionConfig(policy=PolicyOptions(policy=name))
-        messages, jobs = _run(Session("s", config, Loud()), FickleEngine(), audio)
+        messages, jobs = _run(Session("s", config, EnergyClassifier()), FickleEngine(), audio)
         stable[name] = max((m.stable for m in messages if isinstance(m, Partial)), key=len,
                            default="")
         edges = {job.final: job.request.stop_edge_s for job in jobs}

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from fakes import EnergyClassifier
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -30,16 +31,6 @@ OPTIONS = VadOptions(frame_ms=30, start_ms=90, end_ms=300, pad_ms=60, max_segmen
 F = OPTIONS.frame_samples
 SPEECH = 0.3  # frame amplitudes
 SILENCE = 0.0
-
-
-class EnergyClassifier:
-    """Speech when the frame's mean power exceeds `threshold` (amplitude above ~0.014)."""
-
-    def __init__(self, threshold: float = 1e-4) -> None:
-        self.threshold = threshold
-
-    def is_speech(self, frame: np.ndarray) -> bool:
-        return float(np.mean(np.square(frame))) > self.threshold
 
 
 def frames_signal(amplitudes: Sequence[float], freq_hz: float = 440.0) -> np.ndarray:

@@ -101,11 +101,28 @@ def add_subcommand(sub: Any) -> None:
     p.add_argument("--from", dest="from_report", type=Path, default=None, metavar="R.json",
                    help="no streaming: analyse again the message log of an earlier --out")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    w = p.add_argument_group(
+        "Wyoming", "--wyoming: each file as one Home Assistant voice command over Wyoming, "
+        "whisperstream and each --peer in turn; definitions: server/bench/wyoming.py")
+    w.add_argument("--wyoming", action="store_true",
+                   help="measure Wyoming speech to text (with --url: tcp://HOST:PORT)")
+    w.add_argument("--peer", action="append", default=[], metavar="NAME=COMMAND",
+                   help="another Wyoming server to measure, started from COMMAND with "
+                   "{port} in it; repeatable")
+    w.add_argument("--stop-silence-s", type=float, default=0.7,
+                   help="audio-stop this long after the last speech, as a satellite's VAD "
+                   "sends it; 0: the whole file (default 0.7, Home Assistant's)")
     p.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     try:
+        if args.wyoming:
+            from server.bench.wyoming import cmd_wyoming_bench
+
+            return cmd_wyoming_bench(args)
+        if args.peer:
+            raise BenchError("--peer goes with --wyoming")
         return _bench(args)
     except BenchError as exc:
         print(f"whisperstream bench: {exc}", file=sys.stderr)

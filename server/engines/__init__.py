@@ -48,3 +48,10 @@ def build_engine(model: ModelSection) -> WhisperEngine:
         timestamps=model.timestamps, workers=model.worker_count,
         feature_threads=model.feature_threads, device=model.device,
     )
+
+
+def whisper_languages() -> list[str]:
+    """The codes of every language Whisper knows (what a multilingual model transcribes)."""
+    from faster_whisper.tokenizer import _LANGUAGE_CODES
+
+    return sorted(_LANGUAGE_CODES)
