@@ -12,8 +12,9 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e .
 	touch $@
 
+# The tests run both engines, so the test install has the torch extra (a CPU wheel).
 $(BIN)/.installed-test: $(BIN)/.installed pyproject.toml
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,torch]'
 	touch $@
 
 run: $(BIN)/.installed

@@ -17,7 +17,7 @@ from pydantic_settings import (
 )
 
 from streaming.audio import MAX_SAMPLE_RATE_HZ, MIN_SAMPLE_RATE_HZ, AudioFormat
-from streaming.policy import PolicyOptions, Tentative
+from streaming.policy import Policy, PolicyOptions, Tentative
 from streaming.vad import VadOptions
 
 DEFAULT_CONFIG = Path("config.yaml")
@@ -85,6 +85,8 @@ def _is_ipv6(name: str) -> bool:
 
 class ModelSection(_Section):
     name: str = "bundled"
+    engine: Literal["ctranslate2", "torch"] = "ctranslate2"
+    device: Literal["auto", "cpu", "cuda"] = "cpu"
     compute_type: str = "int8"
     cpu_threads: int = Field(1, ge=0)
     workers: int = Field(0, ge=0, le=64)
@@ -130,8 +132,10 @@ class StreamingSection(_Section):
     endpoint_silence_s: float = Field(0.2, ge=0.0, le=5.0)
     no_speech_threshold: float = Field(0.6, ge=0.0, le=1.0)
     logprob_threshold: float = -1.0
+    policy: Policy = "local_agreement"
+    alignatt_edge_s: float = Field(0.5, ge=0.0, le=5.0)
 
-    def policy(self) -> PolicyOptions:
+    def policy_options(self) -> PolicyOptions:
         return PolicyOptions(
             step_s=self.step_s,
             holdback_s=self.holdback_s,
@@ -145,6 +149,8 @@ class StreamingSection(_Section):
             endpoint_silence_s=self.endpoint_silence_s,
             no_speech_threshold=self.no_speech_threshold,
             logprob_threshold=self.logprob_threshold,
+            policy=self.policy,
+            alignatt_edge_s=self.alignatt_edge_s,
         )
 
     def audio_format(self) -> AudioFormat:

@@ -117,7 +117,7 @@ class SessionHost:
             language=language,
             interim=s.interim if params.interim is None else params.interim,
             vad=self.settings.vad.options(),
-            policy=s.policy(),
+            policy=s.policy_options(),
         )
 
     def open_session(self, session_id: str, config: SessionConfig, outlet: Outlet, *,

@@ -19,7 +19,8 @@ CORE_ALLOWED = {
     "streaming",
 }
 # Model backends load files, download and set process-wide threads: server/engines/.
-BACKENDS = {"ctranslate2", "faster_whisper", "tokenizers", "huggingface_hub", "threadpoolctl"}
+BACKENDS = {"ctranslate2", "faster_whisper", "tokenizers", "huggingface_hub", "threadpoolctl",
+            "torch"}
 
 
 def _module_name(path: Path) -> str:

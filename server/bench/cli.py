@@ -63,7 +63,7 @@ from server.bench.report import (
     runs_from_report,
     write_json,
 )
-from server.bench.runner import stream_runs
+from server.bench.runner import ModelKey, stream_runs
 from server.bench.scoring import normalize, word_errors
 from server.bench.variants import Variant, parse_variant, variant_settings
 
@@ -169,7 +169,7 @@ def _bench(args: argparse.Namespace) -> int:
                                Path(tmp), url=args.url, server_pid=args.server_pid,
                                api_key=args.api_key, config=args.config)
         # After the servers have stopped, so that it does not compete with them.
-        offline_models: dict[tuple[str, str, int], ModelSection] = {}
+        offline_models: dict[ModelKey, ModelSection] = {}
         for run in runs:  # each model once, in the order of the runs
             offline_models.setdefault(run.model_key, settings[run.variant.name].model)
         offline = offline_pass(offline_models, items, progress)
