@@ -14,8 +14,9 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --no-deps silero-vad==6.2.3
 	touch $@
 
+# The tests run both engines, so the test install has the torch extra (a CPU wheel).
 $(BIN)/.installed-test: $(BIN)/.installed pyproject.toml
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,torch]'
 	touch $@
 
 run: $(BIN)/.installed

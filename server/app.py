@@ -3,7 +3,8 @@
 - `SessionHost` (server/host.py): the engine's scheduler, metrics, sinks, the registry of
   live sessions; every session runs on a `SessionDriver` (server/driver.py).
 - Front doors: the WebSocket endpoint (server/websocket.py) and HTTP routes
-  (server/routes.py) on one port; Hermes over MQTT (server/hermes.py) when enabled.
+  (server/routes.py) on one port; Hermes over MQTT (server/hermes.py) and Wyoming over
+  TCP (server/wyoming.py) when enabled.
 - Sinks: the MQTT session publisher (server/mqtt.py) when enabled.
 
 `running()` is the lifecycle: start, serve, and on exit a graceful shutdown that stops
@@ -31,6 +32,7 @@ from server.mqtt import SessionPublisher
 from server.routes import HttpRoutes
 from server.scheduler import InferenceScheduler
 from server.websocket import handle_stream
+from server.wyoming import WyomingService
 from streaming.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -69,8 +71,9 @@ class TranscriptionServer:
         # waited 5 s and more; issue 18). Keepalive: a ping every keepalive_s, and a
         # pong (or, in GuardedConnection, the output the client leaves unread) at most
         # that late, else the connection is dropped.
-        # MQTT (sinks, Hermes) starts first and stops last: sessions finish into it.
-        async with mqtt_services(self.host), serve(
+        # The integrations (MQTT sinks, Hermes, Wyoming) start first and stop last, after
+        # shutdown has finished every session: sessions finish into the MQTT sinks.
+        async with integrations(self.host), serve(
             partial(handle_stream, self.host),
             cfg.host,
             cfg.port,
@@ -119,9 +122,10 @@ class TranscriptionServer:
 
 
 @contextlib.asynccontextmanager
-async def mqtt_services(host: SessionHost) -> AsyncIterator[None]:
-    """What `mqtt` and `hermes` in the config ask for, for as long as the server runs:
-    the session publisher (one of the host's sinks) and the Hermes ASR service."""
+async def integrations(host: SessionHost) -> AsyncIterator[None]:
+    """What `mqtt`, `hermes` and `wyoming` in the config ask for, for as long as the
+    server runs: the session publisher (one of the host's sinks), the Hermes ASR service
+    and the Wyoming speech-to-text service. They stop in the reverse order."""
     settings = host.settings
     async with contextlib.AsyncExitStack() as stack:
         if settings.mqtt.enabled:
@@ -133,4 +137,6 @@ async def mqtt_services(host: SessionHost) -> AsyncIterator[None]:
                      settings.mqtt.host, settings.mqtt.port)
         if settings.hermes.enabled:
             await stack.enter_async_context(HermesAsr(host).running())
+        if settings.wyoming.enabled:
+            await stack.enter_async_context(WyomingService(host).running())
         yield

@@ -79,6 +79,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    wyoming = settings.wyoming
+    if (wyoming.enabled and not is_loopback(wyoming.host)
+            and not settings.server.allow_public_without_auth):
+        print(
+            f"whisperstream: refusing to serve Wyoming on {wyoming.host}: the Wyoming protocol "
+            "has no authentication, so anyone who reaches the port can use the server; set "
+            "server.allow_public_without_auth: true to allow it",
+            file=sys.stderr,
+        )
+        return 2
     try:
         asyncio.run(_serve(settings))
     except OSError as exc:

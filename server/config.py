@@ -17,7 +17,7 @@ from pydantic_settings import (
 )
 
 from streaming.audio import MAX_SAMPLE_RATE_HZ, MIN_SAMPLE_RATE_HZ, AudioFormat
-from streaming.policy import PolicyOptions, Tentative
+from streaming.policy import Policy, PolicyOptions, Tentative
 from streaming.vad import Detector, VadOptions
 
 DEFAULT_CONFIG = Path("config.yaml")
@@ -85,6 +85,8 @@ def _is_ipv6(name: str) -> bool:
 
 class ModelSection(_Section):
     name: str = "bundled"
+    engine: Literal["ctranslate2", "torch"] = "ctranslate2"
+    device: Literal["auto", "cpu", "cuda"] = "cpu"
     compute_type: str = "int8"
     cpu_threads: int = Field(1, ge=0)
     workers: int = Field(0, ge=0, le=64)
@@ -149,8 +151,10 @@ class StreamingSection(_Section):
     endpoint_silence_s: float = Field(0.2, ge=0.0, le=5.0)
     no_speech_threshold: float = Field(0.6, ge=0.0, le=1.0)
     logprob_threshold: float = -1.0
+    policy: Policy = "local_agreement"
+    alignatt_edge_s: float = Field(0.5, ge=0.0, le=5.0)
 
-    def policy(self) -> PolicyOptions:
+    def policy_options(self) -> PolicyOptions:
         return PolicyOptions(
             step_s=self.step_s,
             holdback_s=self.holdback_s,
@@ -164,6 +168,8 @@ class StreamingSection(_Section):
             endpoint_silence_s=self.endpoint_silence_s,
             no_speech_threshold=self.no_speech_threshold,
             logprob_threshold=self.logprob_threshold,
+            policy=self.policy,
+            alignatt_edge_s=self.alignatt_edge_s,
         )
 
     def audio_format(self) -> AudioFormat:
@@ -250,6 +256,17 @@ class HermesSection(_Section):
     max_command_s: float = Field(30.0, gt=0)  # with stopOnSilence, longest voice command
 
 
+class WyomingSection(_Section):
+    """Wyoming speech-to-text service for Home Assistant and Wyoming satellites
+    (server/wyoming.py)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"  # the protocol has no authentication: see README
+    port: int = Field(10300, ge=1, le=65535)
+    stop_on_silence: bool = False  # the first pause ends the command, before audio-stop
+    max_command_s: float = Field(60.0, gt=0)  # longest voice command; then its transcript
+
+
 def _check_tls(settings: Settings) -> None:
     if (settings.server.tls_cert is None) != (settings.server.tls_key is None):
         raise ConfigError("invalid configuration: server.tls_cert and server.tls_key go "
@@ -271,6 +288,7 @@ class Settings(BaseSettings):
     auth: AuthSection = AuthSection()
     mqtt: MqttSection = MqttSection()
     hermes: HermesSection = HermesSection()
+    wyoming: WyomingSection = WyomingSection()
 
 
 class ConfigError(ValueError):

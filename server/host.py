@@ -18,7 +18,7 @@ from server.driver import DriverLimits, Outlet, SessionDriver, SessionSink
 from server.metrics import Metrics
 from server.scheduler import InferenceScheduler
 from streaming.audio import AudioFormat, AudioFormatError
-from streaming.engine import Engine
+from streaming.engine import Engine, EngineCapabilities
 from streaming.protocol import ProtocolError, StreamParams
 from streaming.session import Session, SessionConfig
 from streaming.vad import FrameClassifier, VadOptions, WebRtcClassifier
@@ -44,6 +44,9 @@ class Host(Protocol):
 
     @property
     def engine_name(self) -> str: ...
+
+    @property
+    def capabilities(self) -> EngineCapabilities: ...
 
     @property
     def active_sessions(self) -> int: ...
@@ -78,6 +81,10 @@ class SessionHost:
     @property
     def engine_name(self) -> str:
         return self.engine.name
+
+    @property
+    def capabilities(self) -> EngineCapabilities:
+        return self.engine.capabilities
 
     @property
     def drivers(self) -> list[SessionDriver]:
@@ -123,7 +130,7 @@ class SessionHost:
             language=language,
             interim=s.interim if params.interim is None else params.interim,
             vad=self.settings.vad.options(),
-            policy=s.policy(),
+            policy=s.policy_options(),
         )
 
     def open_session(self, session_id: str, config: SessionConfig, outlet: Outlet, *,

@@ -44,6 +44,10 @@ class DecodeRequest:
     prefix_tokens: tuple[int, ...] = ()  # forced start of the transcript
     prompt: str = ""  # earlier text, context only
     language: str = "en"
+    # AlignAtt: an engine that sees its cross-attention while decoding may stop once the
+    # alignment heads attend within this many seconds of the audio's end (0: decode to
+    # the end). Others decode to the end, and the policy cuts by word times.
+    stop_edge_s: float = 0.0
 
 
 class EngineLoadError(RuntimeError):

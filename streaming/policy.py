@@ -1,9 +1,17 @@
 """The streaming policy: which words of a hypothesis may be promised (`stable`).
 
-LocalAgreement-2 (Machacek et al., whisper_streaming): a word is committed once two
-consecutive hypotheses of the growing window agree on it. Two guards on top: the last
-word of a hypothesis is never committed (it may be cut mid-word), nor is a word that
-ends in the last `holdback_s` of the window, where Whisper still tends to revise.
+Two policies (`PolicyOptions.policy`):
+
+- LocalAgreement-2 (Machacek et al., whisper_streaming), the default: a word is
+  committed once two consecutive hypotheses of the growing window agree on it. Two
+  guards on top: the last word of a hypothesis is never committed (it may be cut
+  mid-word), nor is a word that ends in the last `holdback_s` of the window, where
+  Whisper still tends to revise.
+- AlignAtt (Papi et al., SimulStreaming): one hypothesis is enough. A word is committed
+  when the alignment heads place it (its DTW end) at least `alignatt_edge_s` before
+  the window's end: the model has heard audio after it. The last word is never
+  committed either. An engine that sees its cross-attention while it decodes (torch)
+  also stops decoding there (`DecodeRequest.stop_edge_s`), saving the tokens after.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from typing import Literal
 from streaming.engine import Hypothesis, Word
 
 Tentative = Literal["all", "agreed"]  # which unpromised words a partial shows
+Policy = Literal["local_agreement", "alignatt"]  # how words are promised
 
 
 @dataclass(frozen=True)
@@ -47,8 +56,12 @@ class PolicyOptions:
     endpoint_silence_s: float = 0.2
     no_speech_threshold: float = 0.6  # with a low log-probability: treat as no speech
     logprob_threshold: float = -1.0
+    policy: Policy = "local_agreement"
+    alignatt_edge_s: float = 0.5  # AlignAtt: promise words ending this far from the edge
 
     def __post_init__(self) -> None:
+        if self.alignatt_edge_s < 0:
+            raise ValueError("streaming.alignatt_edge_s must not be negative")
         if not 0.1 <= self.step_s <= 10.0:
             raise ValueError("streaming.step_s must lie between 0.1 and 10 seconds")
         if self.holdback_s < 0:
@@ -92,6 +105,30 @@ def agreed_prefix(
             break
         agreed.append(now)
     return agreed
+
+
+def attended_prefix(current: Sequence[Word], window_s: float, options: PolicyOptions
+                    ) -> list[Word]:
+    """AlignAtt: the words of `current` (never its last) that end at least
+    `alignatt_edge_s` before the window's end; early on, only words the model is sure of
+    (as LocalAgreement's `early_commit_probability`)."""
+    limit = window_s - options.alignatt_edge_s
+    early = window_s < options.early_commit_s
+    attended: list[Word] = []
+    for now in current[:-1]:
+        if now.end_s > limit or (early and now.probability < options.early_commit_probability):
+            break
+        attended.append(now)
+    return attended
+
+
+def promised_prefix(
+    previous: Sequence[Word], current: Sequence[Word], window_s: float, options: PolicyOptions
+) -> list[Word]:
+    """The words of `current` that `options.policy` promises."""
+    if options.policy == "alignatt":
+        return attended_prefix(current, window_s, options)
+    return agreed_prefix(previous, current, window_s, options)
 
 
 # Whisper's best-known inventions on silence and noise (it was trained on subtitles).

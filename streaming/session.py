@@ -21,9 +21,9 @@ from streaming.audio import MODEL_SAMPLE_RATE_HZ, AudioFormat, StreamResampler, 
 from streaming.engine import DecodeRequest, Hypothesis, Word
 from streaming.policy import (
     PolicyOptions,
-    agreed_prefix,
     drop_hallucination,
     drop_trailing_echo,
+    promised_prefix,
     tentative_words,
 )
 from streaming.protocol import (
@@ -236,9 +236,10 @@ class Session:
         self._in_flight = job
         return job
 
-    def _request(self, segment: _Segment, audio: np.ndarray) -> DecodeRequest:
+    def _request(self, segment: _Segment, audio: np.ndarray, final: bool) -> DecodeRequest:
         """Decode the segment's live window: promised words inside it are the forced
-        prefix, promised words before it (and earlier finals, if asked) the prompt."""
+        prefix, promised words before it (and earlier finals, if asked) the prompt. A
+        partial step under AlignAtt may stop at the live edge; a final hears it all."""
         policy = self.config.policy
         history = " ".join(self._history)[-policy.prompt_chars :] if policy.prompt_chars else ""
         context = "".join(w.text for w in segment.committed[: segment.trimmed]).strip()
@@ -248,6 +249,8 @@ class Session:
             prefix_tokens=tuple(t for w in segment.committed[segment.trimmed :] for t in w.tokens),
             prompt=prompt,
             language=self.config.language,
+            stop_edge_s=policy.alignatt_edge_s
+            if policy.policy == "alignatt" and not final else 0.0,
         )
 
     def _final_job(self) -> Job | None:
@@ -255,7 +258,8 @@ class Session:
             return None
         segment = self._to_finalize[0]
         assert segment.closed is not None
-        return Job(self.id, segment.index, self._request(segment, segment.closed.audio), True,
+        return Job(self.id, segment.index, self._request(segment, segment.closed.audio, True),
+                   True,
                    segment.start_sample + segment.window_start)
 
     def _partial_job(self) -> Job | None:
@@ -272,7 +276,7 @@ class Session:
         if not due:
             return None
         segment.decoded_samples = len(audio)
-        return Job(self.id, segment.index, self._request(segment, audio), False,
+        return Job(self.id, segment.index, self._request(segment, audio, False), False,
                    start + segment.window_start)
 
     @property
@@ -362,7 +366,7 @@ class Session:
     def _update_partial(self, segment: _Segment, job: Job, words: list[Word]) -> None:
         window_s = (job.start_sample - segment.start_sample) / MODEL_SAMPLE_RATE_HZ \
             + job.audio_seconds  # the window's end, from the segment start
-        agreed = agreed_prefix(segment.previous, words, window_s, self.config.policy)
+        agreed = promised_prefix(segment.previous, words, window_s, self.config.policy)
         # Promise only while the segment is live: once it is closed (a length cut may land
         # while this job is in flight) agreed words can lie beyond its audio, and forcing
         # them into its final would repeat them in the next segment.

@@ -13,8 +13,7 @@ from harness import running_server
 from speech import Utterance, synthesize
 
 from server.config import ModelSection
-from server.engines import build_engine
-from server.engines.ct2 import CTranslate2Whisper
+from server.engines import WhisperEngine, build_engine
 
 THREE_SENTENCES = [
     "Streaming speech recognition turns spoken words into text while people are still talking.",
@@ -27,13 +26,13 @@ OTHER_SPEECH = [
 
 
 @pytest.fixture(scope="session")
-def engine() -> CTranslate2Whisper:
+def engine() -> WhisperEngine:
     """The real bundled Whisper tiny.en model, loaded once, as the server loads it."""
     return build_engine(ModelSection())
 
 
 @pytest.fixture(scope="session")
-def server_url(engine: CTranslate2Whisper) -> Iterator[str]:
+def server_url(engine: WhisperEngine) -> Iterator[str]:
     with running_server(engine) as url:
         yield url
 

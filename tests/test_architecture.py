@@ -19,7 +19,8 @@ CORE_ALLOWED = {
     "streaming",
 }
 # Model backends load files, download and set process-wide threads: server/engines/.
-BACKENDS = {"ctranslate2", "faster_whisper", "tokenizers", "huggingface_hub", "threadpoolctl"}
+BACKENDS = {"ctranslate2", "faster_whisper", "tokenizers", "huggingface_hub", "threadpoolctl",
+            "torch"}
 # Silero VAD's runtime (and its package, whose model file is all that is used): only the
 # classifier that runs it, server/vad_silero.py, behind the core's FrameClassifier.
 VAD_RUNTIMES = {"onnxruntime", "silero_vad"}

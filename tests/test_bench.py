@@ -200,7 +200,8 @@ def _run_of(text: str, finals: list[str]) -> tuple[RunResult, dict[str, OfflineR
     messages += [(1.0 + k, final(k, t)) for k, t in enumerate(finals)]
     messages.append((9.0, {"type": "done", "audio_seconds": 8.0, "segments": len(finals)}))
     record = StreamRecord(item, 8.0, messages, 1000, None)
-    run = RunResult(Variant("v"), 1, [record], {}, ("bundled", "int8", 1), "tiny", 9.0)
+    run = RunResult(Variant("v"), 1, [record], {}, ("bundled", "int8", 1, "ctranslate2"), "tiny",
+                    9.0)
     ref = [RefWord(w, 0.4 * i, 0.4 * i + 0.3) for i, w in enumerate(ref_words)]
     return run, {"f1": OfflineResult(text, [(0.0, 8.0)], ref)}
 
@@ -280,3 +281,29 @@ def test_bench_runs_end_to_end_against_servers_it_starts(
     assert main(["bench", "--from", str(out), "--out", str(again)]) == 0
     for before, after in zip(report["runs"], json.loads(again.read_text())["runs"], strict=True):
         assert after["figures"] == {**before["figures"], "wall_s": after["figures"]["wall_s"]}
+
+
+def test_an_engine_variant_sets_model_engine() -> None:
+    from server.bench.runner import model_key_of
+    from server.bench.variants import variant_settings
+
+    variant = parse_variant("torch:model.engine=torch")
+    assert variant.env == {"WHISPERSTREAM_MODEL__ENGINE": "torch"}
+    settings = variant_settings(None, variant)
+    assert settings.model.engine == "torch"
+    # Each engine is compared with its own offline transcription.
+    assert model_key_of(settings) != model_key_of(variant_settings(None, parse_variant("ct2")))
+
+
+def test_the_step_benchmark_times_a_step_of_an_engine() -> None:
+    from fakes import ScriptedWhisper
+
+    from server.bench.step import time_step
+    from streaming.engine import DecodeRequest
+
+    engine = ScriptedWhisper()
+    audio = np.full(16_000, 0.3, dtype=np.float32)
+    result = time_step(engine, DecodeRequest(audio), repeat=3)
+    assert engine.calls == 4  # a warm-up, then three timed
+    assert result["cpu_s"] >= 0 and result["wall_s"] >= 0 and result["new_tokens"] >= 1
+

@@ -8,15 +8,14 @@ from pathlib import Path
 import pytest
 
 from server.config import ModelSection
-from server.engines import build_engine
-from server.engines.ct2 import CTranslate2Whisper
+from server.engines import WhisperEngine, build_engine
 from server.engines.models import resolve_model_path
 from streaming.engine import EngineCapabilities, EngineLoadError
 
 
 @pytest.mark.model
 def test_the_bundled_model_states_it_transcribes_english_on_the_cpu(
-    engine: CTranslate2Whisper,
+    engine: WhisperEngine,
 ) -> None:
     assert engine.capabilities == EngineCapabilities(
         languages=frozenset({"en"}), translation=False, device="cpu")
@@ -61,3 +60,16 @@ def test_a_model_folder_without_its_tokenizer_is_refused(tmp_path: Path) -> None
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(EngineLoadError, match="is not a readable tokenizer"):
         build_engine(ModelSection(name=str(tmp_path)))
+
+
+def test_the_torch_engine_without_pytorch_says_how_to_install_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # as if not installed
+    for name in [m for m in sys.modules if m.startswith("server.engines.torch_whisper")]:
+        monkeypatch.delitem(sys.modules, name)
+    with pytest.raises(EngineLoadError, match=r"needs PyTorch.*pip install -e '\.\[torch\]'"):
+        build_engine(ModelSection(engine="torch"))
+

@@ -11,9 +11,11 @@ from streaming.engine import Hypothesis, Word
 from streaming.policy import (
     PolicyOptions,
     agreed_prefix,
+    attended_prefix,
     drop_hallucination,
     drop_trailing_echo,
     heard_again,
+    promised_prefix,
     tentative_words,
 )
 
@@ -114,7 +116,8 @@ def test_agreed_words_are_the_current_hypothesis_words() -> None:
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"step_s": 0.05}, {"step_s": 11.0}, {"holdback_s": -0.1}]
+    "kwargs", [{"step_s": 0.05}, {"step_s": 11.0}, {"holdback_s": -0.1},
+               {"alignatt_edge_s": -0.1}]
 )
 def test_policy_options_reject_invalid_values(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
@@ -297,3 +300,31 @@ def test_a_word_at_the_live_edge_shows_when_the_model_is_sure_of_it() -> None:
     edge = PolicyOptions(tentative="all", tentative_edge_s=0.5, tentative_edge_probability=0.9)
     assert texts(tentative_words((), sure, 0, 1.6, edge)) == [" the", " quick", " fox"]
     assert texts(tentative_words((), unsure, 0, 1.6, edge)) == [" the", " quick"]
+
+
+# AlignAtt ----------------------------------------------------------------------------------
+
+ALIGNATT = PolicyOptions(policy="alignatt", alignatt_edge_s=0.5)
+
+
+def test_alignatt_promises_heard_words_from_one_hypothesis() -> None:
+    current = sentence(" the", " quick", " brown", " fox", " jumps")  # ends at 2.5 s
+    # Words ending by 3.0 - 0.5 s, but never the last word: no earlier hypothesis needed.
+    assert texts(attended_prefix(current, 3.0, ALIGNATT)) == [" the", " quick", " brown",
+                                                                " fox"]
+    assert texts(attended_prefix(current, 2.4, ALIGNATT)) == [" the", " quick", " brown"]
+    assert texts(promised_prefix([], current, 3.0, ALIGNATT)) == texts(current[:-1])
+    assert promised_prefix([], current, 3.0, OPTIONS) == []  # LocalAgreement: two needed
+
+
+def test_alignatt_early_on_promises_only_words_the_model_is_sure_of() -> None:
+    current = sentence(" the", " quick", " brown", " fox")
+    current[1] = replace(current[1], probability=0.3)
+    assert texts(attended_prefix(current, 2.5, ALIGNATT)) == [" the"]  # window < 3 s
+    assert texts(attended_prefix(current, 3.5, ALIGNATT)) == [" the", " quick", " brown"]
+
+
+def test_alignatt_of_nothing_is_nothing() -> None:
+    assert attended_prefix([], 5.0, ALIGNATT) == []
+    assert attended_prefix(sentence(" one"), 5.0, ALIGNATT) == []
+

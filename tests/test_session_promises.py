@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from fakes import EnergyClassifier
 
 from streaming.engine import DecodeRequest, Hypothesis, Word
+from streaming.policy import PolicyOptions
 from streaming.protocol import Final, Partial, Stop
 from streaming.session import Session, SessionConfig
 
@@ -69,3 +71,58 @@ def test_promised_words_are_never_repeated_when_the_engine_regroups_them() -> No
         assert text.count("streaming") <= 1, texts
     final = next(m for m in messages if isinstance(m, Final))
     assert final.text == "streaming speech recognition, spoken words"
+
+
+def _run(session: Session, engine: Any, audio: np.ndarray) -> tuple[list[Any], list[Any]]:
+    messages, jobs = [], []
+    for offset in range(0, len(audio), 1600):
+        session.receive_audio(audio[offset : offset + 1600].tobytes())
+        while (job := session.next_job()) is not None:
+            jobs.append(job)
+            session.complete_job(job, engine.transcribe([job.request])[0])
+        messages += session.take_messages()
+    session.receive_message(Stop())
+    while (job := session.next_job()) is not None:
+        jobs.append(job)
+        session.complete_job(job, engine.transcribe([job.request])[0])
+    return messages + session.take_messages(), jobs
+
+
+class FickleEngine:
+    """Hears a word per half second, but spells every word after the forced prefix with
+    new tokens on each call: no two hypotheses ever agree on a new word."""
+
+    name = "fickle"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def transcribe(self, requests: Sequence[DecodeRequest]) -> list[Hypothesis]:
+        return [self._one(r) for r in requests]
+
+    def _one(self, request: DecodeRequest) -> Hypothesis:
+        self.calls += 1
+        prefix = list(request.prefix_tokens)
+        heard = int(len(request.audio) / 16_000 / 0.5)
+        return Hypothesis(tuple(
+            Word(f" w{i}", i * 0.5, i * 0.5 + 0.4, 0.9,
+                 (prefix[i],) if i < len(prefix) else (10**6 * self.calls + i,))
+            for i in range(max(heard, len(prefix)))))
+
+
+def test_alignatt_promises_from_one_hypothesis_and_asks_partials_to_stop_at_the_edge(
+) -> None:
+    audio = (np.ones(16_000 * 4) * 0.3 * 32767).astype("<i2")
+    stable: dict[str, str] = {}
+    for name in ("local_agreement", "alignatt"):
+        config = SessionConfig(policy=PolicyOptions(policy=name))
+        messages, jobs = _run(Session("s", config, EnergyClassifier()), FickleEngine(), audio)
+        stable[name] = max((m.stable for m in messages if isinstance(m, Partial)), key=len,
+                           default="")
+        edges = {job.final: job.request.stop_edge_s for job in jobs}
+        # A final hears its segment out; only AlignAtt's partial steps may stop early.
+        assert edges == {False: 0.5 if name == "alignatt" else 0.0, True: 0.0}
+        final = next(m for m in messages if isinstance(m, Final))
+        assert final.text.startswith(stable[name]), (final.text, stable[name])
+    assert stable["local_agreement"] == ""  # never two hypotheses alike
+    assert stable["alignatt"].startswith("w0 w1 w2"), stable

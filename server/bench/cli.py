@@ -70,7 +70,7 @@ from server.bench.report import (
     runs_from_report,
     write_json,
 )
-from server.bench.runner import stream_runs
+from server.bench.runner import ModelKey, stream_runs
 from server.bench.scoring import normalize, word_errors
 from server.bench.variants import Variant, parse_variant, variant_settings
 
@@ -108,11 +108,28 @@ def add_subcommand(sub: Any) -> None:
     p.add_argument("--from", dest="from_report", type=Path, default=None, metavar="R.json",
                    help="no streaming: analyse again the message log of an earlier --out")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    w = p.add_argument_group(
+        "Wyoming", "--wyoming: each file as one Home Assistant voice command over Wyoming, "
+        "whisperstream and each --peer in turn; definitions: server/bench/wyoming.py")
+    w.add_argument("--wyoming", action="store_true",
+                   help="measure Wyoming speech to text (with --url: tcp://HOST:PORT)")
+    w.add_argument("--peer", action="append", default=[], metavar="NAME=COMMAND",
+                   help="another Wyoming server to measure, started from COMMAND with "
+                   "{port} in it; repeatable")
+    w.add_argument("--stop-silence-s", type=float, default=0.7,
+                   help="audio-stop this long after the last speech, as a satellite's VAD "
+                   "sends it; 0: the whole file (default 0.7, Home Assistant's)")
     p.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     try:
+        if args.wyoming:
+            from server.bench.wyoming import cmd_wyoming_bench
+
+            return cmd_wyoming_bench(args)
+        if args.peer:
+            raise BenchError("--peer goes with --wyoming")
         return _bench(args)
     except BenchError as exc:
         print(f"whisperstream bench: {exc}", file=sys.stderr)
@@ -159,7 +176,7 @@ def _bench(args: argparse.Namespace) -> int:
                                Path(tmp), url=args.url, server_pid=args.server_pid,
                                api_key=args.api_key, config=args.config)
         # After the servers have stopped, so that it does not compete with them.
-        offline_models: dict[tuple[str, str, int], ModelSection] = {}
+        offline_models: dict[ModelKey, ModelSection] = {}
         for run in runs:  # each model once, in the order of the runs
             offline_models.setdefault(run.model_key, settings[run.variant.name].model)
         offline = offline_pass(offline_models, items, progress)

@@ -14,8 +14,9 @@ from server.bench.scoring import RefWord, align, normalize
 if TYPE_CHECKING:
     import numpy as np
 
+    from server.bench.runner import ModelKey
     from server.config import ModelSection
-    from server.engines.ct2 import CTranslate2Whisper
+    from server.engines import WhisperEngine
 
 OFFLINE_SINGLE_WINDOW_S = 28.0  # longer files are transcribed offline window by window
 OFFLINE_MIN_WINDOW_S = 15.0
@@ -66,7 +67,7 @@ class OfflineResult:
 
 
 def offline_transcribe(
-    engine: CTranslate2Whisper, audio: np.ndarray
+    engine: WhisperEngine, audio: np.ndarray
 ) -> tuple[list[tuple[int, int]], list[str]]:
     """The windows and their texts."""
     from streaming.engine import DecodeRequest
@@ -80,7 +81,7 @@ def offline_transcribe(
 
 
 def reference_times(
-    engine: CTranslate2Whisper,
+    engine: WhisperEngine,
     audio: np.ndarray,
     ref_words: list[str],
     windows: list[tuple[int, int]],
@@ -145,13 +146,13 @@ def trim_to_sound(words: list[RefWord], audio: np.ndarray, rate: int = 16_000) -
 
 
 def offline_pass(
-    models: dict[tuple[str, str, int], ModelSection], items: Sequence[Item], progress: Any,
-) -> dict[tuple[str, str, int], dict[str, OfflineResult]]:
+    models: dict[ModelKey, ModelSection], items: Sequence[Item], progress: Any,
+) -> dict[ModelKey, dict[str, OfflineResult]]:
     """Offline transcripts per model (in the order given), and the reference times (from
     the first model)."""
     from server.engines import build_engine
 
-    offline: dict[tuple[str, str, int], dict[str, OfflineResult]] = {}
+    offline: dict[ModelKey, dict[str, OfflineResult]] = {}
     for key, model in models.items():
         engine = build_engine(model)
         task = progress.add_task(f"offline {engine.name}", total=len(items), audio="")

@@ -14,7 +14,7 @@ from typing import Any
 from server.bench.errors import BenchError
 from server.bench.manifest import Item
 from server.bench.offline import OFFLINE_METHOD, OfflineResult
-from server.bench.runner import RunResult, StreamRecord, model_key_of
+from server.bench.runner import ModelKey, RunResult, StreamRecord, model_key_of
 from server.bench.scoring import (
     LATENCY_KINDS,
     analyse_session,
@@ -294,7 +294,7 @@ def runs_from_report(path: Path, config: Path | None) -> tuple[list[RunResult], 
 
 def bench_results(
     per_run: list[tuple[RunResult, dict[str, Any], list[dict[str, Any]]]],
-    offline: dict[tuple[str, str, int], dict[str, OfflineResult]],
+    offline: dict[ModelKey, dict[str, OfflineResult]],
     *, command: Any, analysed_by: list[str] | None, manifest: str, speed: float,
     code: Any, definitions: str | None,
 ) -> dict[str, Any]:

@@ -81,20 +81,25 @@ async def stream_all(
     return [records[i] for i in range(len(items))]
 
 
+ModelKey = tuple[str, str, int, str]  # see model_key_of
+
+
 @dataclass
 class RunResult:
     variant: Variant
     concurrency: int
     records: list[StreamRecord]
     server: dict[str, Any]
-    model_key: tuple[str, str, int]
+    model_key: ModelKey
     model_name: str = ""
     wall_s: float = 0.0
 
 
-def model_key_of(settings: Any) -> tuple[str, str, int]:
-    """The offline model a run is compared with: the model, its compute type and beam."""
-    return (settings.model.name, settings.model.compute_type, settings.model.beam_size)
+def model_key_of(settings: Any) -> ModelKey:
+    """The offline model a run is compared with: the model, its compute type and beam,
+    and the engine (each engine's streaming is compared with its own offline text)."""
+    return (settings.model.name, settings.model.compute_type, settings.model.beam_size,
+            settings.model.engine)
 
 
 def items_for_level(items: list[Item], level: int) -> list[Item]:

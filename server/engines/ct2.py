@@ -19,7 +19,20 @@ import threadpoolctl
 from faster_whisper.feature_extractor import FeatureExtractor
 from faster_whisper.tokenizer import Tokenizer
 
-from server.engines.guards import END_MARGIN_S, clean_tail, trim_repetition
+from server.engines.decoding import (
+    HOP_SAMPLES,
+    MAX_WINDOW_S,
+    MEDIAN_FILTER_WIDTH,
+    MIN_AUDIO_S,
+    TAIL_PAD_S,
+    Tokenizers,
+    clean_tail,
+    decode_budget,
+    prompt_tokens,
+    text_tokens,
+    timed_words,
+    word_groups,
+)
 from server.engines.models import BUNDLED_MODEL, load_tokenizer, resolve_model_path
 from streaming.audio import MODEL_SAMPLE_RATE_HZ
 from streaming.engine import (
@@ -32,18 +45,9 @@ from streaming.engine import (
 
 log = logging.getLogger(__name__)
 
-HOP_SAMPLES = 160  # one mel frame: 10 ms at 16 kHz
-TOKENS_PER_SECOND = 50  # encoder positions: one per 20 ms
-TAIL_PAD_S = 1.0  # silence after the window: without it, short windows loop instead of ending
-MIN_AUDIO_S = 0.1  # shorter windows hold no word
-MAX_WINDOW_S = 29.0  # the mel input (window + tail pad) must fit Whisper's 30 s
-MAX_DECODE_TOKENS = 448  # Whisper's text context
-MAX_PROMPT_TOKENS = 223  # as openai/whisper: half the context, minus one
-TOKENS_PER_AUDIO_SECOND = 8  # generous bound on speech rate; stops runaway loops
-
 
 class CTranslate2Whisper:
-    """An `Engine` running Whisper with CTranslate2 on the CPU."""
+    """An `Engine` running Whisper with CTranslate2, on the CPU or a CUDA GPU."""
 
     def __init__(
         self,
@@ -54,10 +58,12 @@ class CTranslate2Whisper:
         timestamps: bool = False,
         workers: int = 1,
         feature_threads: int = 1,
+        device: str = "cpu",
     ) -> None:
         """`cpu_threads` per model call, up to `workers` calls at once (CTranslate2
         replicas sharing the weights); `feature_threads` for numpy's BLAS (0: its own
-        default, one per core)."""
+        default, one per core); `device` "cpu", "cuda" or "auto" (CUDA when CTranslate2
+        sees a GPU)."""
         if feature_threads > 0:
             # The log-mel features are small matrix products; between them numpy's idle
             # BLAS threads spin and burn a core (measured: 107 -> 55 ms of CPU a step).
@@ -70,35 +76,30 @@ class CTranslate2Whisper:
         # Without timestamp tokens Whisper ended windows more reliably (the last words of
         # vctk_p226_011 and p225_023 were lost to a hallucinated new span in that mode).
         self.timestamps = timestamps
+        if device == "auto":
+            device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
         try:
             self._model = ctranslate2.models.Whisper(
-                path, device="cpu", compute_type=compute_type, intra_threads=cpu_threads,
+                path, device=device, compute_type=compute_type, intra_threads=cpu_threads,
                 inter_threads=workers,
             )
         except (RuntimeError, ValueError) as exc:  # a broken model.bin, a bad compute type
             raise EngineLoadError(
                 f"CTranslate2 cannot load the Whisper model in {path} with compute type "
-                f"{compute_type!r}: {exc}"
+                f"{compute_type!r} on {device}: {exc}"
             ) from exc
-        hf_tokenizer = load_tokenizer(path)
         self._multilingual = bool(self._model.is_multilingual)
         self.capabilities = EngineCapabilities(
             languages=None if self._multilingual else frozenset({"en"}),
-            translation=self._multilingual, device="cpu",
+            translation=self._multilingual, device=device,
         )
-        self._hf_tokenizer = hf_tokenizer
-        self._tokenizers: dict[str, Tokenizer] = {}
+        self._tokenizers = Tokenizers(load_tokenizer(path), self._multilingual)
         self._features = FeatureExtractor(feature_size=self._model.n_mels)
-        log.info("loaded Whisper model %s from %s (%s)", self.name, path, compute_type)
+        log.info("loaded Whisper model %s from %s (CTranslate2, %s, %s)", self.name, path,
+                 compute_type, device)
 
     def _tokenizer(self, language: str) -> Tokenizer:
-        key = language if self._multilingual else "en"
-        if key not in self._tokenizers:
-            self._tokenizers[key] = Tokenizer(
-                self._hf_tokenizer, self._multilingual, task="transcribe",
-                language=key if self._multilingual else None,
-            )
-        return self._tokenizers[key]
+        return self._tokenizers.get(language)
 
     def transcribe(self, requests: Sequence[DecodeRequest]) -> list[Hypothesis]:
         """Transcribe windows as one batch per start sequence (one model call each)."""
@@ -134,8 +135,7 @@ class CTranslate2Whisper:
 
         # The start-of-transcript token must sit at one position in the whole batch, so
         # every prompt is cut to the shortest one.
-        contexts = [tokenizer.encode(" " + r.prompt.strip())[-MAX_PROMPT_TOKENS:]
-                    if r.prompt else [] for r in requests]
+        contexts = [prompt_tokens(tokenizer, r.prompt) for r in requests]
         context_len = min(len(c) for c in contexts)
         starts: list[list[int]] = []
         budget = 1
@@ -148,13 +148,9 @@ class CTranslate2Whisper:
             start = [*prompt, *tokenizer.sot_sequence, mode,
                      *request.prefix_tokens]
             starts.append(start)
-            duration_s = len(audio) / MODEL_SAMPLE_RATE_HZ
             # CTranslate2 counts the whole start sequence in max_length (a budget below it
             # crashes the process), so the budget for new text comes on top of it.
-            budget = max(budget, min(
-                MAX_DECODE_TOKENS,
-                len(start) + int(TOKENS_PER_AUDIO_SECOND * duration_s) + 8,
-            ))
+            budget = max(budget, decode_budget(len(start), len(audio) / MODEL_SAMPLE_RATE_HZ))
         generated = self._model.generate(
             encoded,
             starts,
@@ -179,62 +175,16 @@ class CTranslate2Whisper:
             ran_out = len(sequence) >= min(budget // 2, budget - prompt_lens[i])
             tail = sequence[len(prefix):] if sequence[: len(prefix)] == prefix else sequence
             duration_s = len(audio) / MODEL_SAMPLE_RATE_HZ
-            new_tokens = self._text_tokens(tail, tokenizer, duration_s, ended=not ran_out)
-            words = self._words(tokenizer, encoded_array[i : i + 1], prefix, new_tokens,
-                                len(audio) // HOP_SAMPLES)
+            new_tokens = text_tokens(tail, tokenizer, duration_s, ended=not ran_out)
+            groups = word_groups(tokenizer, prefix, new_tokens)
+            words = self._align_groups(tokenizer, encoded_array[i : i + 1], groups,
+                                       len(audio) // HOP_SAMPLES) if groups else []
             hypotheses.append(Hypothesis(
                 words=tuple(clean_tail(words, prefix, duration_s)),
                 no_speech_prob=float(result.no_speech_prob),
                 avg_logprob=float(result.scores[0]) if result.scores else 0.0,
             ))
         return hypotheses
-
-    @staticmethod
-    def _text_tokens(generated: list[int], tokenizer: Tokenizer, duration_s: float,
-                     ended: bool = False) -> list[int]:
-        """Text tokens up to the end of text, or up to a timestamp past the real audio;
-        `ended`: the decoder ended the text itself (see trim_repetition)."""
-        text: list[int] = []
-        for token in generated:
-            if token == tokenizer.eot:
-                ended = True
-                break
-            if token >= tokenizer.timestamp_begin:
-                if text and (token - tokenizer.timestamp_begin) * 0.02 >= duration_s - END_MARGIN_S:
-                    ended = True
-                    break  # a new span at the end of the audio: text invented in the padding
-                continue
-            if token < tokenizer.eot:
-                text.append(token)
-        return trim_repetition(text, ended=ended)
-
-    def _split_words(self, tokenizer: Tokenizer, tokens: list[int]) -> list[list[int]]:
-        """Word token groups; a word starts with a leading space."""
-        if not tokens:
-            return []
-        subwords, groups = tokenizer.split_tokens_on_unicode(tokens)
-        words: list[list[int]] = []
-        for subword, group in zip(subwords, groups, strict=True):
-            if subword.startswith(" ") or not words:
-                words.append(list(group))
-            else:
-                words[-1].extend(group)
-        return words
-
-    def _words(
-        self,
-        tokenizer: Tokenizer,
-        encoded: np.ndarray,
-        prefix: list[int],
-        new_tokens: list[int],
-        num_frames: int,
-    ) -> list[Word]:
-        # Split prefix and new text apart, so a promised word is never merged with new text.
-        groups = self._split_words(tokenizer, prefix) + self._split_words(tokenizer, new_tokens)
-        text_tokens = [t for g in groups for t in g]
-        if not text_tokens:
-            return []
-        return self._align_groups(tokenizer, encoded, groups, num_frames)
 
     def _align_groups(
         self, tokenizer: Tokenizer, encoded: np.ndarray, groups: list[list[int]], num_frames: int
@@ -243,30 +193,12 @@ class CTranslate2Whisper:
         text_tokens = [t for g in groups for t in g]
         alignment = self._model.align(
             ctranslate2.StorageView.from_array(encoded), tokenizer.sot_sequence, [text_tokens],
-            max(num_frames, 1), median_filter_width=7,
+            max(num_frames, 1), median_filter_width=MEDIAN_FILTER_WIDTH,
         )[0]
         text_indices = np.array([pair[0] for pair in alignment.alignments])
         time_indices = np.array([pair[1] for pair in alignment.alignments])
-        probs = np.asarray(alignment.text_token_probs, dtype=np.float64)
-        jumps = np.pad(np.diff(text_indices), (1, 0), constant_values=1).astype(bool)
-        jump_times = time_indices[jumps] / TOKENS_PER_SECOND
-        boundaries = np.concatenate([[0], np.cumsum([len(g) for g in groups])]).astype(int)
-        last = len(jump_times) - 1
-        words: list[Word] = []
-        for i, group in enumerate(groups):
-            lo, hi = int(boundaries[i]), int(boundaries[i + 1])
-            start = float(jump_times[min(lo, last)]) if last >= 0 else 0.0
-            end = float(jump_times[min(hi, last)]) if last >= 0 else 0.0
-            words.append(
-                Word(
-                    text=tokenizer.decode(group),
-                    start_s=start,
-                    end_s=max(end, start),
-                    probability=float(np.mean(probs[lo:hi])) if hi > lo else 0.0,
-                    tokens=tuple(group),
-                )
-            )
-        return words
+        return timed_words(tokenizer, groups, text_indices, time_indices,
+                           alignment.text_token_probs)
 
     def align_words(
         self, audio: np.ndarray, words: Sequence[str], language: str = "en"

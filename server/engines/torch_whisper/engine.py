@@ -1,0 +1,449 @@
+"""Whisper in PyTorch behind the `Engine` interface: the promised words in one pass.
+
+Each step of a session feeds the words it has promised back as a forced prefix.
+CTranslate2 reads a forced prefix one decoder step per token, so a promised token costs
+what a new one does. This engine reads the whole start sequence (prompt, task tokens,
+forced prefix) in one decoder pass, computes logits only at the rows it needs (the last
+position, the probabilities of the prefix tokens, the no-speech probability), then
+decodes greedily with a key/value cache. The cross-attention scores of the alignment
+heads come out of the same passes, so word timings need no second decoder pass.
+
+Windows of different lengths share a batch without padding each other: every window is
+encoded on its own length (plus TAIL_PAD_S of silence, as the CTranslate2 engine does),
+and masks keep them apart, so a window decodes the same in a batch as alone.
+
+Hypotheses are built exactly as in ct2.py (server/engines/decoding.py): the forced prefix
+split at its own word boundaries, the same budget, guards and word timing method.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import threadpoolctl
+import torch
+from faster_whisper.feature_extractor import FeatureExtractor
+from faster_whisper.tokenizer import Tokenizer
+from torch import Tensor
+
+from server.engines.decoding import (
+    HOP_SAMPLES,
+    MAX_WINDOW_S,
+    MEDIAN_FILTER_WIDTH,
+    MIN_AUDIO_S,
+    TAIL_PAD_S,
+    TOKENS_PER_SECOND,
+    Tokenizers,
+    clean_tail,
+    decode_budget,
+    decode_steps,
+    prompt_tokens,
+    text_tokens,
+    timed_words,
+    word_groups,
+)
+from server.engines.models import BUNDLED_MODEL, load_tokenizer, resolve_model_path
+from server.engines.torch_whisper.alignment import attention_matrix, dtw
+from server.engines.torch_whisper.model import (
+    KVCache,
+    Whisper,
+    audio_positions,
+    quantize_int8,
+)
+from server.engines.torch_whisper.weights import (
+    LoadedWeights,
+    default_alignment_heads,
+    is_hf_folder,
+    load_ct2_folder,
+    load_hf_folder,
+    load_openai_checkpoint,
+)
+from server.memory import release_free_memory
+from streaming.audio import MODEL_SAMPLE_RATE_HZ
+from streaming.engine import DecodeRequest, EngineCapabilities, EngineLoadError, Hypothesis, Word
+
+log = logging.getLogger(__name__)
+
+ENGLISH_VOCAB = 51864  # the .en models' vocabulary: GPT-2's and Whisper's special tokens
+CPU_TYPES = {"int8": "int8", "int8_float32": "int8", "int8_float16": "int8",
+             "int8_bfloat16": "int8", "float32": "float32", "default": "int8", "auto": "int8",
+             "bfloat16": "bfloat16"}
+CUDA_TYPES = {"int8": "float16", "int8_float16": "float16", "int8_float32": "float32",
+              "int8_bfloat16": "bfloat16", "float16": "float16", "float32": "float32",
+              "bfloat16": "bfloat16", "default": "float16", "auto": "float16"}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "int8": torch.float32}
+
+
+def load_weights(model: str) -> LoadedWeights:
+    """The bundled model, a CTranslate2 folder, an openai-whisper .pt file, a Hugging Face
+    Whisper folder, or a hub name (a CTranslate2 model, downloaded as the other engine
+    does)."""
+    path = Path(model)
+    if model not in (BUNDLED_MODEL, "tiny.en-bundled", "") and path.suffix == ".pt":
+        if not path.is_file():
+            raise EngineLoadError(f"{model} does not exist (an openai-whisper .pt file)")
+        return load_openai_checkpoint(path)
+    if path.is_dir() and is_hf_folder(path):
+        return load_hf_folder(path)
+    if path.is_dir() and not (path / "model.bin").is_file():
+        raise EngineLoadError(
+            f"{model} has no model.bin: not a CTranslate2 model folder (nor a Hugging Face "
+            "Whisper folder with config.json; the torch engine also reads a .pt file)")
+    return load_ct2_folder(Path(resolve_model_path(model)))
+
+
+@dataclass
+class _Row:
+    """Where one request sits in a batch."""
+
+    start: list[int]  # prompt, task tokens, forced prefix
+    prefix: list[int]
+    pad: int  # left padding in the first pass
+    sot_at: int  # position of the first task token, padding included
+    max_new: int  # new tokens allowed, end of text included
+    duration_s: float
+    frames: int  # mel frames of the real audio (without the tail pad)
+    stop_edge: int  # AlignAtt: stop where attention reaches this many last positions
+    new: list[int] = field(default_factory=list)
+    new_probs: list[float] = field(default_factory=list)
+    logprob_sum: float = 0.0  # of the new tokens: as CTranslate2, forced ones count 0
+    ended: bool = False  # reached end of text or its budget
+
+
+class TorchWhisper:
+    """An `Engine` running Whisper with PyTorch, on the CPU or a CUDA GPU."""
+
+    def __init__(
+        self,
+        model: str = BUNDLED_MODEL,
+        compute_type: str = "int8",
+        cpu_threads: int = 0,
+        beam_size: int = 1,
+        timestamps: bool = False,
+        workers: int = 1,
+        feature_threads: int = 1,
+        device: str = "cpu",
+    ) -> None:
+        """As CTranslate2Whisper's arguments; `cpu_threads` sets PyTorch's intra-op
+        threads for the whole process (0: PyTorch's default), and calls from `workers`
+        threads run at once on the one model."""
+        if beam_size != 1:
+            raise EngineLoadError("the torch engine decodes greedily: set model.beam_size: 1 "
+                                  "(or use model.engine: ctranslate2 for beam search)")
+        if timestamps:
+            raise EngineLoadError("the torch engine decodes without timestamp tokens: set "
+                                  "model.timestamps: false (or use model.engine: ctranslate2)")
+        if feature_threads > 0:
+            threadpoolctl.threadpool_limits(feature_threads, user_api="blas")
+        if cpu_threads > 0:
+            torch.set_num_threads(cpu_threads)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and not torch.cuda.is_available():
+            raise EngineLoadError("model.device is cuda, but PyTorch finds no CUDA GPU "
+                                  f"(torch {torch.__version__})")
+        kinds = CUDA_TYPES if device == "cuda" else CPU_TYPES
+        if compute_type not in kinds:
+            raise EngineLoadError(
+                f"the torch engine has no compute type {compute_type!r} on {device}; "
+                f"use one of {', '.join(sorted(kinds))}")
+        self.compute = kinds[compute_type]
+        self.device = torch.device(device)
+        self.dtype = DTYPES[self.compute]
+        self.name = ("whisper-tiny.en (bundled, torch)" if model in (BUNDLED_MODEL, "")
+                     else f"{model} (torch)")
+
+        weights = load_weights(model)
+        self.dims = weights.dims
+        self._tokenizers = Tokenizers(load_tokenizer(str(self._tokenizer_dir(weights, model))),
+                                      multilingual=self.dims.n_vocab > ENGLISH_VOCAB)
+        tokenizer = self._tokenizers.get("en")
+        self.eot = tokenizer.eot
+        self.model = self._build(weights, tokenizer)
+        release_free_memory()  # the conversion's and float32 weights' freed heap
+        self.capabilities = EngineCapabilities(
+            languages=None if self._tokenizers.multilingual else frozenset({"en"}),
+            translation=self._tokenizers.multilingual, device=device,
+        )
+        suppress = weights.suppress_ids
+        if suppress is None:
+            suppress = [*tokenizer.non_speech_tokens, tokenizer.transcribe, tokenizer.translate,
+                        tokenizer.sot, tokenizer.sot_prev, tokenizer.sot_lm, tokenizer.no_speech]
+        begin = weights.suppress_ids_begin
+        if begin is None:
+            begin = [*tokenizer.encode(" "), tokenizer.eot]
+        self._suppress = torch.tensor(sorted({t for t in suppress if t >= 0}), device=self.device)
+        self._suppress_begin = torch.tensor(sorted(set(begin)), device=self.device)
+        self._features = FeatureExtractor(feature_size=self.dims.n_mels)
+        log.info("loaded Whisper model %s (PyTorch %s, %s, %s)", self.name, torch.__version__,
+                 self.compute, device)
+
+    @staticmethod
+    def _tokenizer_dir(weights: LoadedWeights, model: str) -> Path:
+        if weights.tokenizer_dir is not None:
+            return weights.tokenizer_dir
+        if weights.dims.n_vocab == ENGLISH_VOCAB:  # every .en model has this one
+            return Path(resolve_model_path(BUNDLED_MODEL))
+        raise EngineLoadError(f"{model}: put the model's tokenizer.json beside it (a "
+                              "multilingual model's tokenizer is not bundled)")
+
+    def _build(self, weights: LoadedWeights, tokenizer: Tokenizer) -> Whisper:
+        model = Whisper(weights.dims)
+        # Copied (and cast to float32) into the model's own tensors; the loaded ones are
+        # dropped at once: tiny.en's peak memory at load was 845 MB with a float32 copy.
+        missing, unexpected = model.load_state_dict(weights.state, strict=False)
+        weights.state.clear()
+        missing = [k for k in missing if not k.startswith(("decoder.text_out",
+                                                           "decoder.special_out"))]
+        if missing or unexpected:
+            raise EngineLoadError(f"the weights do not fit Whisper {weights.dims}: missing "
+                                  f"{missing[:5]}, unexpected {unexpected[:5]}")
+        model.decoder.split_output(tokenizer.eot)
+        heads = weights.alignment_heads or default_alignment_heads(weights.dims)
+        for layer, head in heads:
+            model.decoder.alignment_heads.setdefault(layer, []).append(head)
+        model.eval().requires_grad_(False)
+        if self.compute == "int8":
+            model = quantize_int8(model)
+        else:
+            model = model.to(self.device, self.dtype)
+        return model
+
+    # --- Engine ----------------------------------------------------------------------
+
+    def transcribe(self, requests: Sequence[DecodeRequest]) -> list[Hypothesis]:
+        """Transcribe windows as one batch: one encoder call, one decoder pass over every
+        start sequence, then one decoder step per new token."""
+        live = [i for i, r in enumerate(requests)
+                if len(r.audio) >= MIN_AUDIO_S * MODEL_SAMPLE_RATE_HZ]
+        results = [Hypothesis(words=()) for _ in requests]
+        if live:
+            with torch.inference_mode():
+                hypotheses = self._transcribe_batch([requests[i] for i in live])
+            for i, hypothesis in zip(live, hypotheses, strict=True):
+                results[i] = hypothesis
+        return results
+
+    def _encode(self, audios: list[np.ndarray]) -> tuple[Tensor, list[int]]:
+        """Encoder output [batch, positions, state] of each window plus TAIL_PAD_S of
+        silence, and the mel frames each one has."""
+        tail = int(TAIL_PAD_S * MODEL_SAMPLE_RATE_HZ)
+        mels = [self._features(np.pad(a, (0, tail)), padding=0) for a in audios]
+        frames = [m.shape[-1] for m in mels]
+        batch = np.zeros((len(mels), self.dims.n_mels, max(frames)), dtype=np.float32)
+        for i, mel in enumerate(mels):
+            batch[i, :, : mel.shape[-1]] = mel
+        mel_t = torch.from_numpy(batch).to(self.device, self.dtype)
+        return self.model.encoder(mel_t, frames), frames
+
+    def _transcribe_batch(self, requests: Sequence[DecodeRequest]) -> list[Hypothesis]:
+        max_samples = int(MAX_WINDOW_S * MODEL_SAMPLE_RATE_HZ)
+        audios = [np.asarray(r.audio, dtype=np.float32)[:max_samples] for r in requests]
+        audio, mel_frames = self._encode(audios)
+        decoder = self.model.decoder
+        cross_kv = decoder.cross_keys_values(audio)
+        heard = [(0, audio_positions(f)) for f in mel_frames]
+
+        tokenizers = [self._tokenizers.get(r.language) for r in requests]
+        rows: list[_Row] = []
+        for request, tokenizer, samples in zip(requests, tokenizers, audios, strict=True):
+            context = prompt_tokens(tokenizer, request.prompt)
+            prefix = list(request.prefix_tokens)
+            room = self.dims.n_text_ctx - len(tokenizer.sot_sequence) - 2 - len(prefix) - 16
+            context = context[len(context) - max(0, min(len(context), room)):]
+            prompt = [tokenizer.sot_prev, *context] if context else []
+            start = [*prompt, *tokenizer.sot_sequence, tokenizer.no_timestamps, *prefix]
+            duration_s = len(samples) / MODEL_SAMPLE_RATE_HZ
+            steps = decode_steps(decode_budget(len(start), duration_s),
+                                 len(prompt) + len(tokenizer.sot_sequence))
+            max_new = max(1, min(steps - len(prefix), self.dims.n_text_ctx - len(start)))
+            rows.append(_Row(start, prefix, 0, len(prompt), max_new, duration_s,
+                             len(samples) // HOP_SAMPLES,
+                             round(request.stop_edge_s * TOKENS_PER_SECOND)))
+        width = max(len(r.start) for r in rows)
+        for r in rows:
+            r.pad = width - len(r.start)
+            r.sot_at += r.pad
+        total = width + max(r.max_new for r in rows) + 1
+        batch = len(rows)
+
+        # Left-aligned by padding: every request's last start token is at width - 1.
+        tokens = torch.full((batch, width), self.eot, dtype=torch.long)
+        positions = torch.zeros((batch, width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            tokens[i, r.pad:] = torch.tensor(r.start)
+            positions[i, r.pad:] = torch.arange(len(r.start))
+        tokens, positions = tokens.to(self.device), positions.to(self.device)
+        spans = [(r.pad, width) for r in rows]
+
+        cache = KVCache(self.dims.n_text_layer, batch, self.dims.n_text_head, total,
+                        self.dims.n_text_state // self.dims.n_text_head, self.dtype
+                        if self.compute != "int8" else torch.float32, self.device)
+        calls: list[list[Tensor]] = []  # per decoder call, per layer: [batch, heads, len, audio]
+
+        layer_scores: list[Tensor] = []
+        hidden = decoder(tokens, positions, cache, cross_kv, spans, spans, heard,
+                         layer_scores)
+        calls.append(layer_scores)
+        self._stop_at_edge(layer_scores, rows)
+
+        # The first pass's logits: the prefix tokens' probabilities, the no-speech
+        # probability (at the start of transcript), and the first new token.
+        prefix_probs = self._prefix_probs(hidden, rows)
+        # Rows as [batch, 1, state]: one per request, like a step's (see Int8Linear).
+        specials = hidden[torch.arange(batch), torch.tensor([r.sot_at for r in rows])]
+        no_speech = decoder.logits(specials[:, None])[:, 0].softmax(dim=-1)[
+            :, tokenizers[0].no_speech]
+        logits = decoder.logits(hidden[:, -1:])[:, 0]
+
+        step = 0
+        while True:
+            # Every chosen token goes through the decoder once more, the end of text
+            # included: its row of cross-attention scores is part of the alignment.
+            next_tokens, chosen = self._choose(logits, rows, step)
+            if not chosen:  # every request stopped at the edge before this token
+                break
+            pos = torch.tensor([len(r.start) + len(r.new) - 1 for r in rows],
+                               device=self.device)[:, None]
+            keys = [(r.pad, width + step + 1) for r in rows]
+            layer_scores = []
+            hidden = decoder(next_tokens[:, None], pos, cache, cross_kv, [(0, 1)] * batch,
+                             keys, heard, layer_scores)
+            calls.append(layer_scores)
+            self._stop_at_edge(layer_scores, rows)
+            step += 1
+            if all(r.ended for r in rows):
+                break
+            logits = decoder.logits(hidden[:, -1:])[:, 0]
+
+        # [batch, alignment heads, every token fed, audio positions]
+        fed = torch.cat([torch.cat(layers, dim=1) for layers in calls], dim=2)
+        return [self._hypothesis(tokenizer, r, fed[i], prefix_probs[i], float(no_speech[i]))
+                for i, (tokenizer, r) in enumerate(zip(tokenizers, rows, strict=True))]
+
+    def _prefix_probs(self, hidden: Tensor, rows: list[_Row]) -> list[list[float]]:
+        """Per request, each prefix token's probability among the text tokens, as the
+        alignment reports it: text logits at its prefix rows only, in one product (per
+        request, so that the int8 kernel is the one it gets alone)."""
+        width = hidden.shape[1]
+        out: list[list[float]] = []
+        for i, r in enumerate(rows):
+            if not r.prefix:
+                out.append([])
+                continue
+            # Row width - 1 - p + k predicts prefix token k: no-timestamps, then the prefix.
+            picked = hidden[i:i + 1, width - 1 - len(r.prefix): width - 1]
+            text = self.model.decoder.text_logits(picked)[0].log_softmax(dim=-1)
+            targets = torch.tensor(r.prefix, device=self.device)[:, None]
+            out.append(text.gather(1, targets)[:, 0].exp().tolist())
+        return out
+
+    @staticmethod
+    def _stop_at_edge(layer_scores: list[Tensor], rows: list[_Row]) -> None:
+        """AlignAtt: end a request whose alignment heads, at the row that would choose its
+        next token, attend most to the last `stop_edge` positions of its audio: that
+        token would be about audio not heard yet."""
+        if not any(r.stop_edge and not r.ended for r in rows):
+            return
+        last = torch.cat(layer_scores, dim=1)[:, :, -1]  # [batch, heads, audio]
+        for i, r in enumerate(rows):
+            heard = r.frames // 2
+            if not r.stop_edge or r.ended or heard == 0:
+                continue
+            attention = last[i, :, :heard].softmax(dim=-1).mean(dim=0)
+            if int(attention.argmax()) >= heard - r.stop_edge:
+                r.ended = True
+
+    def _choose(self, logits: Tensor, rows: list[_Row], step: int) -> tuple[Tensor, bool]:
+        """Greedy choice of each unfinished request's next token (end of text for the
+        finished ones), and whether any was chosen; records its probabilities."""
+        text_probs = logits[:, : self.eot].softmax(dim=-1)
+        logits = logits.clone()
+        logits[:, self._suppress] = float("-inf")
+        if step == 0:
+            for i, r in enumerate(rows):
+                if not r.prefix:  # as CTranslate2's suppress_blank: no blank start
+                    logits[i, self._suppress_begin] = float("-inf")
+        logprobs = logits.log_softmax(dim=-1)
+        chosen = logprobs.argmax(dim=-1)
+        picked = chosen.tolist()
+        out = torch.full_like(chosen, self.eot)
+        any_chosen = False
+        for i, (r, token) in enumerate(zip(rows, picked, strict=True)):
+            if r.ended:
+                continue
+            any_chosen = True
+            r.new.append(token)
+            r.logprob_sum += float(logprobs[i, token])
+            r.new_probs.append(float(text_probs[i, token]) if token < self.eot else 0.0)
+            out[i] = token
+            if token == self.eot or len(r.new) >= r.max_new:
+                r.ended = True
+        return out, any_chosen
+
+    def _hypothesis(self, tokenizer: Tokenizer, r: _Row, fed: Tensor, prefix_probs: list[float],
+                    no_speech: float) -> Hypothesis:
+        kept = text_tokens(r.new, tokenizer, r.duration_s)
+        at = [k for k, t in enumerate(r.new) if t < tokenizer.eot][: len(kept)]
+        groups = word_groups(tokenizer, r.prefix, kept)
+        avg = r.logprob_sum / max(1, len(r.prefix) + len(r.new))
+        if not groups:
+            return Hypothesis(words=(), no_speech_prob=no_speech, avg_logprob=avg)
+        # Rows of the fed sequence: task tokens, no-timestamps and the prefix (first
+        # pass), the new tokens (one per step), and the end of text when it was fed
+        # right after the kept text (as CTranslate2's align feeds it).
+        width = r.pad + len(r.start)
+        first = list(range(r.sot_at, width))
+        new_rows = [width + k for k in at]
+        whole = len(kept) == len(r.new) - (r.new[-1:] == [self.eot]) and at == list(
+            range(len(kept)))
+        eot_row = [width + len(r.new) - 1] if whole and r.new[-1:] == [self.eot] else []
+        rows = first + new_rows + eot_row
+        n_task = len(tokenizer.sot_sequence)
+        matrix = attention_matrix(fed[:, rows], r.frames // 2, MEDIAN_FILTER_WIDTH)
+        matrix = matrix[n_task: n_task + 1 + len(r.prefix) + len(kept)]
+        text_indices, time_indices = dtw(-matrix)
+        probs = prefix_probs + [r.new_probs[k] for k in at]
+        words = timed_words(tokenizer, groups, text_indices, time_indices, probs)
+        return Hypothesis(words=tuple(clean_tail(words, r.prefix, r.duration_s)),
+                          no_speech_prob=no_speech, avg_logprob=avg)
+
+    def align_words(
+        self, audio: np.ndarray, words: Sequence[str], language: str = "en"
+    ) -> list[Word]:
+        """Forced alignment of a known transcript, as CTranslate2Whisper.align_words: one
+        decoder pass over the task tokens, the words and the end of text."""
+        tokenizer = self._tokenizers.get(language)
+        audio = np.asarray(audio, dtype=np.float32)[: int(MAX_WINDOW_S * MODEL_SAMPLE_RATE_HZ)]
+        groups = [tokenizer.encode(" " + w.strip()) for w in words]
+        tokens = [t for g in groups for t in g]
+        if not tokens or len(audio) < HOP_SAMPLES:
+            return [Word(" " + w.strip(), 0.0, 0.0, 0.0, tuple(g))
+                    for w, g in zip(words, groups, strict=True)]
+        with torch.inference_mode():
+            encoded, _ = self._encode([audio])
+            decoder = self.model.decoder
+            sequence = [*tokenizer.sot_sequence, tokenizer.no_timestamps, *tokens, tokenizer.eot]
+            n = len(sequence)
+            cache = KVCache(self.dims.n_text_layer, 1, self.dims.n_text_head, n,
+                            self.dims.n_text_state // self.dims.n_text_head,
+                            torch.float32 if self.compute == "int8" else self.dtype,
+                            self.device)
+            scores: list[Tensor] = []
+            hidden = decoder(torch.tensor([sequence], device=self.device),
+                             torch.arange(n, device=self.device)[None], cache,
+                             decoder.cross_keys_values(encoded), [(0, n)], [(0, n)],
+                             [(0, encoded.shape[1])], scores)
+            n_task = len(tokenizer.sot_sequence)
+            text = decoder.text_logits(hidden[0, n_task: n_task + len(tokens)]).softmax(-1)
+            probs = text.gather(1, torch.tensor(tokens, device=self.device)[:, None])[:, 0]
+            matrix = attention_matrix(torch.cat(scores, dim=1)[0], (len(audio) // HOP_SAMPLES)
+                                      // 2, MEDIAN_FILTER_WIDTH)[n_task:-1]
+        text_indices, time_indices = dtw(-matrix)
+        timed = timed_words(tokenizer, groups, text_indices, time_indices, probs.tolist())
+        return [replace(t, text=" " + w.strip()) for t, w in zip(timed, words, strict=True)]

@@ -1,0 +1,380 @@
+"""Whisper's transformer in PyTorch, shaped for streaming.
+
+The layers are Whisper's (openai/whisper's model.py is the reference); what differs is
+how they are called:
+
+- the encoder runs on each window's real length (the positional embedding is sliced, as
+  whisper.cpp's audio_ctx does), and windows of different lengths share a batch:
+  attention runs request by request on each one's own rows (`attend`), so a window
+  decodes exactly as alone, and no one computes another's padding;
+- the decoder keeps a key/value cache and reads a whole token sequence (prompt, task
+  tokens, forced prefix) in one forward pass: matrix-matrix products instead of one
+  matrix-vector step per token;
+- the output projection is split into text tokens and special tokens, and the caller
+  asks for logits only at the rows it needs;
+- the cross-attention scores of the alignment heads are handed out as they are computed,
+  for word timings (DTW) without a second decoder pass.
+
+Self-attention's query, key and value projections are one fused linear layer, and the
+cross-attention's key and value another (as CTranslate2 stores them): fewer, larger
+products. weights.py maps openai-whisper, Hugging Face and CTranslate2 weights onto it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class Dims:
+    n_mels: int
+    n_audio_ctx: int
+    n_audio_state: int
+    n_audio_head: int
+    n_audio_layer: int
+    n_vocab: int
+    n_text_ctx: int
+    n_text_state: int
+    n_text_head: int
+    n_text_layer: int
+
+
+def _heads(x: Tensor, n_head: int) -> Tensor:
+    """[batch, time, state] -> [batch, head, time, state/head]."""
+    b, t, d = x.shape
+    return x.view(b, t, n_head, d // n_head).transpose(1, 2)
+
+
+def _merge(x: Tensor) -> Tensor:
+    b, h, t, d = x.shape
+    return x.transpose(1, 2).reshape(b, t, h * d)
+
+
+class Mlp(nn.Module):
+    def __init__(self, n_state: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(n_state, 4 * n_state)
+        self.fc2 = nn.Linear(4 * n_state, n_state)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.fc2(F.gelu(self.fc1(x)))
+        return out
+
+
+Spans = list[tuple[int, int]]  # per request of a batch: its rows [lo, hi) along time
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, rows: Spans, keys: Spans, causal: bool = False,
+           scores: list[Tensor] | None = None, heads: list[int] | None = None) -> Tensor:
+    """Attention, request by request: request i's query rows `rows[i]` attend to its key
+    rows `keys[i]` only (causally when `causal`), so that no request sees another's
+    padding and a request computes exactly what it computes alone: the same products on
+    the same shapes, whatever the batch (no masks: their kernels round differently).
+    Rows outside a request's span come out zero. With `heads`, the scores of those
+    heads (before the softmax) are appended to `scores`, [batch, heads, len, keys],
+    -inf past a request's keys."""
+    out = q.new_zeros(q.shape)
+    if heads:
+        found = q.new_full((q.shape[0], len(heads), q.shape[2], k.shape[2]), float("-inf"),
+                           dtype=torch.float32)
+    for i, ((lo, hi), (klo, khi)) in enumerate(zip(rows, keys, strict=True)):
+        qi, ki, vi = q[i:i + 1, :, lo:hi], k[i:i + 1, :, klo:khi], v[i:i + 1, :, klo:khi]
+        if not heads:
+            out[i:i + 1, :, lo:hi] = F.scaled_dot_product_attention(qi, ki, vi,
+                                                                    is_causal=causal)
+            continue
+        # Written out for the alignment heads' scores.
+        qk = (qi @ ki.transpose(-1, -2)) * (qi.shape[-1] ** -0.5)
+        if causal:
+            qk = qk + torch.full(qk.shape[-2:], float("-inf"), device=qk.device,
+                                 dtype=qk.dtype).triu(1)
+        found[i, :, lo:hi, : khi - klo] = qk[0, heads].float()
+        out[i:i + 1, :, lo:hi] = qk.softmax(dim=-1) @ vi
+    if heads and scores is not None:
+        scores.append(found)
+    return out
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, n_state: int, n_head: int) -> None:
+        super().__init__()
+        self.n_head = n_head
+        self.qkv = nn.Linear(n_state, 3 * n_state)  # the key's bias part is zero
+        self.out = nn.Linear(n_state, n_state)
+
+    def forward(self, x: Tensor, rows: Spans, keys: Spans, causal: bool,
+                cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        q, k, v = (_heads(t, self.n_head) for t in self.qkv(x).chunk(3, dim=-1))
+        if cache is not None:
+            k, v = cache.extend(layer, k, v)
+        out: Tensor = self.out(_merge(attend(q, k, v, rows, keys, causal)))
+        return out
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, n_state: int, n_head: int) -> None:
+        super().__init__()
+        self.n_head = n_head
+        self.query = nn.Linear(n_state, n_state)
+        self.kv = nn.Linear(n_state, 2 * n_state)  # the key's bias part is zero
+        self.out = nn.Linear(n_state, n_state)
+
+    def keys_values(self, audio: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values [batch, head, audio, state/head], contiguous: every step reads
+        them again (measured: a third faster products than on the strided views)."""
+        k, v = self.kv(audio).chunk(2, dim=-1)
+        return _heads(k, self.n_head).contiguous(), _heads(v, self.n_head).contiguous()
+
+    def forward(self, x: Tensor, kv: tuple[Tensor, Tensor], rows: Spans, audio: Spans,
+                heads: list[int] | None, scores: list[Tensor] | None) -> Tensor:
+        q = _heads(self.query(x), self.n_head)
+        attended = attend(q, kv[0], kv[1], rows, audio, scores=scores,
+                          heads=heads if scores is not None else None)
+        out: Tensor = self.out(_merge(attended))
+        return out
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, n_state: int, n_head: int) -> None:
+        super().__init__()
+        self.attn_ln = nn.LayerNorm(n_state)
+        self.attn = SelfAttention(n_state, n_head)
+        self.mlp_ln = nn.LayerNorm(n_state)
+        self.mlp = Mlp(n_state)
+
+    def forward(self, x: Tensor, spans: Spans) -> Tensor:
+        x = x + self.attn(self.attn_ln(x), spans, spans, causal=False)
+        out: Tensor = x + self.mlp(self.mlp_ln(x))
+        return out
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, n_state: int, n_head: int) -> None:
+        super().__init__()
+        self.attn_ln = nn.LayerNorm(n_state)
+        self.attn = SelfAttention(n_state, n_head)
+        self.cross_ln = nn.LayerNorm(n_state)
+        self.cross = CrossAttention(n_state, n_head)
+        self.mlp_ln = nn.LayerNorm(n_state)
+        self.mlp = Mlp(n_state)
+
+
+class KVCache:
+    """The decoder's self-attention keys and values, preallocated for `length` positions."""
+
+    def __init__(self, n_layer: int, batch: int, n_head: int, length: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        shape = (batch, n_head, length, head_dim)
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.length = 0  # positions filled (the same in every layer once a pass is done)
+        self._pending = 0
+
+    def extend(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        end = self.length + k.shape[2]
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        self._pending = end
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def commit(self) -> None:
+        self.length = self._pending
+
+
+class AudioEncoder(nn.Module):
+    positional_embedding: Tensor
+
+    def __init__(self, dims: Dims) -> None:
+        super().__init__()
+        d = dims.n_audio_state
+        self.conv1 = nn.Conv1d(dims.n_mels, d, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(d, d, kernel_size=3, stride=2, padding=1)
+        self.register_buffer("positional_embedding", torch.zeros(dims.n_audio_ctx, d))
+        self.blocks = nn.ModuleList(
+            EncoderBlock(d, dims.n_audio_head) for _ in range(dims.n_audio_layer))
+        self.ln_post = nn.LayerNorm(d)
+
+    def forward(self, mel: Tensor, frames: list[int]) -> Tensor:
+        """mel [batch, n_mels, frames]; `frames[i]`: mel frames of window i (the rest is
+        zero padding). Returns [batch, positions, state]; rows past a window's own
+        `audio_positions` are zero, and every later step leaves them out."""
+        x = F.gelu(self.conv1(mel))
+        if min(frames) != mel.shape[-1]:  # conv2 must see zeros past each window, as alone
+            valid = torch.arange(mel.shape[-1], device=mel.device)[None, :] < torch.tensor(
+                frames, device=mel.device)[:, None]
+            x = x * valid[:, None, :].to(x.dtype)
+        x = F.gelu(self.conv2(x)).transpose(1, 2)
+        x = x + self.positional_embedding[: x.shape[1]].to(x.dtype)
+        spans = [(0, audio_positions(f)) for f in frames]
+        for block in self.blocks:
+            x = block(x, spans)
+        out: Tensor = self.ln_post(x)
+        return out
+
+
+def audio_positions(frames: int) -> int:
+    """Encoder positions for `frames` mel frames (the second convolution has stride 2)."""
+    return (frames + 1) // 2
+
+
+class TextDecoder(nn.Module):
+    def __init__(self, dims: Dims) -> None:
+        super().__init__()
+        d = dims.n_text_state
+        self.n_head = dims.n_text_head
+        self.token_embedding = nn.Embedding(dims.n_vocab, d)
+        self.positional_embedding = nn.Parameter(torch.zeros(dims.n_text_ctx, d))
+        self.blocks = nn.ModuleList(
+            DecoderBlock(d, dims.n_text_head) for _ in range(dims.n_text_layer))
+        self.ln = nn.LayerNorm(d)
+        # The output projection (tied to the token embedding), split at the first special
+        # token by `split_output`: text rows, then special rows.
+        self.text_out = nn.Linear(d, 1, bias=False)
+        self.special_out = nn.Linear(d, 1, bias=False)
+        self.n_text_vocab = 0
+        # Per layer, the heads whose cross-attention scores `forward` reports.
+        self.alignment_heads: dict[int, list[int]] = {}
+
+    def split_output(self, n_text_vocab: int) -> None:
+        """Tie the output projection to the embedding: rows [0, n_text_vocab) are text."""
+        weight = self.token_embedding.weight
+        self.n_text_vocab = n_text_vocab
+        self.text_out.weight = nn.Parameter(weight[:n_text_vocab], requires_grad=False)
+        self.special_out.weight = nn.Parameter(weight[n_text_vocab:], requires_grad=False)
+
+    def layers(self) -> list[DecoderBlock]:
+        return cast(list[DecoderBlock], list(self.blocks))
+
+    def cross_keys_values(self, audio: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Every layer's cross-attention keys and values, computed once per batch."""
+        return [block.cross.keys_values(audio) for block in self.layers()]
+
+    def forward(
+        self,
+        tokens: Tensor,
+        positions: Tensor,
+        cache: KVCache,
+        cross_kv: list[tuple[Tensor, Tensor]],
+        rows: Spans,
+        keys: Spans,
+        audio: Spans,
+        scores: list[Tensor] | None = None,
+    ) -> Tensor:
+        """Hidden states [batch, len, state] of `tokens` [batch, len] at `positions`,
+        written after the cache's positions. Request i's tokens are `rows[i]` (the rest
+        is padding); they attend to its cache positions `keys[i]` (causally within this
+        call) and to its audio positions `audio[i]`. With `scores`, the alignment heads'
+        cross-attention scores [batch, heads, len, audio] are appended, layer by layer."""
+        causal = tokens.shape[1] > 1
+        x = self.token_embedding(tokens) + self.positional_embedding[positions]
+        for i, block in enumerate(self.layers()):
+            x = x + block.attn(block.attn_ln(x), rows, keys, causal, cache, i)
+            x = x + block.cross(block.cross_ln(x), cross_kv[i], rows, audio,
+                                self.alignment_heads.get(i), scores)
+            x = x + block.mlp(block.mlp_ln(x))
+        cache.commit()
+        out: Tensor = self.ln(x)
+        return out
+
+    def text_logits(self, hidden: Tensor) -> Tensor:
+        """Logits over the text tokens only (before the first special token)."""
+        out: Tensor = self.text_out(hidden)
+        return out.float()
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Logits over the whole vocabulary."""
+        return torch.cat([self.text_out(hidden), self.special_out(hidden)], dim=-1).float()
+
+
+class Whisper(nn.Module):
+    def __init__(self, dims: Dims) -> None:
+        super().__init__()
+        self.dims = dims
+        self.encoder = AudioEncoder(dims)
+        self.decoder = TextDecoder(dims)
+
+
+def _has_vnni() -> bool:
+    """Whether the CPU has VNNI (AVX512-VNNI or AVX-VNNI), whose int8 dot products sum
+    into 32 bits. Without it fbgemm's pairs of u8 x s8 products saturate 16 bits unless
+    the inputs keep to 7 bits (its reduce_range)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = next((line for line in info if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+REDUCE_RANGE = not _has_vnni()  # fbgemm's 7-bit inputs, where 8 bits could saturate
+
+
+class Int8Linear(nn.Module):
+    """A linear layer in int8: weights per output row, inputs per input row, int32 sums.
+
+    As CTranslate2's int8 does it. PyTorch's own dynamic quantization (torch.ao) scales
+    a whole input by one number: measured on the test speech, that cost tiny.en several
+    words per hundred against float32 (CTranslate2's int8: one in a hundred), and it
+    made a window's result depend on what else was in its batch. A scale per row keeps
+    the accuracy and keeps the requests of a batch independent.
+
+    Two kernels: torch._int_mm for inputs of many rows (the encoder, a prefix), and
+    fbgemm's dynamic linear, row by row, for the few rows of a decoding step: it is the
+    faster matrix-vector product (measured: 0.5 against 2 ms for tiny.en's 51864 x 384
+    output projection), and on one row its one scale is the row's own.
+    """
+
+    weight_t: Tensor
+    weight_scale: Tensor
+    bias: Tensor | None
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        weight = linear.weight.detach().float()
+        scale = weight.abs().amax(dim=1).clamp_min(1e-12) / 127
+        quantized = torch.round(weight / scale[:, None]).clamp(-127, 127)
+        self.register_buffer("weight_t", quantized.to(torch.int8).t().contiguous())
+        self.register_buffer("weight_scale", scale)
+        bias = linear.bias.detach().float() if linear.bias is not None else None
+        self.register_buffer("bias", bias)
+        with warnings.catch_warnings():  # quantized tensors are deprecated, not yet gone
+            warnings.simplefilter("ignore")
+            packed_weight = torch.quantize_per_channel(
+                quantized * scale[:, None], scale.double(),
+                torch.zeros_like(scale, dtype=torch.long), axis=0, dtype=torch.qint8)
+            self._packed = torch.ops.quantized.linear_prepack(packed_weight, bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [..., in]; a decoding step's input [batch, 1, in] takes the row-by-row
+        kernel, whatever the batch, so that the kernel never depends on the batch."""
+        rows = x.reshape(-1, x.shape[-1]).float()
+        if x.dim() == 3 and x.shape[1] == 1:
+            linear = torch.ops.quantized.linear_dynamic
+            out = linear(rows, self._packed, REDUCE_RANGE) if rows.shape[0] == 1 else \
+                torch.cat([linear(rows[i:i + 1], self._packed, REDUCE_RANGE)
+                           for i in range(rows.shape[0])])
+        else:
+            # (abs().amax() and a multiplication: vector_norm and a division by a column
+            # took 15 times as long here.)
+            peak = rows.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
+            quantized = (rows * (127 / peak)).round_().to(torch.int8)
+            out = torch._int_mm(quantized, self.weight_t).float() * (
+                peak * (self.weight_scale / 127))
+            if self.bias is not None:
+                out = out + self.bias
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def quantize_int8(model: Whisper) -> Whisper:
+    """Every linear layer of `model` as an `Int8Linear` (the convolutions stay float)."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, name, Int8Linear(child))
+    return model

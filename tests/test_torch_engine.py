@@ -1,0 +1,435 @@
+"""The PyTorch engine (server/engines/torch_whisper): the same hypotheses as the
+CTranslate2 engine, the forced prefix read in one decoder pass, batches that do not
+change a window's result, and weights from every format it reads, with no download."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from collections.abc import Callable, Iterator
+from difflib import SequenceMatcher
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip(
+    "torch", reason="the torch engine needs PyTorch: pip install -e '.[torch]' (make test "
+    "installs it)")
+
+from speech import Utterance, read_pcm, wer  # noqa: E402
+
+from server.config import ModelSection  # noqa: E402
+from server.engines import WhisperEngine, build_engine  # noqa: E402
+from server.engines.decoding import MAX_WINDOW_S  # noqa: E402
+from server.engines.models import resolve_model_path  # noqa: E402
+from server.engines.torch_whisper import TorchWhisper  # noqa: E402
+from server.engines.torch_whisper.alignment import dtw  # noqa: E402
+from server.engines.torch_whisper.weights import (  # noqa: E402
+    OPENAI_ALIGNMENT_HEADS,
+    convert_ct2,
+    decode_alignment_heads,
+    read_ct2_variables,
+)
+from streaming.audio import MODEL_SAMPLE_RATE_HZ  # noqa: E402
+from streaming.engine import DecodeRequest, Hypothesis  # noqa: E402
+
+pytestmark = pytest.mark.model
+RATE = MODEL_SAMPLE_RATE_HZ
+
+
+@pytest.fixture(scope="session")
+def torch_engine() -> WhisperEngine:
+    """The bundled tiny.en on PyTorch, as `model.engine: torch` loads it (int8)."""
+    return build_engine(ModelSection(engine="torch"))
+
+
+@pytest.fixture(scope="session")
+def torch_float32() -> TorchWhisper:
+    """float32: the reference the other weight formats must match exactly."""
+    return TorchWhisper(compute_type="float32", cpu_threads=1)
+
+
+def _read_16k(utterance: Utterance) -> np.ndarray:
+    import soxr
+
+    pcm, rate = read_pcm(utterance.path)
+    return np.asarray(soxr.resample(pcm.astype(np.float32) / 32768, rate, RATE), np.float32)
+
+
+@pytest.fixture(scope="session")
+def speech_16k(three_sentences: Utterance) -> np.ndarray:
+    return _read_16k(three_sentences)
+
+
+def _sentence_spans(audio: np.ndarray, min_gap_s: float = 0.6) -> list[tuple[int, int]]:
+    """The spoken stretches of the test speech (its sentences), by frame energy."""
+    hop = RATE // 100
+    frames = len(audio) // hop
+    loud = np.square(audio[: frames * hop]).reshape(frames, hop).mean(1) > 1e-5
+    spans, start, quiet = [], None, 0
+    for i, on in enumerate(loud):
+        if on:
+            start = i if start is None else start
+            quiet = 0
+        elif start is not None:
+            quiet += 1
+            if quiet >= min_gap_s * 100:
+                spans.append((start, i - quiet + 1))
+                start = None
+    if start is not None:
+        spans.append((start, frames))
+    pad = 20  # 0.2 s of silence around each sentence, as the VAD keeps
+    return [(max(0, a - pad) * hop, min(frames, b + pad) * hop) for a, b in spans]
+
+
+def _windows(audio: np.ndarray) -> list[np.ndarray]:
+    """Each sentence whole, and cut in the middle of its speech (a live window)."""
+    out = []
+    for a, b in _sentence_spans(audio):
+        out.append(audio[a:b])
+        out.append(audio[a: a + (b - a) * 3 // 5])
+    return out
+
+
+def _text(hypotheses: list[Hypothesis]) -> str:
+    return " ".join(h.text for h in hypotheses)
+
+
+def test_both_engines_hear_the_same_words_at_the_same_times(
+    engine: WhisperEngine, torch_engine: WhisperEngine, speech_16k: np.ndarray,
+    three_sentences: Utterance,
+) -> None:
+    windows = _windows(speech_16k)
+    assert len(windows) == 2 * len(three_sentences.sentences)
+    ct2 = [engine.transcribe([DecodeRequest(w)])[0] for w in windows]
+    pt = [torch_engine.transcribe([DecodeRequest(w)])[0] for w in windows]
+    assert wer(_text(ct2), _text(pt)) <= 0.05, (_text(ct2), _text(pt))
+    assert wer(" ".join(three_sentences.sentences), _text(pt[::2])) <= 0.10, _text(pt)
+    # The same words (as the guards left them) at the same times, on most words.
+    offsets, matched = [], 0
+    for a, b in zip(ct2, pt, strict=True):
+        left, right = [w.text.strip().lower() for w in a.words], [
+            w.text.strip().lower() for w in b.words]
+        for block in SequenceMatcher(a=left, b=right, autojunk=False).get_matching_blocks():
+            for k in range(block.size):
+                wa, wb = a.words[block.a + k], b.words[block.b + k]
+                offsets.append(max(abs(wa.start_s - wb.start_s), abs(wa.end_s - wb.end_s)))
+                matched += 1
+    assert matched >= 0.9 * sum(len(h.words) for h in ct2)
+    close = sum(o <= 0.1 for o in offsets) / len(offsets)
+    assert close >= 0.9, sorted(offsets)[-10:]
+    # The probabilities the session thresholds are alike too.
+    probs_a = [w.probability for h in ct2 for w in h.words]
+    probs_b = [w.probability for h in pt for w in h.words]
+    assert abs(float(np.mean(probs_a)) - float(np.mean(probs_b))) < 0.05
+
+
+def test_both_engines_time_a_known_transcript_alike(
+    engine: WhisperEngine, torch_engine: WhisperEngine, speech_16k: np.ndarray,
+    three_sentences: Utterance,
+) -> None:
+    a, b = _sentence_spans(speech_16k)[1]
+    words = three_sentences.sentences[1].split()
+    ct2 = engine.align_words(speech_16k[a:b], words)
+    pt = torch_engine.align_words(speech_16k[a:b], words)
+    assert [w.text for w in pt] == [" " + w for w in words]
+    close = [abs(x.start_s - y.start_s) <= 0.1 and abs(x.end_s - y.end_s) <= 0.1
+             for x, y in zip(ct2, pt, strict=True)]
+    assert sum(close) >= 0.9 * len(words), [(x.start_s, y.start_s) for x, y in zip(
+        ct2, pt, strict=True)]
+
+
+def test_the_forced_prefix_is_kept_and_split_at_its_own_word_boundaries(
+    torch_engine: TorchWhisper, speech_16k: np.ndarray,
+) -> None:
+    a, b = _sentence_spans(speech_16k)[0]
+    tokenizer = torch_engine._tokenizers.get("en")
+    # Ends inside a word: " rec" "og", which the model goes on with ("nition").
+    prefix = tuple(tokenizer.encode(" Streaming speech recog"))
+    hypothesis = torch_engine.transcribe([DecodeRequest(speech_16k[a:b],
+                                                        prefix_tokens=prefix)])[0]
+    assert hypothesis.tokens[: len(prefix)] == prefix
+    promised = [w.tokens for w in hypothesis.words[:3]]
+    assert [t for group in promised for t in group] == list(prefix)
+    assert [w.text for w in hypothesis.words[:3]] == [" Streaming", " speech", " recog"]
+    assert len(hypothesis.words) > 3, hypothesis.text  # new words after the promised ones
+    assert all(w.start_s <= w.end_s for w in hypothesis.words)
+
+
+def _batch_requests(audio: np.ndarray, engine: TorchWhisper) -> list[DecodeRequest]:
+    spans = _sentence_spans(audio)
+    (a0, b0), (a1, b1) = spans[0], spans[1]
+    whole = engine.transcribe([DecodeRequest(audio[a0:b0])])[0]
+    return [
+        DecodeRequest(audio[a0: a0 + 3 * RATE]),
+        DecodeRequest(audio[a0:b0], prefix_tokens=whole.tokens[:6]),
+        DecodeRequest(audio[a1:b1], prompt=whole.text),
+        DecodeRequest(audio[a1: a1 + 2 * RATE], prefix_tokens=whole.tokens[:2]),
+        DecodeRequest(audio[:100]),  # too short to hold a word
+    ]
+
+
+@pytest.mark.parametrize("which", ["torch_engine", "torch_float32"])
+def test_a_batch_decodes_each_window_exactly_as_alone(
+    which: str, request: pytest.FixtureRequest, speech_16k: np.ndarray,
+) -> None:
+    # Windows of different lengths, prefixes and prompts. Attention runs request by
+    # request and int8 scales each row by itself, so even int8 gives the same numbers.
+    engine: TorchWhisper = request.getfixturevalue(which)
+    requests = _batch_requests(speech_16k, engine)
+    batched = engine.transcribe(requests)
+    alone = [engine.transcribe([r])[0] for r in requests]
+    assert [h.tokens for h in batched] == [h.tokens for h in alone]
+    for x, y in zip(batched, alone, strict=True):
+        for u, v in zip(x.words, y.words, strict=True):
+            assert (u.text, u.start_s, u.end_s) == (v.text, v.start_s, v.end_s)
+            assert u.probability == pytest.approx(v.probability, abs=1e-4)
+        assert x.no_speech_prob == pytest.approx(y.no_speech_prob, abs=1e-4)
+        assert x.avg_logprob == pytest.approx(y.avg_logprob, abs=1e-4)
+    assert batched[-1].words == ()
+
+
+def _decoder_calls(engine: TorchWhisper) -> tuple[list[int], Callable[[], None]]:
+    """The number of tokens each decoder forward call reads, while installed."""
+    lengths: list[int] = []
+
+    def hook(_module: Any, args: tuple[Any, ...]) -> None:
+        lengths.append(int(args[0].shape[1]))
+
+    handle = engine.model.decoder.register_forward_pre_hook(hook)
+    return lengths, handle.remove
+
+
+def test_a_40_token_prefix_is_read_in_one_decoder_pass(
+    torch_engine: TorchWhisper, speech_16k: np.ndarray, other_speech: Utterance,
+) -> None:
+    audio = np.concatenate([speech_16k, _read_16k(other_speech)])[: int(MAX_WINDOW_S * RATE)]
+    spoken = torch_engine.transcribe([DecodeRequest(audio)])[0].tokens
+    assert len(spoken) >= 40, len(spoken)
+    prefix = spoken[:40]
+    lengths, remove = _decoder_calls(torch_engine)
+    try:
+        hypothesis = torch_engine.transcribe([DecodeRequest(audio, prefix_tokens=prefix)])[0]
+    finally:
+        remove()
+    assert hypothesis.tokens[:40] == prefix
+    new = len(hypothesis.tokens) - 40
+    # One pass over start of transcript, no-timestamps and the 40 promised tokens; then
+    # one call per new token, and one for the end of text (its alignment row).
+    assert lengths[0] == 2 + 40
+    assert all(n == 1 for n in lengths[1:])
+    assert len(lengths) - 1 <= new + 2, (lengths, new)
+
+
+def test_alignatt_stops_decoding_where_attention_reaches_the_live_edge(
+    torch_engine: TorchWhisper, speech_16k: np.ndarray,
+) -> None:
+    a, b = _sentence_spans(speech_16k)[0]
+    window = speech_16k[a: a + (b - a) * 3 // 5]  # cut mid-sentence: a live window
+    window_s = len(window) / RATE
+    lengths, remove = _decoder_calls(torch_engine)
+    try:
+        whole = torch_engine.transcribe([DecodeRequest(window)])[0]
+        calls_whole = len(lengths)
+        lengths.clear()
+        stopped = torch_engine.transcribe([DecodeRequest(window, stop_edge_s=0.5)])[0]
+        calls_stopped = len(lengths)
+    finally:
+        remove()
+    assert 0 < len(stopped.words) < len(whole.words), (stopped.text, whole.text)
+    assert stopped.tokens == whole.tokens[: len(stopped.tokens)]  # the same words, fewer
+    assert calls_stopped < calls_whole
+    assert stopped.words[-1].end_s <= window_s - 0.2, (stopped.words[-1], window_s)
+
+
+def test_weights_convert_from_model_bin_and_the_conversion_is_cached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    from server.engines.torch_whisper import weights
+
+    first = weights.load_ct2_folder(Path(resolve_model_path("bundled")))
+    cached = list((tmp_path / "cache" / "whisperstream" / "torch").glob("ct2-*.pt"))
+    assert len(cached) == 1
+    assert first.dims.n_vocab == 51864 and first.dims.n_text_layer == 4
+    assert first.alignment_heads == [(1, 0), (2, 0), (2, 5), (3, 0), (3, 1), (3, 2), (3, 3),
+                                     (3, 4)]
+
+    def no_conversion(*_: object) -> None:
+        raise AssertionError("converted again despite the cache")
+
+    monkeypatch.setattr(weights, "convert_ct2", no_conversion)
+    second = weights.load_ct2_folder(Path(resolve_model_path("bundled")))
+    assert second.state.keys() == first.state.keys()
+    assert all(torch.equal(second.state[k], first.state[k]) for k in first.state)
+
+
+def test_openai_alignment_heads_of_tiny_en_are_those_ctranslate2_lists() -> None:
+    heads = decode_alignment_heads(OPENAI_ALIGNMENT_HEADS["tiny.en"], 4, 6)
+    config = json.loads((Path(resolve_model_path("bundled")) / "config.json").read_text())
+    assert heads == [tuple(h) for h in config["alignment_heads"]]
+
+
+def test_dtw_finds_the_path_openai_whisper_finds() -> None:
+    def reference(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # timing.py's loops
+        n, m = x.shape
+        cost = np.full((n + 1, m + 1), np.inf)
+        cost[0, 0] = 0
+        trace = np.zeros((n + 1, m + 1))
+        for j in range(1, m + 1):
+            for i in range(1, n + 1):
+                c0, c1, c2 = cost[i - 1, j - 1], cost[i - 1, j], cost[i, j - 1]
+                c, t = (c0, 0) if c0 < c1 and c0 < c2 else (c1, 1) if c1 < c0 and c1 < c2 \
+                    else (c2, 2)
+                cost[i, j], trace[i, j] = x[i - 1, j - 1] + c, t
+        trace[0, :], trace[:, 0] = 2, 1
+        i, j, path = n, m, []
+        while i > 0 or j > 0:
+            path.append((i - 1, j - 1))
+            i, j = {0: (i - 1, j - 1), 1: (i - 1, j), 2: (i, j - 1)}[int(trace[i, j])]
+        steps = np.array(path[::-1])
+        return steps[:, 0], steps[:, 1]
+
+    rng = np.random.default_rng(7)
+    for _ in range(40):
+        x = rng.normal(size=(int(rng.integers(1, 12)), int(rng.integers(1, 40))))
+        got, want = dtw(x), reference(x)
+        assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+
+
+# --- the other weight formats, written from the bundled model --------------------------
+
+def _openai_state(state: dict[str, Any], n_enc: int, n_dec: int) -> dict[str, Any]:
+    """openai-whisper's names and separate projections, from the converted state."""
+    out: dict[str, Any] = {}
+    d = state["decoder.token_embedding.weight"].shape[1]
+    for part, n in (("encoder", n_enc), ("decoder", n_dec)):
+        for i in range(n):
+            p = f"{part}.blocks.{i}"
+            q, k, v = state[f"{p}.attn.qkv.weight"].split(d)
+            qb, _, vb = state[f"{p}.attn.qkv.bias"].split(d)
+            out |= {f"{p}.attn.query.weight": q, f"{p}.attn.query.bias": qb,
+                    f"{p}.attn.key.weight": k, f"{p}.attn.value.weight": v,
+                    f"{p}.attn.value.bias": vb}
+            for name, src in (("attn.out", "attn.out"), ("attn_ln", "attn_ln"),
+                              ("mlp_ln", "mlp_ln"), ("mlp.0", "mlp.fc1"), ("mlp.2", "mlp.fc2"),
+                              ("cross_attn.query", "cross.query"),
+                              ("cross_attn.out", "cross.out"), ("cross_attn_ln", "cross_ln")):
+                for suffix in ("weight", "bias"):
+                    if f"{p}.{src}.{suffix}" in state:
+                        out[f"{p}.{name}.{suffix}"] = state[f"{p}.{src}.{suffix}"]
+            if part == "decoder":
+                ck, cv = state[f"{p}.cross.kv.weight"].split(d)
+                _, cvb = state[f"{p}.cross.kv.bias"].split(d)
+                out |= {f"{p}.cross_attn.key.weight": ck, f"{p}.cross_attn.value.weight": cv,
+                        f"{p}.cross_attn.value.bias": cvb}
+    for key in ("encoder.conv1", "encoder.conv2", "encoder.ln_post", "decoder.ln"):
+        out[f"{key}.weight"], out[f"{key}.bias"] = state[f"{key}.weight"], state[f"{key}.bias"]
+    for key in ("encoder.positional_embedding", "decoder.positional_embedding",
+                "decoder.token_embedding.weight"):
+        out[key] = state[key]
+    return out
+
+
+def _hf_state(openai: dict[str, Any]) -> dict[str, Any]:
+    """Hugging Face's names, from openai-whisper's."""
+    renames = [("blocks.", "layers."), (".attn.query", ".self_attn.q_proj"),
+               (".attn.key", ".self_attn.k_proj"), (".attn.value", ".self_attn.v_proj"),
+               (".attn.out", ".self_attn.out_proj"), (".attn_ln", ".self_attn_layer_norm"),
+               (".cross_attn.query", ".encoder_attn.q_proj"),
+               (".cross_attn.key", ".encoder_attn.k_proj"),
+               (".cross_attn.value", ".encoder_attn.v_proj"),
+               (".cross_attn.out", ".encoder_attn.out_proj"),
+               (".cross_attn_ln", ".encoder_attn_layer_norm"), (".mlp.0", ".fc1"),
+               (".mlp.2", ".fc2"), (".mlp_ln", ".final_layer_norm"),
+               ("encoder.ln_post", "encoder.layer_norm"), ("decoder.ln.", "decoder.layer_norm."),
+               ("encoder.positional_embedding", "encoder.embed_positions.weight"),
+               ("decoder.positional_embedding", "decoder.embed_positions.weight"),
+               ("decoder.token_embedding", "decoder.embed_tokens")]
+    out = {}
+    for key, value in openai.items():
+        for old, new in renames:
+            key = key.replace(old, new)
+        out["model." + key] = value
+    return out
+
+
+def _write_safetensors(file: Path, tensors: dict[str, Any]) -> None:
+    header: dict[str, Any] = {}
+    blobs, at = [], 0
+    for key, value in tensors.items():
+        raw = value.contiguous().numpy().astype(np.float16).tobytes()
+        header[key] = {"dtype": "F16", "shape": list(value.shape),
+                       "data_offsets": [at, at + len(raw)]}
+        blobs.append(raw)
+        at += len(raw)
+    text = json.dumps(header).encode()
+    file.write_bytes(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+
+
+@pytest.fixture(scope="module")
+def converted() -> Iterator[tuple[Any, dict[str, Any]]]:
+    dims, state = convert_ct2(read_ct2_variables(Path(resolve_model_path("bundled"))
+                                                 / "model.bin"))
+    yield dims, state
+
+
+def _same_as_bundled(engine: TorchWhisper, reference: TorchWhisper, audio: np.ndarray) -> None:
+    got = engine.transcribe([DecodeRequest(audio)])[0]
+    want = reference.transcribe([DecodeRequest(audio)])[0]
+    assert got.tokens == want.tokens
+    assert [(w.start_s, w.end_s) for w in got.words] == [(w.start_s, w.end_s) for w in want.words]
+
+
+def test_an_openai_whisper_checkpoint_loads_and_decodes_as_the_bundled_model(
+    tmp_path: Path, converted: tuple[Any, dict[str, Any]], torch_float32: TorchWhisper,
+    speech_16k: np.ndarray,
+) -> None:
+    dims, state = converted
+    file = tmp_path / "tiny.en.pt"  # the name gives the alignment heads
+    torch.save({"dims": dims.__dict__,
+                "model_state_dict": _openai_state(state, dims.n_audio_layer,
+                                                  dims.n_text_layer)}, file)
+    engine = TorchWhisper(str(file), compute_type="float32", cpu_threads=1)
+    assert engine.model.decoder.alignment_heads == torch_float32.model.decoder.alignment_heads
+    a, b = _sentence_spans(speech_16k)[0]
+    _same_as_bundled(engine, torch_float32, speech_16k[a:b])
+
+
+def test_a_hugging_face_folder_loads_and_decodes_as_the_bundled_model(
+    tmp_path: Path, converted: tuple[Any, dict[str, Any]], torch_float32: TorchWhisper,
+    speech_16k: np.ndarray,
+) -> None:
+    dims, state = converted
+    _write_safetensors(tmp_path / "model.safetensors",
+                       _hf_state(_openai_state(state, dims.n_audio_layer, dims.n_text_layer)))
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "whisper", "num_mel_bins": dims.n_mels,
+        "max_source_positions": dims.n_audio_ctx, "d_model": dims.n_audio_state,
+        "encoder_attention_heads": dims.n_audio_head, "encoder_layers": dims.n_audio_layer,
+        "vocab_size": dims.n_vocab, "max_target_positions": dims.n_text_ctx,
+        "decoder_attention_heads": dims.n_text_head, "decoder_layers": dims.n_text_layer}))
+    bundled = Path(resolve_model_path("bundled"))
+    heads = json.loads((bundled / "config.json").read_text())["alignment_heads"]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"alignment_heads": heads}))
+    shutil.copy(bundled / "tokenizer.json", tmp_path / "tokenizer.json")
+    engine = TorchWhisper(str(tmp_path), compute_type="float32", cpu_threads=1)
+    a, b = _sentence_spans(speech_16k)[2]
+    _same_as_bundled(engine, torch_float32, speech_16k[a:b])
+
+
+def test_what_the_torch_engine_cannot_do_is_refused_with_the_setting_to_change() -> None:
+    from streaming.engine import EngineLoadError
+
+    with pytest.raises(EngineLoadError, match=r"greedily: set model\.beam_size: 1"):
+        build_engine(ModelSection(engine="torch", beam_size=5))
+    with pytest.raises(EngineLoadError, match=r"set model\.timestamps: false"):
+        build_engine(ModelSection(engine="torch", timestamps=True))
+    with pytest.raises(EngineLoadError, match="no compute type 'int16'"):
+        build_engine(ModelSection(engine="torch", compute_type="int16"))
+    if not torch.cuda.is_available():
+        with pytest.raises(EngineLoadError, match="PyTorch finds no CUDA GPU"):
+            build_engine(ModelSection(engine="torch", device="cuda"))
