@@ -11,8 +11,9 @@ After the streaming (so that it never competes with the server for the CPU), the
 loads the same Whisper model itself and computes, per file:
 
 - the offline transcript: the whole file with the same engine, in one window when it is
-  at most OFFLINE_SINGLE_WINDOW_S long, else in consecutive windows of 15 to 25 s cut at
-  the quietest 0.3 s, each with the previous window's text as the prompt;
+  at most 28 s long, else in consecutive windows of 15 to 25 s cut at the quietest
+  0.3 s, each with the previous window's text as the prompt (streaming/longform.py,
+  which uploads to the OpenAI files API go through too);
 - reference word times: forced alignment of the normalized reference text against the
   audio (the engine's `align_words`, the cross-attention alignment that gives the server
   its word times), window by window for long files (reference words are given to the
