@@ -231,6 +231,17 @@ class HermesSection(_Section):
     max_command_s: float = Field(30.0, gt=0)  # with stopOnSilence, longest voice command
 
 
+class CompatSection(_Section):
+    """The OpenAI- and Deepgram-compatible APIs, on a listener of their own (server/compat/)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)  # speaches' port; 0: any free port
+    max_upload_bytes: int = Field(25 * 1024 * 1024, ge=1024)  # OpenAI's own limit: 25 MB
+    max_uploads: int = Field(2, ge=1)  # files transcribed at once; more get HTTP 429
+    max_upload_s: float = Field(3600.0, gt=0)  # longest file, in seconds of audio
+
+
 def _check_tls(settings: Settings) -> None:
     if (settings.server.tls_cert is None) != (settings.server.tls_key is None):
         raise ConfigError("invalid configuration: server.tls_cert and server.tls_key go "
@@ -252,6 +263,7 @@ class Settings(BaseSettings):
     auth: AuthSection = AuthSection()
     mqtt: MqttSection = MqttSection()
     hermes: HermesSection = HermesSection()
+    compat: CompatSection = CompatSection()
 
 
 class ConfigError(ValueError):
