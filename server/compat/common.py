@@ -14,7 +14,7 @@ from typing import Any
 from aiohttp import WSCloseCode, web
 from websockets.datastructures import Headers
 
-from server.admission import Gate, presented_key
+from server.admission import Gate, Refusal, presented_key, session_refusal
 from server.driver import OutletFull
 from server.forwarding import forwarded_client
 from server.host import SessionHost
@@ -46,6 +46,16 @@ def client_address(request: web.BaseRequest, state: CompatState) -> str:
     if not trusted:
         return peer
     return forwarded_client(peer, Headers(list(request.headers.items())), trusted)
+
+
+def admission_refusal(state: CompatState,
+                      request: web.BaseRequest) -> tuple[Refusal | None, str]:
+    """Why a new live session cannot start now (counted), or None; and the client's address."""
+    address = client_address(request, state)
+    refusal = session_refusal(state.host, address, draining=state.draining)
+    if refusal is not None:
+        state.host.metrics.refused_sessions.labels(refusal.reason).inc()
+    return refusal, address
 
 
 def request_key(request: web.BaseRequest, schemes: tuple[str, ...] = ("bearer",)) -> str:
