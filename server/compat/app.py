@@ -26,7 +26,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from server.admission import Gate
-from server.compat import deepgram, openai_files
+from server.compat import deepgram, openai_files, openai_realtime
 from server.compat.common import CompatState, openai_error
 from server.host import SessionHost
 
@@ -56,6 +56,7 @@ class CompatServer:
             web.get("/v1/models/{model}", bind(openai_files.model, self.state)),
             web.post("/v1/audio/transcriptions", bind(openai_files.transcriptions, self.state)),
             web.get("/v1/listen", bind(deepgram.listen, self.state)),
+            web.get("/v1/realtime", bind(openai_realtime.realtime, self.state)),
         ])
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
