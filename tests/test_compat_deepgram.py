@@ -265,3 +265,25 @@ def test_parameters_as_deepgram_documents_them() -> None:
     for bad in ({"endpointing": "soon"}, {"channels": "0"}, {"encoding": "mulaw"}):
         with pytest.raises(BadParameter):
             check(bad)
+
+
+def test_shutdown_finishes_a_live_session_with_its_finals_and_metadata(
+    other_speech: Utterance
+) -> None:
+    async def run(live: LiveServer) -> tuple[list[dict[str, Any]], int | None]:
+        url = f"{live.compat_url.replace('http', 'ws')}/v1/listen?sample_rate=16000"
+        got = []
+        async with websockets.connect(url) as ws:
+            await ws.send(_pcm(other_speech)[: 16_000 * 3].tobytes())  # mid-speech
+            await asyncio.sleep(0.3)
+            live.stop()  # as on SIGTERM
+            async for raw in ws:
+                got.append(json.loads(raw))
+        return got, ws.close_code
+
+    with serving(ScriptedWhisper(), settings_with(compat={"enabled": True})) as live:
+        messages, code = asyncio.run(run(live))
+    assert code == 1000
+    assert messages[-1]["type"] == "Metadata"
+    finals = [m for m in _results(messages) if m["is_final"]]
+    assert finals and scripted_words(_transcript(finals[-1]))
