@@ -289,3 +289,29 @@ def test_both_session_shapes_read_into_the_same_settings() -> None:
     with pytest.raises(BadEvent, match="silence_duration_ms"):
         apply_update(RealtimeSettings(), {"type": "transcription_session.update", "session": {
             "turn_detection": {"silence_duration_ms": "long"}}})
+
+
+def test_the_bench_streams_a_file_through_the_realtime_api(
+    scripted_server: LiveServer, three_sentences: Utterance
+) -> None:
+    from server.bench.manifest import Item
+    from server.bench.realtime import stream_one_realtime
+
+    item = Item("three", three_sentences.path, three_sentences.text)
+    sent: list[float] = []
+    record = asyncio.run(stream_one_realtime(
+        item, f"{scripted_server.compat_url.replace('http', 'ws')}/v1", 4.0, KEY, sent.append))
+    assert record.error is None and record.close_code == 1000, record.error
+    assert abs(sum(sent) - three_sentences.duration_s) < 0.05
+    kinds = [m["type"] for _, m in record.messages]
+    assert kinds[-1] == "done" and "error" not in kinds, kinds
+    # The commit after the last audio ends an item of the trailing silence: empty.
+    finals = [m for _, m in record.messages if m["type"] == "final" and m["text"]]
+    assert [m["segment"] for m in finals] == [0, 1, 2]
+    assert all(scripted_words(m["text"]) for m in finals)
+    for final in finals:  # partials are the promised text: a final only extends them
+        partials = [m for _, m in record.messages
+                    if m["type"] == "partial" and m["segment"] == final["segment"]]
+        assert partials and all(final["text"].startswith(p["text"]) for p in partials)
+    times = [t for t, _ in record.messages]
+    assert times == sorted(times) and times[-1] < three_sentences.duration_s / 4 + 5

@@ -102,6 +102,9 @@ def add_subcommand(sub: Any) -> None:
     p.add_argument("--from", dest="from_report", type=Path, default=None, metavar="R.json",
                    help="no streaming: analyse again the message log of an earlier --out")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    p.add_argument("--api", choices=("native", "openai-realtime"), default="native",
+                   help="stream through the native protocol (/v1/stream) or OpenAI's Realtime "
+                   "transcription API (compat listener; with --url, its ws:// base)")
     p.set_defaults(func=cmd_bench)
 
 
@@ -151,7 +154,7 @@ def _bench(args: argparse.Namespace) -> int:
             settings = {v.name: variant_settings(args.config, v) for v in variants}
             runs = stream_runs(items, variants, levels, settings, args.speed, progress,
                                Path(tmp), url=args.url, server_pid=args.server_pid,
-                               api_key=args.api_key, config=args.config)
+                               api_key=args.api_key, config=args.config, api=args.api)
         # After the servers have stopped, so that it does not compete with them.
         offline_models: dict[tuple[str, str, int], ModelSection] = {}
         for run in runs:  # each model once, in the order of the runs
