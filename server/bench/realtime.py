@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from server.bench.manifest import Item, read_pcm
+from server.bench.records import StreamRecord
 
 RATE_HZ = 24_000
 FINISH_TIMEOUT_S = 60.0  # after the last audio, for the last items to complete
@@ -69,12 +70,11 @@ def as_native(events: list[tuple[float, dict[str, Any]]]) -> list[tuple[float, d
 async def stream_one_realtime(
     item: Item, url: str, speed: float, api_key: str | None,
     on_audio: Callable[[float], None],
-) -> Any:
+) -> StreamRecord:
     import soxr
     import websockets
 
     from client.stream import PaceClock, paced_frames
-    from server.bench.runner import StreamRecord
 
     pcm, rate = read_pcm(item.wav)
     duration = len(pcm) / 2 / rate

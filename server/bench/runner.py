@@ -20,18 +20,12 @@ from typing import Any
 from server.bench.errors import BenchError
 from server.bench.manifest import Item, read_pcm, stream_duration
 from server.bench.monitor import ProcessMonitor, model_counters
+from server.bench.records import StreamRecord
 from server.bench.variants import Variant
 
 SERVER_START_TIMEOUT_S = 120.0
 
-
-@dataclass
-class StreamRecord:
-    item: Item
-    duration_s: float
-    messages: list[tuple[float, dict[str, Any]]]
-    close_code: int | None
-    error: str | None
+__all__ = ["RunResult", "StreamRecord", "stream_all", "stream_one", "stream_runs"]
 
 
 async def stream_one(
