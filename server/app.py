@@ -4,7 +4,8 @@
   live sessions; every session runs on a `SessionDriver` (server/driver.py).
 - Front doors: the WebSocket endpoint (server/websocket.py) and HTTP routes
   (server/routes.py) on one port; Hermes over MQTT (server/hermes.py) and Wyoming over
-  TCP (server/wyoming.py) when enabled.
+  TCP (server/wyoming.py) when enabled; the OpenAI and Deepgram APIs on a port of their
+  own (server/compat/) when enabled.
 - Sinks: the MQTT session publisher (server/mqtt.py) when enabled.
 
 `running()` is the lifecycle: start, serve, and on exit a graceful shutdown that stops
@@ -22,6 +23,7 @@ from functools import partial
 
 from websockets.asyncio.server import Server, serve
 
+from server.compat.app import CompatServer
 from server.config import Settings
 from server.connection import GuardedConnection
 from server.driver import SessionSink
@@ -43,6 +45,7 @@ class TranscriptionServer:
         self.settings = settings
         self.host = SessionHost(settings, engine)
         self.routes = HttpRoutes(self.host)
+        self.compat = CompatServer(self.host) if settings.compat.enabled else None
 
     @property
     def metrics(self) -> Metrics:
@@ -89,8 +92,10 @@ class TranscriptionServer:
             ssl=self._tls_context(),
         ) as server:
             self.host.scheduler.start()
-            self.routes.ready = True
             try:
+                if self.compat is not None:
+                    await self.compat.start(self._tls_context())
+                self.routes.ready = True
                 yield server
             finally:
                 await self.shutdown(server)
@@ -109,16 +114,24 @@ class TranscriptionServer:
         self.routes.draining = True
         self.routes.ready = False
         server.close(close_connections=False)
+        if self.compat is not None:
+            self.compat.stop_accepting()
         live = self.host.finish_all()
         if live:
             log.info("shutdown: finishing %d live sessions", live)
         timeout = self.settings.limits.shutdown_timeout_s
-        try:
-            await asyncio.wait_for(server.wait_closed(), timeout)
-        except TimeoutError:
-            log.warning("shutdown: sessions still open after %.0f s; closing them", timeout)
-            server.close(close_connections=True)
-            await server.wait_closed()
+
+        async def native() -> None:
+            try:
+                await asyncio.wait_for(server.wait_closed(), timeout)
+            except TimeoutError:
+                log.warning("shutdown: sessions still open after %.0f s; closing them",
+                            timeout)
+                server.close(close_connections=True)
+                await server.wait_closed()
+
+        # The compatible APIs wait as long, at the same time (aiohttp's shutdown_timeout).
+        await asyncio.gather(native(), *([self.compat.close()] if self.compat else []))
 
 
 @contextlib.asynccontextmanager

@@ -71,10 +71,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"whisperstream: {exc}", file=sys.stderr)
         return 2
     _configure_logging(settings.server.log_level, settings.server.log_file)
-    if (not settings.auth.api_keys and not is_loopback(settings.server.host)
-            and not settings.server.allow_public_without_auth):
+    hosts = [settings.server.host] + ([settings.compat.host] if settings.compat.enabled else [])
+    public = [h for h in hosts if not is_loopback(h)]
+    if public and not settings.auth.api_keys and not settings.server.allow_public_without_auth:
         print(
-            f"whisperstream: refusing to listen on {settings.server.host} with no API keys; "
+            f"whisperstream: refusing to listen on {public[0]} with no API keys; "
             "set auth.api_keys, or server.allow_public_without_auth: true to allow it",
             file=sys.stderr,
         )

@@ -267,6 +267,17 @@ class WyomingSection(_Section):
     max_command_s: float = Field(60.0, gt=0)  # longest voice command; then its transcript
 
 
+class CompatSection(_Section):
+    """The OpenAI- and Deepgram-compatible APIs, on a listener of their own (server/compat/)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)  # speaches' port; 0: any free port
+    max_upload_bytes: int = Field(25 * 1024 * 1024, ge=1024)  # OpenAI's own limit: 25 MB
+    max_uploads: int = Field(2, ge=1)  # files transcribed at once; more get HTTP 429
+    max_upload_s: float = Field(3600.0, gt=0)  # longest file, in seconds of audio
+
+
 def _check_tls(settings: Settings) -> None:
     if (settings.server.tls_cert is None) != (settings.server.tls_key is None):
         raise ConfigError("invalid configuration: server.tls_cert and server.tls_key go "
@@ -289,6 +300,7 @@ class Settings(BaseSettings):
     mqtt: MqttSection = MqttSection()
     hermes: HermesSection = HermesSection()
     wyoming: WyomingSection = WyomingSection()
+    compat: CompatSection = CompatSection()
 
 
 class ConfigError(ValueError):

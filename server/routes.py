@@ -11,7 +11,6 @@ without its body.
 from __future__ import annotations
 
 import dataclasses
-import hmac
 import http
 import logging
 import re
@@ -23,7 +22,8 @@ from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from server.forwarding import host_name, is_loopback_name
+from server.admission import Gate, presented_key, session_refusal
+from server.forwarding import host_name
 from server.host import SessionHost
 from server.websocket import STREAM_PATH, client_address
 
@@ -122,49 +122,23 @@ class HttpRoutes:
     def __init__(self, host: SessionHost) -> None:
         self.host = host
         self.settings = host.settings
-        self._keys = [k.get_secret_value().encode() for k in host.settings.auth.api_keys]
-        self._allowed_hosts = frozenset(host.settings.server.allowed_hosts)
+        self.gate = Gate(host.settings)
         self.draining = False
         self.ready = False
 
     def _authorized(self, request: Request) -> bool:
-        if not self._keys:
+        if not self.gate.keys_required:
             return True
-        presented = ""
-        header = request.headers.get("Authorization", "")
-        if header.lower().startswith("bearer "):
-            presented = header[7:].strip()
-        else:
+        presented = presented_key(request.headers.get("Authorization", ""))
+        if not presented:
             presented = parse_qs(urlsplit(request.path).query).get("token", [""])[0]
-        candidate = presented.encode()
-        # Compare against every key in constant time, so timing tells nothing.
-        return any([hmac.compare_digest(candidate, key) for key in self._keys])
+        return self.gate.key_ok(presented)
 
     def _host_allowed(self, request: Request) -> bool:
-        """With API keys, any Host; without, only names of this machine's loopback
-        addresses and `server.allowed_hosts`: a web page whose own name was rebound to
-        127.0.0.1 names itself in Host, and so does not get in."""
-        if self._keys:
-            return True
-        name = host_name(request.headers.get("Host", ""))
-        return name is not None and (is_loopback_name(name) or name in self._allowed_hosts)
+        return self.gate.host_ok(request.headers.get("Host", ""))
 
     def _origin_allowed(self, request: Request) -> bool:
-        """Browsers send Origin; other clients do not. Besides `auth.allowed_origins`, the
-        server's own page is allowed: the origin of the Host asked for, if that host is
-        allowed (it is checked before this)."""
-        origin = request.headers.get("Origin")
-        if origin is None:
-            return True
-        allowed = self.settings.auth.allowed_origins
-        if "*" in allowed or origin in allowed:
-            return True
-        try:
-            netloc = urlsplit(origin).netloc
-        except ValueError:
-            return False
-        host = request.headers.get("Host", "")
-        return bool(netloc) and netloc.lower() == host.lower() and self._host_allowed(request)
+        return self.gate.origin_ok(request.headers.get("Origin"), request.headers.get("Host", ""))
 
     def _refuse(self, connection: ServerConnection, status: http.HTTPStatus, reason: str,
                 text: str) -> Response:
@@ -228,24 +202,10 @@ class HttpRoutes:
         if not self._origin_allowed(request):
             return self._refuse(connection, http.HTTPStatus.FORBIDDEN, "origin",
                                 "this page's origin may not connect (auth.allowed_origins)\n")
-        if self.draining:
-            return self._refuse(connection, http.HTTPStatus.SERVICE_UNAVAILABLE,
-                                "shutdown", "server shutting down; try again later\n")
-        limits = self.settings.limits
         address = client_address(connection, self.settings.server.trusted_proxies)
-        if self.host.sessions_from(address) >= limits.max_sessions_per_client:
-            return self._refuse(
-                connection, http.HTTPStatus.TOO_MANY_REQUESTS, "per_client",
-                f"too many sessions from {address} "
-                "(limits.max_sessions_per_client); close one first\n",
-            )
-        active = self.host.active_sessions
-        if active >= limits.max_sessions:
-            return self._refuse(
-                connection, http.HTTPStatus.SERVICE_UNAVAILABLE, "max_sessions",
-                f"server busy: {active} sessions, the configured maximum "
-                f"(limits.max_sessions); try again later\n",
-            )
+        refusal = session_refusal(self.host, address, draining=self.draining)
+        if refusal is not None:
+            return self._refuse(connection, refusal.status, refusal.reason, refusal.text + "\n")
         return None
 
     def _static(self, connection: ServerConnection, path: str) -> Response:

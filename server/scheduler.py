@@ -9,6 +9,12 @@ with two threads on one call, 24 ms with two calls at once of one thread each).
 Fairness comes from two rules: each session has at most one step pending (the session
 core guarantees it, and skips intermediate partial steps while it waits), and the
 oldest pending step always leads the next batch, so no session starves.
+
+Work that nobody watches live (an uploaded file's windows) is queued with
+`priority=BACKGROUND`: it runs only when no live step waits, never shares a batch with
+live steps, and holds at most `workers - 1` workers at once (one, with one worker), so a
+live step waits behind at most one background window, and with two or more workers
+behind none.
 """
 
 from __future__ import annotations
@@ -30,11 +36,15 @@ log = logging.getLogger(__name__)
 # (measured: 4 equal windows batched 1.7x faster than serial; 5/7.5/15 s mixed, slower).
 MAX_LENGTH_RATIO = 1.5
 
+LIVE = 0  # a live session's step
+BACKGROUND = 1  # an upload's window: after every live step
+
 
 @dataclass
 class _Pending:
     request: DecodeRequest
     future: asyncio.Future[Hypothesis]
+    priority: int = LIVE
     queued_at: float = field(default_factory=time.monotonic)
 
     @property
@@ -70,6 +80,8 @@ class InferenceScheduler:
         self._pending: list[_Pending] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._background_running = 0  # batches of BACKGROUND priority in the engine
+        self.max_background = max(1, workers - 1)
         self.batches: list[BatchStats] = []  # recent batches, for metrics and tests
         self._on_batch = on_batch
         # Freed inference buffers go back to the OS at most this often (0: never), see
@@ -95,32 +107,37 @@ class InferenceScheduler:
         self._running.clear()
         # The cancelled loop may have held a worker slot: a restarted one starts afresh.
         self._free = asyncio.Semaphore(self.workers)
+        self._background_running = 0
         for pending in self._pending:
             pending.future.cancel()
         self._pending.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def transcribe(self, request: DecodeRequest) -> Hypothesis:
-        """Queue one window; the result comes when its batch has run."""
+    async def transcribe(self, request: DecodeRequest, priority: int = LIVE) -> Hypothesis:
+        """Queue one window; the result comes when its batch has run. Windows of a lower
+        `priority` number go first (LIVE before BACKGROUND), the oldest first among equals."""
         self.start()
         future: asyncio.Future[Hypothesis] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(request, future))
+        self._pending.append(_Pending(request, future, priority))
         self._wake.set()
         return await future
 
     def _next_batch(self) -> list[_Pending]:
         self._pending = [p for p in self._pending if not p.future.cancelled()]
-        if not self._pending:
+        background_ok = self._background_running < self.max_background
+        eligible = [p for p in self._pending if p.priority <= LIVE or background_ok]
+        if not eligible:
             return []
-        self._pending.sort(key=lambda p: p.queued_at)
-        lead = self._pending[0]
+        eligible.sort(key=lambda p: (p.priority, p.queued_at))
+        lead = eligible[0]
         batch = [lead]
         same_prompt = bool(lead.request.prompt)
-        for candidate in self._pending[1:]:
+        for candidate in eligible[1:]:
             if len(batch) >= self.max_batch_size:
                 break
             lengths = [p.samples for p in batch] + [candidate.samples]
-            if (bool(candidate.request.prompt) == same_prompt
+            if (candidate.priority == lead.priority
+                    and bool(candidate.request.prompt) == same_prompt
                     and max(lengths) / min(lengths) <= MAX_LENGTH_RATIO):
                 batch.append(candidate)
         chosen = set(map(id, batch))
@@ -152,6 +169,8 @@ class InferenceScheduler:
                 self._wake.clear()
                 await self._wake.wait()
                 batch = self._next_batch()
+            if batch[0].priority > LIVE:
+                self._background_running += 1
             task = asyncio.get_running_loop().create_task(self._run_batch(batch))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
@@ -190,4 +209,7 @@ class InferenceScheduler:
                 # On the worker's thread, after the results went out: no session waits.
                 await loop.run_in_executor(self._executor, self._release_memory)
         finally:
+            if batch[0].priority > LIVE:
+                self._background_running -= 1
+                self._wake.set()  # background windows held back may run now
             self._free.release()

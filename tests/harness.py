@@ -41,13 +41,20 @@ class LiveServer:
     def http_url(self) -> str:
         return self.url.replace("ws://", "http://")
 
+    @property
+    def compat_url(self) -> str:
+        """http://127.0.0.1:PORT of the compatible APIs (with `compat.enabled`)."""
+        assert self.app.compat is not None and self.app.compat.port, "compat is not enabled"
+        return f"http://127.0.0.1:{self.app.compat.port}"
+
 
 @contextmanager
 def serving(engine: Engine, settings: Settings | None = None) -> Iterator[LiveServer]:
     """A real server on a free port in its own thread and event loop."""
     settings = settings or Settings()
     settings = settings.model_copy(
-        update={"server": settings.server.model_copy(update={"port": 0})}
+        update={"server": settings.server.model_copy(update={"port": 0}),
+                "compat": settings.compat.model_copy(update={"port": 0})}
     )
     started = threading.Event()
     state: dict[str, Any] = {}

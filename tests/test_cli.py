@@ -76,6 +76,11 @@ def test_serve_refuses_a_public_address_without_keys() -> None:
     result = _cli("serve", "--host", "0.0.0.0", timeout=30)
     assert result.returncode == 2
     assert "auth.api_keys" in result.stderr
+    # The compatible APIs' listener is held to the same rule.
+    result = _cli("serve", timeout=30, env={"WHISPERSTREAM_COMPAT__ENABLED": "true",
+                                            "WHISPERSTREAM_COMPAT__HOST": "0.0.0.0"})
+    assert result.returncode == 2
+    assert "0.0.0.0" in result.stderr and "auth.api_keys" in result.stderr
 
 
 def test_mic_without_a_device_or_portaudio_gives_a_clear_message() -> None:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from server.scheduler import InferenceScheduler
+from server.scheduler import BACKGROUND, InferenceScheduler
 from streaming.engine import DecodeRequest, EngineCapabilities, Hypothesis, Word
 
 
@@ -79,6 +79,69 @@ def test_a_failing_window_fails_alone() -> None:
     results = asyncio.run(_submit_while_blocked(scheduler, engine, [3.0, 3.1, 2.9]))
     assert isinstance(results[0], RuntimeError)
     assert [h.text for h in results[1:]] == ["3.1", "2.9"]
+
+
+def test_live_steps_go_before_background_windows_and_never_share_their_batch() -> None:
+    engine = RecordingEngine()
+    scheduler = InferenceScheduler(engine, max_batch_size=8)
+
+    async def scenario() -> list[Hypothesis]:
+        blocker = asyncio.create_task(scheduler.transcribe(_request(9.0)))
+        await asyncio.sleep(0.05)  # the engine is busy; what follows queues up
+        upload = asyncio.create_task(scheduler.transcribe(_request(2.0), priority=BACKGROUND))
+        await asyncio.sleep(0.01)
+        live = [asyncio.create_task(scheduler.transcribe(_request(s))) for s in (2.1, 5.0)]
+        await asyncio.sleep(0.05)
+        engine.gate.set()
+        results = await asyncio.gather(blocker, upload, *live)
+        await scheduler.close()
+        return results
+
+    results = asyncio.run(scenario())
+    assert [h.text for h in results] == ["9", "2", "2.1", "5"]
+    # The upload was queued first and is as long as the 2.1 s step, yet both live steps
+    # ran before it, and it ran alone.
+    assert engine.batches == [[9.0], [2.1], [5.0], [2.0]]
+
+
+def test_background_windows_leave_a_worker_free_for_live_steps() -> None:
+    engine = RecordingEngine()
+    running: list[float] = []
+    most_background = 0
+    lock = threading.Lock()
+    transcribe = engine.transcribe
+
+    def counting(requests: Sequence[DecodeRequest]) -> list[Hypothesis]:
+        nonlocal most_background
+        seconds = len(requests[0].audio) / 16_000
+        with lock:
+            running.append(seconds)
+            most_background = max(most_background, sum(s >= 20 for s in running))
+        try:
+            return transcribe(requests)
+        finally:
+            with lock:
+                running.remove(seconds)
+
+    engine.transcribe = counting  # type: ignore[method-assign]
+    scheduler = InferenceScheduler(engine, max_batch_size=1, workers=2)
+    assert scheduler.max_background == 1
+
+    async def scenario() -> None:
+        uploads = [asyncio.create_task(scheduler.transcribe(_request(20.0 + k),
+                                                            priority=BACKGROUND))
+                   for k in range(3)]
+        await asyncio.sleep(0.1)  # one upload window holds a worker; the others wait
+        assert running == [20.0]
+        live = asyncio.create_task(scheduler.transcribe(_request(1.0)))
+        await asyncio.sleep(0.1)
+        assert sorted(running) == [1.0, 20.0]  # the live step got the free worker at once
+        engine.gate.set()
+        await asyncio.gather(live, *uploads)
+        await scheduler.close()
+
+    asyncio.run(scenario())
+    assert most_background == 1
 
 
 def test_with_two_workers_two_batches_run_at_once() -> None:

@@ -11,8 +11,9 @@ After the streaming (so that it never competes with the server for the CPU), the
 loads the same Whisper model itself and computes, per file:
 
 - the offline transcript: the whole file with the same engine, in one window when it is
-  at most OFFLINE_SINGLE_WINDOW_S long, else in consecutive windows of 15 to 25 s cut at
-  the quietest 0.3 s, each with the previous window's text as the prompt;
+  at most 28 s long, else in consecutive windows of 15 to 25 s cut at the quietest
+  0.3 s, each with the previous window's text as the prompt (streaming/longform.py,
+  which uploads to the OpenAI files API go through too);
 - reference word times: forced alignment of the normalized reference text against the
   audio (the engine's `align_words`, the cross-attention alignment that gives the server
   its word times), window by window for long files (reference words are given to the
@@ -119,6 +120,9 @@ def add_subcommand(sub: Any) -> None:
     w.add_argument("--stop-silence-s", type=float, default=0.7,
                    help="audio-stop this long after the last speech, as a satellite's VAD "
                    "sends it; 0: the whole file (default 0.7, Home Assistant's)")
+    p.add_argument("--api", choices=("native", "openai-realtime"), default="native",
+                   help="stream through the native protocol (/v1/stream) or OpenAI's Realtime "
+                   "transcription API (compat listener; with --url, its ws:// base)")
     p.set_defaults(func=cmd_bench)
 
 
@@ -174,7 +178,7 @@ def _bench(args: argparse.Namespace) -> int:
             settings = {v.name: variant_settings(args.config, v) for v in variants}
             runs = stream_runs(items, variants, levels, settings, args.speed, progress,
                                Path(tmp), url=args.url, server_pid=args.server_pid,
-                               api_key=args.api_key, config=args.config)
+                               api_key=args.api_key, config=args.config, api=args.api)
         # After the servers have stopped, so that it does not compete with them.
         offline_models: dict[ModelKey, ModelSection] = {}
         for run in runs:  # each model once, in the order of the runs

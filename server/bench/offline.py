@@ -10,6 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 from server.bench.manifest import Item, read_audio_16k
 from server.bench.scoring import RefWord, align, normalize
+from streaming.longform import METHOD, quiet_cuts, window_request
+
+__all__ = ["OFFLINE_METHOD", "OfflineResult", "offline_pass", "offline_transcribe",
+           "quiet_cuts", "reference_times", "trim_to_sound"]
 
 if TYPE_CHECKING:
     import numpy as np
@@ -18,45 +22,9 @@ if TYPE_CHECKING:
     from server.config import ModelSection
     from server.engines import WhisperEngine
 
-OFFLINE_SINGLE_WINDOW_S = 28.0  # longer files are transcribed offline window by window
-OFFLINE_MIN_WINDOW_S = 15.0
-OFFLINE_MAX_WINDOW_S = 25.0
-QUIET_SPAN_S = 0.3  # the span whose energy picks a cut between offline windows
 TRIM_DROP_DB = 40.0  # see trim_to_sound
 TRIM_FLOOR_DB = 10.0
-OFFLINE_METHOD = (
-    f"whole file when <= {OFFLINE_SINGLE_WINDOW_S:g} s, else {OFFLINE_MIN_WINDOW_S:g}-"
-    f"{OFFLINE_MAX_WINDOW_S:g} s windows cut at the quietest {QUIET_SPAN_S:g} s, previous "
-    "window's text as prompt"
-)
-
-
-def quiet_cuts(
-    audio: np.ndarray,
-    rate: int = 16_000,
-    min_s: float = OFFLINE_MIN_WINDOW_S,
-    max_s: float = OFFLINE_MAX_WINDOW_S,
-    single_s: float = OFFLINE_SINGLE_WINDOW_S,
-) -> list[tuple[int, int]]:
-    """Windows (start, end sample) covering the audio, each cut at the quietest span."""
-    import numpy as np
-
-    total = len(audio)
-    if total <= single_s * rate:
-        return [(0, total)]
-    hop = rate // 100
-    frames = len(audio) // hop
-    energy = np.square(audio[: frames * hop].astype(np.float64)).reshape(frames, hop).mean(1)
-    span = max(1, int(QUIET_SPAN_S * 100))
-    smooth = np.convolve(energy, np.ones(span) / span, mode="same")
-    windows, start = [], 0
-    while total - start > single_s * rate:
-        lo, hi = (start + int(min_s * rate)) // hop, (start + int(max_s * rate)) // hop
-        cut = (lo + int(np.argmin(smooth[lo:hi]))) * hop
-        windows.append((start, cut))
-        start = cut
-    windows.append((start, total))
-    return windows
+OFFLINE_METHOD = METHOD  # the windows and prompts of streaming/longform.py, as uploads get
 
 
 @dataclass
@@ -70,13 +38,11 @@ def offline_transcribe(
     engine: WhisperEngine, audio: np.ndarray
 ) -> tuple[list[tuple[int, int]], list[str]]:
     """The windows and their texts."""
-    from streaming.engine import DecodeRequest
-
     windows = quiet_cuts(audio)
     texts: list[str] = []
-    for start, end in windows:
-        prompt = texts[-1] if texts else ""
-        texts.append(engine.transcribe([DecodeRequest(audio[start:end], prompt=prompt)])[0].text)
+    for window in windows:
+        request = window_request(audio, window, texts[-1] if texts else "")
+        texts.append(engine.transcribe([request])[0].text)
     return windows, texts
 
 

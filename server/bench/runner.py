@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,18 +20,12 @@ from typing import Any
 from server.bench.errors import BenchError
 from server.bench.manifest import Item, read_pcm, stream_duration
 from server.bench.monitor import ProcessMonitor, model_counters
+from server.bench.records import StreamRecord
 from server.bench.variants import Variant
 
 SERVER_START_TIMEOUT_S = 120.0
 
-
-@dataclass
-class StreamRecord:
-    item: Item
-    duration_s: float
-    messages: list[tuple[float, dict[str, Any]]]
-    close_code: int | None
-    error: str | None
+__all__ = ["RunResult", "StreamRecord", "stream_all", "stream_one", "stream_runs"]
 
 
 async def stream_one(
@@ -64,6 +58,7 @@ async def stream_one(
 async def stream_all(
     items: list[Item], url: str, concurrency: int, speed: float, api_key: str | None,
     on_audio: Callable[[float], None], on_done: Callable[[StreamRecord], None],
+    stream: Callable[..., Awaitable[StreamRecord]] = stream_one,
 ) -> list[StreamRecord]:
     """A pool of `concurrency` workers over the files; records in manifest order."""
     queue: asyncio.Queue[int] = asyncio.Queue()
@@ -74,7 +69,7 @@ async def stream_all(
     async def worker() -> None:
         while not queue.empty():
             i = queue.get_nowait()
-            records[i] = await stream_one(items[i], url, speed, api_key, on_audio)
+            records[i] = await stream(items[i], url, speed, api_key, on_audio)
             on_done(records[i])
 
     await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
@@ -120,7 +115,9 @@ def free_port() -> int:
 def started_server(
     env_overrides: dict[str, str], config: Path | None, log_dir: Path
 ) -> Iterator[tuple[str, int]]:
-    """`whisperstream serve` as a subprocess on a free loopback port; yields (url, pid)."""
+    """`whisperstream serve` as a subprocess on a free loopback port; yields (url, pid).
+    With WHISPERSTREAM_COMPAT__ENABLED in `env_overrides`, the compatible APIs listen on
+    WHISPERSTREAM_COMPAT__PORT as well."""
     port = free_port()
     env = {**os.environ, **env_overrides}
     command = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1",
@@ -160,6 +157,7 @@ def stream_runs(
     items: list[Item], variants: list[Variant], levels: list[int], settings: dict[str, Any],
     speed: float, progress: Any, log_dir: Path, *, url: str | None = None,
     server_pid: int | None = None, api_key: str | None = None, config: Path | None = None,
+    api: str = "native",
 ) -> list[RunResult]:
     """Each variant at each concurrency, one after another, each on a fresh server (or
     all on the server at `url`, with `api_key`, its process `server_pid` measured)."""
@@ -188,10 +186,16 @@ def stream_runs(
                                          + (f": {record.error}" if record.error else ""))
 
             with contextlib.ExitStack() as stack:
+                stream: Callable[..., Awaitable[StreamRecord]] = stream_one
                 if url:
                     target, pid = url, server_pid
+                    streamed_at = url
                 else:
                     env = dict(variant.env)
+                    if api == "openai-realtime":
+                        compat_port = free_port()
+                        env["WHISPERSTREAM_COMPAT__ENABLED"] = "true"
+                        env["WHISPERSTREAM_COMPAT__PORT"] = str(compat_port)
                     # The bench's own server listens on loopback only: no keys needed.
                     env["WHISPERSTREAM_AUTH__API_KEYS"] = "[]"
                     if level > s.limits.max_sessions:
@@ -199,6 +203,12 @@ def stream_runs(
                     if level > s.limits.max_sessions_per_client:  # all from one address
                         env["WHISPERSTREAM_LIMITS__MAX_SESSIONS_PER_CLIENT"] = str(level)
                     target, pid = stack.enter_context(started_server(env, config, log_dir))
+                    streamed_at = (f"ws://127.0.0.1:{compat_port}/v1"
+                                   if api == "openai-realtime" else target)
+                if api == "openai-realtime":
+                    from server.bench.realtime import stream_one_realtime
+
+                    stream = stream_one_realtime
                 monitor = ProcessMonitor(pid) if pid is not None else None
                 if monitor is not None:
                     monitor.start()
@@ -206,7 +216,7 @@ def stream_runs(
                 counted = model_counters(target, key)
                 began = time.monotonic()
                 records = asyncio.run(stream_all(
-                    level_items, target, level, speed, key, on_audio, on_done))
+                    level_items, streamed_at, level, speed, key, on_audio, on_done, stream))
                 wall = time.monotonic() - began
                 server = monitor.stop() if monitor is not None else {}
                 now = model_counters(target, key)

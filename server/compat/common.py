@@ -1,0 +1,145 @@
+"""What the compatible APIs share: their state on the server, the client's address and
+key as aiohttp shows them, OpenAI's error shape, and a WebSocket outlet."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import WSCloseCode, web
+from websockets.datastructures import Headers
+
+from server.admission import Gate, Refusal, presented_key, session_refusal
+from server.driver import OutletFull
+from server.forwarding import forwarded_client
+from server.host import SessionHost
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CompatState:
+    """The compatible APIs' share of the server: its host, the admission checks, and
+    what changes while it runs."""
+
+    host: SessionHost
+    gate: Gate
+    draining: bool = False
+    uploads: int = 0  # files being received, decoded or transcribed now
+    created: int = field(default_factory=lambda: int(time.time()))  # for /v1/models
+
+    def model_id(self) -> str:
+        """The served model's name as an OpenAI model id (no spaces, no slashes)."""
+        slug = re.sub(r"[^a-z0-9._-]+", "-", self.host.engine_name.lower())
+        return slug.strip("-.") or "whisper"
+
+
+def client_address(request: web.BaseRequest, state: CompatState) -> str:
+    """The client's address: the peer's, or behind a trusted proxy the one it forwarded."""
+    peer = request.remote or "?"
+    trusted = state.host.settings.server.trusted_proxies
+    if not trusted:
+        return peer
+    return forwarded_client(peer, Headers(list(request.headers.items())), trusted)
+
+
+def admission_refusal(state: CompatState,
+                      request: web.BaseRequest) -> tuple[Refusal | None, str]:
+    """Why a new live session cannot start now (counted), or None; and the client's address."""
+    address = client_address(request, state)
+    refusal = session_refusal(state.host, address, draining=state.draining)
+    if refusal is not None:
+        state.host.metrics.refused_sessions.labels(refusal.reason).inc()
+    return refusal, address
+
+
+def request_key(request: web.BaseRequest, schemes: tuple[str, ...] = ("bearer",)) -> str:
+    return presented_key(request.headers.get("Authorization", ""), schemes)
+
+
+def openai_error(status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> web.Response:
+    """An error as OpenAI's API answers one: `{"error": {message, type, param, code}}`."""
+    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+class ApiError(Exception):
+    """A request the API refuses; `response()` is the answer in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers
+
+    def response(self) -> web.Response:
+        return openai_error(self.status, self.message, type=self.type, param=self.param,
+                            code=self.code, headers=self.headers)
+
+    def body(self) -> dict[str, Any]:
+        return {"message": self.message, "type": self.type, "param": self.param,
+                "code": self.code}
+
+
+@dataclass(frozen=True)
+class _Close:
+    code: int
+    reason: str
+
+
+class WebSocketQueue:
+    """The outbound half of an aiohttp WebSocket: JSON events in one bounded queue, then
+    the close, in order (the `Outlet` contract of server/driver.py)."""
+
+    def __init__(self, ws: web.WebSocketResponse, max_messages: int) -> None:
+        self.ws = ws
+        self._queue: asyncio.Queue[dict[str, Any] | _Close] = asyncio.Queue(max_messages)
+        self._closed = asyncio.Event()
+
+    def put(self, event: dict[str, Any]) -> None:
+        try:
+            self._queue.put_nowait(event)
+        except asyncio.QueueFull:
+            raise OutletFull from None
+
+    def close(self, code: int, reason: str) -> None:
+        try:
+            self._queue.put_nowait(_Close(code, reason))
+        except asyncio.QueueFull:  # the client does not read: nothing queued will go out
+            self._closed.set()
+
+    async def flushed(self) -> None:
+        await self._closed.wait()
+
+    async def send_loop(self) -> None:
+        try:
+            while True:
+                item = await self._queue.get()
+                if isinstance(item, _Close):
+                    await self.ws.close(code=ws_close_code(item.code),
+                                        message=item.reason.encode()[:120])
+                    return
+                await self.ws.send_str(json.dumps(item, ensure_ascii=False))
+        except (ConnectionError, RuntimeError):  # the connection is gone or closing
+            pass
+        finally:
+            self._closed.set()
+
+
+def ws_close_code(code: int) -> int:
+    """The driver's close codes as sent; codes WebSockets reserves become 1011."""
+    if code in (1005, 1006, 1015) or not 1000 <= code < 5000:
+        return int(WSCloseCode.INTERNAL_ERROR)
+    return code
