@@ -105,6 +105,9 @@ class SegmentClosed:
     audio: np.ndarray
     speech_ended: bool  # False when the segment was cut at its maximum length
     speech_end_sample: int  # end of the last speech frame
+    # True when the detector heard the silence that ends speech (`end_ms`); False when a
+    # flush or the end of the stream closed the segment before it could be sure.
+    heard_silence: bool = True
 
     @property
     def end_sample(self) -> int:
@@ -174,7 +177,7 @@ class VadSegmenter:
             self._pending = np.zeros(0, dtype=np.float32)
             if self._silence_run == 0:  # speech went on to the end: the tail counts as speech
                 self._last_speech_frame = len(self._segment)
-        return [self._close(len(self._segment), speech_ended=True)]
+        return [self._close(len(self._segment), speech_ended=True, heard_silence=False)]
 
     def _push_frame(self, frame: np.ndarray) -> list[VadEvent]:
         speech = self._classifier.is_speech(self._level(frame) if self._level else frame)
@@ -208,7 +211,8 @@ class VadSegmenter:
         self._last_speech_frame = len(frames)
         return [SpeechStarted(self._position - self._speech_run * self._frame, self._segment_start)]
 
-    def _close(self, keep_frames: int, speech_ended: bool) -> SegmentClosed:
+    def _close(self, keep_frames: int, speech_ended: bool,
+               heard_silence: bool = True) -> SegmentClosed:
         assert self._segment is not None
         frames = self._segment
         audio = np.concatenate(frames[:keep_frames])
@@ -219,6 +223,7 @@ class VadSegmenter:
             audio=audio,
             speech_ended=speech_ended,
             speech_end_sample=self._segment_start + speech_end,
+            heard_silence=heard_silence,
         )
         self._segment = None
         self._speech_run = 0

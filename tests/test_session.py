@@ -353,8 +353,11 @@ def test_a_final_after_silence_is_the_step_that_heard_it_with_no_decode_after_th
     three: Run,
 ) -> None:
     assert [words_of(f) for f in three.finals] == THREE_TEXTS
-    assert not [j for j in three.jobs if j.final]
-    for final in three.finals:  # it comes with the end of speech: nothing left to decode
+    # The first two segments closed on the VAD's own silence: their finals are the steps
+    # that heard them out. The last one was closed by `stop` 0.3 s after its words, before
+    # the VAD could be sure speech had ended: it is decoded once more.
+    assert [j.segment for j in three.jobs if j.final] == [2]
+    for final in three.finals[:2]:  # it comes with the end of speech: nothing to decode
         assert isinstance(three.messages[three.messages.index(final) - 1], SpeechEnd)
     # the step that became the final ran once the silence reached endpoint_silence_s
     margin = int(CONFIG.policy.endpoint_silence_s * SR)
@@ -362,6 +365,15 @@ def test_a_final_after_silence_is_the_step_that_heard_it_with_no_decode_after_th
     for spoken_end in (THREE_SPOKEN[4].end, THREE_SPOKEN[7].end, THREE_SPOKEN[11].end):
         assert any(spoken_end + margin <= end <= spoken_end + margin + 2 * CHUNK
                    for end in ends), spoken_end
+
+
+def test_a_segment_closed_by_stop_is_decoded_again_not_taken_from_the_endpoint_step() -> None:
+    # A soft last word the detector took for silence: the endpoint step ran before it was
+    # said. Stopping 0.35 s after the words closes the segment: its final hears it all.
+    audio, _ = compose([0.5, [0, 1, 2], 0.35])
+    run = run_session(audio)
+    assert [j.segment for j in run.jobs if j.final] == [0]
+    assert words_of(run.finals[0]) == ["w0", "w1", "w2"]
 
 
 def test_prompt_chars_gives_later_decodes_the_end_of_earlier_finals() -> None:
