@@ -6,8 +6,9 @@
   (server/routes.py) on one port; Hermes over MQTT (server/hermes.py) when enabled.
 - Sinks: the MQTT session publisher (server/mqtt.py) when enabled.
 
-`running()` is the lifecycle: start, serve, and on exit a graceful shutdown that stops
-accepting, finishes every live session (finals, `done`) within a timeout, then closes.
+`running()` is the lifecycle: listen, load the model (a `DeferredEngine`: `/readyz`
+says so meanwhile), serve, and on exit a graceful shutdown that stops accepting,
+finishes every live session (finals, `done`) within a timeout, then closes.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from websockets.asyncio.server import Server, serve
 from server.config import Settings
 from server.connection import GuardedConnection
 from server.driver import SessionSink
+from server.engines.deferred import DeferredEngine
 from server.hermes import HermesAsr
 from server.host import SessionHost
 from server.metrics import Metrics
@@ -85,8 +87,13 @@ class TranscriptionServer:
             close_timeout=min(10.0, limits.keepalive_s),
             ssl=self._tls_context(),
         ) as server:
+            engine = self.host.engine
+            if isinstance(engine, DeferredEngine) and not engine.loaded:
+                self.routes.starting = "loading the model"
+                log.info("listening; loading model %r ...", self.settings.model.name)
+                await engine.load()
             self.host.scheduler.start()
-            self.routes.ready = True
+            self.routes.starting = None
             try:
                 yield server
             finally:
@@ -104,7 +111,7 @@ class TranscriptionServer:
     async def shutdown(self, server: Server) -> None:
         """Stop accepting, finish every live session (finals, done), then close."""
         self.routes.draining = True
-        self.routes.ready = False
+        self.routes.accepting = False
         server.close(close_connections=False)
         live = self.host.finish_all()
         if live:

@@ -18,9 +18,11 @@ log = logging.getLogger("whisperstream")
 async def _serve(settings: Any) -> None:
     from server.app import TranscriptionServer
     from server.engines import build_engine
+    from server.engines.deferred import DeferredEngine
 
-    log.info("loading model %r ...", settings.model.name)
-    engine = build_engine(settings.model)
+    # The port opens first and the model loads meanwhile (/readyz says so): a model
+    # fetched from the hub can take minutes, and a liveness probe must not kill it.
+    engine = DeferredEngine(lambda: build_engine(settings.model), settings.model.name)
     server = TranscriptionServer(settings, engine)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

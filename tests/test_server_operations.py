@@ -8,28 +8,55 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import threading
 import time
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 import websockets
-from fakes import ScriptedWhisper, scripted_words
+from fakes import ScriptedWhisper, free_port, scripted_words
 from harness import check_invariants, serve_command, serving, settings_with
 from speech import Utterance, read_pcm, wer
 
 from client.stream import ClientError, Transcript, run_session, stream_file, stream_url
+from server.app import TranscriptionServer
+from server.engines.deferred import DeferredEngine
+from streaming.engine import Engine
 
 KINDS = ("partial", "final")
 
 
 def _get(url: str) -> tuple[int, str]:
+    status, body, _ = _get_with_headers(url)
+    return status, body
+
+
+def _get_with_headers(url: str) -> tuple[int, str, dict[str, str]]:
     try:
         with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status, response.read().decode()
+            return response.status, response.read().decode(), dict(response.headers)
     except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
+        return exc.code, exc.read().decode(), dict(exc.headers)
+
+
+async def _refusal(url: str) -> tuple[int, str, str | None]:
+    """The HTTP status, body and Retry-After of a refused upgrade."""
+    try:
+        async with websockets.connect(url):
+            pass
+    except websockets.InvalidStatus as exc:
+        response = exc.response
+        return response.status_code, response.body.decode(), response.headers.get("Retry-After")
+    raise AssertionError(f"{url} was not refused")
+
+
+def _wait_for(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
 
 
 @pytest.mark.model
@@ -79,6 +106,105 @@ def test_sessions_past_the_maximum_are_refused_with_503(
     assert "HTTP 503" in refused and "limits.max_sessions" in refused, refused
     assert scripted_words(transcript.text)  # the admitted one is unharmed
     assert 'whisperstream_refused_sessions_total{reason="max_sessions"} 1.0' in metrics
+
+
+def test_readyz_is_503_with_the_reason_while_full_and_healthz_stays_200(
+    scripted: ScriptedWhisper,
+) -> None:
+    """A balancer that checks /readyz takes a full replica out of rotation; the refusal
+    of a session that gets there anyway says when to try again."""
+    with serving(scripted, settings_with(limits={"max_sessions": 1})) as live:
+        stream = f"{live.url}/v1/stream"
+
+        async def run() -> tuple[tuple[int, str, dict[str, str]], tuple[int, str, str | None],
+                                 tuple[int, str]]:
+            async with websockets.connect(stream) as ws:
+                assert json.loads(await ws.recv())["type"] == "ready"
+                full = await asyncio.to_thread(_get_with_headers, f"{live.http_url}/readyz")
+                refused = await _refusal(stream)
+                health = await asyncio.to_thread(_get, f"{live.http_url}/healthz")
+            return full, refused, health
+
+        before = _get(f"{live.http_url}/readyz")
+        full, refused, health = asyncio.run(run())
+        _wait_for(lambda: _get(f"{live.http_url}/readyz")[0] == 200)
+        after = _get(f"{live.http_url}/readyz")
+    assert before == (200, "ready: 0 of 1 sessions\n")
+    status, body, headers = full
+    assert status == 503 and body == "not ready: full: 1 of 1 sessions (limits.max_sessions)\n"
+    assert headers["Retry-After"] == "1"
+    assert refused[0] == 503 and "limits.max_sessions" in refused[1] and refused[2] == "1"
+    assert health == (200, "ok\n")
+    assert after == (200, "ready: 0 of 1 sessions\n")
+
+
+def test_too_many_sessions_from_one_address_are_refused_with_429_and_retry_after(
+    scripted: ScriptedWhisper,
+) -> None:
+    with serving(scripted, settings_with(limits={"max_sessions_per_client": 1})) as live:
+        stream = f"{live.url}/v1/stream"
+
+        async def run() -> tuple[int, str, str | None]:
+            async with websockets.connect(stream) as ws:
+                await ws.recv()
+                return await _refusal(stream)
+
+        status, body, retry_after = asyncio.run(run())
+    assert status == 429 and "max_sessions_per_client" in body and retry_after == "1"
+
+
+def test_readyz_is_503_until_the_model_is_loaded_while_healthz_answers(
+    scripted: ScriptedWhisper,
+) -> None:
+    """`whisperstream serve` listens first and loads the model meanwhile (a hub model can
+    take minutes to fetch): alive, not ready, and no session is admitted yet."""
+    gate = threading.Event()
+
+    def build() -> Engine:
+        assert gate.wait(30)
+        return scripted
+
+    port = free_port()
+    settings = settings_with(server={"port": port})
+    base = f"http://127.0.0.1:{port}"
+    served = threading.Event()
+    stop: dict[str, Any] = {}
+
+    async def main() -> None:
+        server = TranscriptionServer(settings, DeferredEngine(build, "scripted"))
+        stop["event"], stop["loop"] = asyncio.Event(), asyncio.get_running_loop()
+        async with server.running():
+            served.set()
+            await stop["event"].wait()
+
+    thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
+    thread.start()
+    try:
+        _wait_for(lambda: _listening(port), 30)
+        loading = _get_with_headers(f"{base}/readyz")
+        health = _get(f"{base}/healthz")
+        refused = asyncio.run(_refusal(f"ws://127.0.0.1:{port}/v1/stream"))
+        gate.set()
+        assert served.wait(30)
+        ready = _get(f"{base}/readyz")
+    finally:
+        gate.set()
+        if "loop" in stop:
+            stop["loop"].call_soon_threadsafe(stop["event"].set)
+        thread.join(30)
+    assert loading[0] == 503 and loading[1] == "not ready: loading the model\n"
+    assert loading[2]["Retry-After"] == "1"
+    assert health == (200, "ok\n")
+    assert refused[0] == 503 and "loading the model" in refused[1] and refused[2] == "1"
+    assert ready[0] == 200
+
+
+def _listening(port: int) -> bool:
+    try:
+        _get_with_headers(f"http://127.0.0.1:{port}/healthz")
+    except OSError:
+        return False
+    return True
 
 
 def test_frame_size_idle_and_session_length_limits(
