@@ -37,12 +37,17 @@ from streaming.engine import Engine
 
 log = logging.getLogger(__name__)
 
+# The last seconds of limits.shutdown_timeout_s, in which a drain finishes the sessions
+# still open (their last decodes, finals and `done`); half the timeout, if it is shorter.
+FINISH_WINDOW_S = 5.0
+
 
 class TranscriptionServer:
     def __init__(self, settings: Settings, engine: Engine) -> None:
         self.settings = settings
         self.host = SessionHost(settings, engine)
         self.routes = HttpRoutes(self.host)
+        self._hurry = asyncio.Event()
 
     @property
     def metrics(self) -> Metrics:
@@ -108,21 +113,51 @@ class TranscriptionServer:
         context.load_cert_chain(cfg.tls_cert, cfg.tls_key)
         return context
 
+    def hurry(self) -> None:
+        """Cut a drain short (a second SIGTERM or Ctrl-C): finish the live sessions now."""
+        self._hurry.set()
+
     async def shutdown(self, server: Server) -> None:
-        """Stop accepting, finish every live session (finals, done), then close."""
-        self.routes.draining = True
-        self.routes.accepting = False
-        server.close(close_connections=False)
+        """Drain, as a load balancer and Kubernetes expect (docs/scaling.md):
+
+        1. `/readyz` answers 503 at once, so the balancers take this replica out of
+           rotation; for `limits.drain_grace_s` new sessions are still admitted, while
+           they notice.
+        2. Then new sessions are refused with 503 and Retry-After, and live sessions may
+           run on to their end, for at most `limits.shutdown_timeout_s`.
+        3. Those still open `FINISH_WINDOW_S` before that (or half of it, if that is
+           shorter) are finished: their finals, then `done`. Whatever is open at the
+           end is closed (1001).
+        """
+        routes, limits = self.routes, self.settings.limits
+        loop = asyncio.get_running_loop()
+        routes.draining = True
+        log.info("draining: /readyz answers 503; %d live sessions; new sessions admitted "
+                 "for %g s more (limits.drain_grace_s)", self.host.active_sessions,
+                 limits.drain_grace_s)
+        if limits.drain_grace_s > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._hurry.wait(), limits.drain_grace_s)
+        routes.accepting = False
+        timeout = limits.shutdown_timeout_s
+        deadline = loop.time() + timeout
+        finish_at = deadline - min(FINISH_WINDOW_S, timeout / 2)
+        if self.host.active_sessions:
+            log.info("draining: new sessions refused; %d live sessions may run on for "
+                     "%.1f s, then they are finished (limits.shutdown_timeout_s)",
+                     self.host.active_sessions, finish_at - loop.time())
+            await self.host.until_idle(finish_at, self._hurry)
         live = self.host.finish_all()
         if live:
-            log.info("shutdown: finishing %d live sessions", live)
-        timeout = self.settings.limits.shutdown_timeout_s
+            log.info("draining: finishing %d live sessions (their finals, then done)", live)
+        server.close(close_connections=False)
         try:
-            await asyncio.wait_for(server.wait_closed(), timeout)
+            await asyncio.wait_for(server.wait_closed(), max(deadline - loop.time(), 1.0))
         except TimeoutError:
             log.warning("shutdown: sessions still open after %.0f s; closing them", timeout)
             server.close(close_connections=True)
             await server.wait_closed()
+        log.info("drained: every session has ended")
 
 
 @contextlib.asynccontextmanager

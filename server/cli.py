@@ -26,8 +26,15 @@ async def _serve(settings: Any) -> None:
     server = TranscriptionServer(settings, engine)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:  # the first drains (app.py: shutdown); a second hurries it
+        if stop.is_set():
+            log.info("second signal: finishing the live sessions now")
+            server.hurry()
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     async with server.running() as running:
         ports = sorted({sock.getsockname()[1] for sock in running.sockets})
         host = settings.server.host
@@ -36,7 +43,7 @@ async def _serve(settings: Any) -> None:
         if not settings.auth.api_keys:
             log.info("no API keys configured: anyone who can reach %s may connect", host)
         await stop.wait()
-        log.info("shutting down")
+        log.info("shutting down (a second SIGTERM or Ctrl-C finishes live sessions at once)")
 
 
 def _configure_logging(level: str, log_file: Path | None) -> None:

@@ -14,6 +14,7 @@ import urllib.request
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import numpy as np
 import pytest
 import websockets
 from fakes import ScriptedWhisper, free_port, scripted_words
@@ -295,8 +296,9 @@ def test_metrics_report_sessions_audio_steps_and_errors(
 def test_shutdown_finishes_live_sessions_with_their_finals_and_done(
     scripted: ScriptedWhisper, three_sentences: Utterance
 ) -> None:
+    """A session that never says `stop` is finished by the drain: 2 s - min(5, 2 / 2)."""
     pcm, rate = read_pcm(three_sentences.path)
-    with serving(scripted) as live:
+    with serving(scripted, settings_with(limits={"shutdown_timeout_s": 2.0})) as live:
 
         async def run() -> Transcript:
             sent = asyncio.Event()
@@ -330,22 +332,112 @@ def test_shutdown_finishes_live_sessions_with_their_finals_and_done(
 def test_sigterm_stops_the_command_cleanly_after_finishing_sessions(
     other_speech: Utterance,
 ) -> None:
+    """SIGTERM drains; a second one finishes the live sessions at once (with the default
+    10 s timeout the session would have run on for 5 s)."""
     pcm, rate = read_pcm(other_speech.path)
     with serve_command() as server:
 
-        async def run() -> Transcript:
+        async def run() -> tuple[Transcript, float]:
+            signalled: list[float] = []
+
             async def chunks() -> AsyncIterator[bytes]:
                 for offset in range(0, len(pcm), rate // 10):
                     yield pcm[offset : offset + rate // 10].tobytes()
                     await asyncio.sleep(0.01)
                 server.process.send_signal(signal.SIGTERM)
+                signalled.append(time.monotonic())
+                await asyncio.sleep(0.5)
+                server.process.send_signal(signal.SIGTERM)
                 await asyncio.sleep(60)
 
-            return await asyncio.wait_for(
+            transcript = await asyncio.wait_for(
                 run_session(stream_url(server.url, sample_rate=rate), chunks()), 60
             )
+            return transcript, time.monotonic() - signalled[0]
 
-        transcript = asyncio.run(run())
+        transcript, took_s = asyncio.run(run())
         assert server.process.wait(30) == 0
+        output = server.output()
     assert transcript.of_type("done") and transcript.close_code == 1000
     assert wer(other_speech.text, transcript.text) <= 0.10
+    assert took_s < 3.0, f"the second SIGTERM did not hurry the drain: {took_s:.1f} s"
+    assert "second signal: finishing the live sessions now" in output
+    assert "drained: every session has ended" in output
+
+
+def test_a_drain_stops_readiness_at_once_admits_for_the_grace_then_refuses_while_live_sessions_run_on(  # noqa: E501
+    scripted: ScriptedWhisper, other_speech: Utterance
+) -> None:
+    """SIGTERM as Kubernetes sends it (`live.stop()` is the server's SIGTERM handler):
+    /readyz 503 at once, /healthz still 200; sessions admitted for `drain_grace_s`;
+    then 503 with Retry-After; a live session streams on and ends as it likes, with its
+    finals and `done`; one that never ends is finished near `shutdown_timeout_s`."""
+    pcm, rate = read_pcm(other_speech.path)
+    half = len(pcm) // 2 // (rate // 10) * (rate // 10)
+    settings = settings_with(limits={"drain_grace_s": 1.0, "shutdown_timeout_s": 6.0})
+    with serving(scripted, settings) as live:
+        stream = stream_url(f"{live.url}/v1/stream", sample_rate=rate)
+        readyz, healthz = f"{live.http_url}/readyz", f"{live.http_url}/healthz"
+
+        def frames(audio: np.ndarray) -> list[bytes]:
+            step = rate // 10
+            return [audio[i : i + step].tobytes() for i in range(0, len(audio), step)]
+
+        async def run() -> dict[str, Any]:
+            loop = asyncio.get_running_loop()
+            draining = asyncio.Event()
+            got: dict[str, Any] = {}
+
+            async def on_after_the_grace() -> AsyncIterator[bytes]:
+                for frame in frames(pcm[:half]):
+                    yield frame
+                await draining.wait()
+                await asyncio.sleep(2.0)  # past the grace: the drain refuses others now
+                for frame in frames(pcm[half:]):
+                    yield frame
+                    await asyncio.sleep(0.01)
+                got["live_stopped_at"] = loop.time()
+
+            async def never_stops() -> AsyncIterator[bytes]:
+                for frame in frames(pcm):
+                    yield frame
+                await asyncio.sleep(60)  # the drain finishes it
+
+            async def whole() -> AsyncIterator[bytes]:
+                for frame in frames(pcm):
+                    yield frame
+
+            running_on = asyncio.create_task(run_session(stream, on_after_the_grace()))
+            endless = asyncio.create_task(run_session(stream, never_stops()))
+            _wait = asyncio.to_thread
+            await _wait(_wait_for, lambda: live.app.active_sessions == 2)
+            live.stop()
+            began = loop.time()
+            await _wait(_wait_for, lambda: _get(readyz)[0] == 503, 1.0)
+            got["unready_after_s"] = loop.time() - began
+            draining.set()
+            got["readyz"], got["healthz"] = await _wait(_get, readyz), await _wait(_get, healthz)
+            got["in_grace"] = await run_session(stream, whole())
+            await asyncio.sleep(max(0.0, began + 1.3 - loop.time()))
+            got["refused"] = await _refusal(stream)
+            got["running_on"], got["endless"] = await asyncio.wait_for(
+                asyncio.gather(running_on, endless), 15)
+            got["endless_done_after_s"] = loop.time() - began
+            return got
+
+        got = asyncio.run(run())
+    assert got["unready_after_s"] < 0.5
+    assert got["readyz"][0] == 503 and got["readyz"][1].startswith("not ready: draining")
+    assert got["healthz"] == (200, "ok\n")
+    for name in ("in_grace", "running_on", "endless"):
+        transcript = got[name]
+        check_invariants(transcript.messages)
+        assert transcript.of_type("done") and transcript.close_code == 1000, name
+        assert scripted_words(transcript.text), (name, transcript.text)
+    status, body, retry_after = got["refused"]
+    assert status == 503 and "shutting down" in body and retry_after == "1"
+    # The session that streamed on after the grace got the finals of that audio too.
+    assert got["running_on"].of_type("done")[0]["audio_seconds"] >= other_speech.duration_s - 0.2
+    assert got["running_on"].text == got["in_grace"].text
+    # The endless one was finished near the end: 6 s - min(5, 6 / 2) after the grace.
+    assert 3.5 <= got["endless_done_after_s"] <= 6.5, got["endless_done_after_s"]
