@@ -114,6 +114,8 @@ class SessionHost:
             interim=s.interim if params.interim is None else params.interim,
             vad=self.settings.vad.options(),
             policy=s.policy(),
+            offset_s=params.offset_s or 0.0,
+            first_segment=params.first_segment or 0,
         )
 
     def open_session(self, session_id: str, config: SessionConfig, outlet: Outlet, *,
