@@ -132,12 +132,14 @@ def started_server(
             if process.poll() is not None:
                 tail = log_path.read_text(errors="replace")[-2000:]
                 raise BenchError(f"the server exited with code {process.returncode}:\n{tail}")
-            health = f"http://127.0.0.1:{port}/healthz"
-            with contextlib.suppress(OSError), urllib.request.urlopen(health, timeout=2) as r:
+            # /readyz, not /healthz: the port opens (and /healthz answers) while the
+            # model still loads.
+            ready = f"http://127.0.0.1:{port}/readyz"
+            with contextlib.suppress(OSError), urllib.request.urlopen(ready, timeout=2) as r:
                 if r.status == 200:
                     break
             if time.monotonic() > deadline:
-                raise BenchError(f"the server did not answer /healthz within "
+                raise BenchError(f"the server was not ready (/readyz) within "
                                  f"{SERVER_START_TIMEOUT_S:g} s; its log: {log_path}")
             time.sleep(0.2)
         yield f"ws://127.0.0.1:{port}/v1/stream", process.pid
