@@ -107,9 +107,13 @@ def _client_run(coro: Any) -> int:
     except ClientError as exc:
         print(f"whisperstream: {exc}", file=sys.stderr)
         return 1
-    if transcript.close_code not in (1000, None):
-        return 1
-    return 0 if transcript.of_type("done") else 1
+    return 0 if transcript.complete else 1
+
+
+def _reconnect(args: argparse.Namespace) -> Any:
+    from client.stream import Reconnect
+
+    return None if args.no_reconnect else Reconnect()
 
 
 def cmd_stream(args: argparse.Namespace) -> int:
@@ -118,7 +122,8 @@ def cmd_stream(args: argparse.Namespace) -> int:
 
     renderer = TerminalRenderer(as_json=args.json)
     return _client_run(stream_file(args.wav, args.url, args.speed, renderer.show, args.api_key,
-                                   cafile=args.cafile))
+                                   cafile=args.cafile, reconnect=_reconnect(args),
+                                   on_notice=renderer.notice))
 
 
 def cmd_mic(args: argparse.Namespace) -> int:
@@ -131,7 +136,8 @@ def cmd_mic(args: argparse.Namespace) -> int:
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGINT, stop.set)
         print("listening; press Ctrl-C to stop", file=sys.stderr)
-        return await stream_mic(args.url, renderer.show, args.api_key, stop, cafile=args.cafile)
+        return await stream_mic(args.url, renderer.show, args.api_key, stop, cafile=args.cafile,
+                                reconnect=_reconnect(args), on_notice=renderer.notice)
 
     return _client_run(run())
 
@@ -163,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--cafile", type=Path, default=None,
                        help="CA certificate to trust for a wss:// server (self-signed)")
         p.add_argument("--json", action="store_true", help="print every message as JSON")
+        p.add_argument("--no-reconnect", action="store_true",
+                       help="end when the connection does, instead of reconnecting and "
+                       "resending the audio since the last final")
         p.set_defaults(func=cmd_stream if name == "stream" else cmd_mic)
 
     from server.bench import cli as bench

@@ -6,6 +6,7 @@ batching and `whisperstream serve` run the real model."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import signal
 import threading
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 import websockets
 from fakes import ScriptedWhisper, free_port, scripted_words
-from harness import check_invariants, serve_command, serving, settings_with
+from harness import TcpProxy, check_invariants, serve_command, serving, settings_with
 from speech import Utterance, read_pcm, wer
 
 from client.stream import ClientError, Transcript, run_session, stream_file, stream_url
@@ -89,24 +90,32 @@ def test_sessions_past_the_maximum_are_refused_with_503(
 ) -> None:
     with serving(scripted, settings_with(limits={"max_sessions": 1})) as live:
 
-        async def run() -> tuple[Transcript, str]:
+        async def run() -> tuple[Transcript, str, Transcript, list[str]]:
             first = asyncio.create_task(
                 stream_file(other_speech.path, f"{live.url}/v1/stream", speed=2.0)
             )
             await asyncio.sleep(0.5)
             try:
-                await stream_file(other_speech.path, f"{live.url}/v1/stream")
+                await stream_file(other_speech.path, f"{live.url}/v1/stream", reconnect=None)
             except ClientError as exc:
                 refused = str(exc)
             else:
                 refused = ""
-            return await first, refused
+            # The client's default: try again after Retry-After, until the first is done.
+            notices: list[str] = []
+            waited = await stream_file(other_speech.path, f"{live.url}/v1/stream", speed=0,
+                                       on_notice=notices.append)
+            return await first, refused, waited, notices
 
-        transcript, refused = asyncio.run(run())
+        transcript, refused, waited, notices = asyncio.run(run())
         _, metrics = _get(f"{live.http_url}/metrics")
     assert "HTTP 503" in refused and "limits.max_sessions" in refused, refused
     assert scripted_words(transcript.text)  # the admitted one is unharmed
-    assert 'whisperstream_refused_sessions_total{reason="max_sessions"} 1.0' in metrics
+    assert waited.complete and waited.text == transcript.text, waited.text
+    assert notices and all("HTTP 503" in n and "reconnecting in 1.0 s" in n for n in notices)
+    refusals = [line for line in metrics.splitlines()
+                if line.startswith('whisperstream_refused_sessions_total{reason="max_sessions"}')]
+    assert float(refusals[0].split()[-1]) == 1 + len(notices)
 
 
 def test_readyz_is_503_with_the_reason_while_full_and_healthz_stays_200(
@@ -238,8 +247,8 @@ def test_frame_size_idle_and_session_length_limits(
                 for offset in range(0, len(pcm), 2048):
                     yield pcm[offset : offset + 2048].tobytes()
 
-            return await run_session(
-                stream_url(f"{live.url}/v1/stream", sample_rate=rate), chunks()
+            return await run_session(  # the server ends it: no reconnection here
+                stream_url(f"{live.url}/v1/stream", sample_rate=rate), chunks(), reconnect=None
             )
 
         messages = asyncio.run(oversized())
@@ -312,7 +321,8 @@ def test_shutdown_finishes_live_sessions_with_their_finals_and_done(
                 await asyncio.sleep(60)  # the client would go on; the server ends it
 
             task = asyncio.create_task(
-                run_session(stream_url(f"{live.url}/v1/stream", sample_rate=rate), chunks())
+                run_session(stream_url(f"{live.url}/v1/stream", sample_rate=rate), chunks(),
+                            reconnect=None)
             )
             await sent.wait()
             live.stop()
@@ -351,7 +361,8 @@ def test_sigterm_stops_the_command_cleanly_after_finishing_sessions(
                 await asyncio.sleep(60)
 
             transcript = await asyncio.wait_for(
-                run_session(stream_url(server.url, sample_rate=rate), chunks()), 60
+                run_session(stream_url(server.url, sample_rate=rate), chunks(), reconnect=None),
+                60
             )
             return transcript, time.monotonic() - signalled[0]
 
@@ -408,7 +419,7 @@ def test_a_drain_stops_readiness_at_once_admits_for_the_grace_then_refuses_while
                     yield frame
 
             running_on = asyncio.create_task(run_session(stream, on_after_the_grace()))
-            endless = asyncio.create_task(run_session(stream, never_stops()))
+            endless = asyncio.create_task(run_session(stream, never_stops(), reconnect=None))
             _wait = asyncio.to_thread
             await _wait(_wait_for, lambda: live.app.active_sessions == 2)
             live.stop()
@@ -441,3 +452,79 @@ def test_a_drain_stops_readiness_at_once_admits_for_the_grace_then_refuses_while
     assert got["running_on"].text == got["in_grace"].text
     # The endless one was finished near the end: 6 s - min(5, 6 / 2) after the grace.
     assert 3.5 <= got["endless_done_after_s"] <= 6.5, got["endless_done_after_s"]
+
+
+def _continuous(transcript: Transcript) -> list[dict[str, Any]]:
+    """The finals of every connection: numbered 0, 1, 2, ... and in time order."""
+    finals = transcript.of_type("final")
+    assert [f["segment"] for f in finals] == list(range(len(finals))), finals
+    starts = [f["start"] for f in finals]
+    assert starts == sorted(starts), starts
+    for earlier, later in itertools.pairwise(finals):
+        assert earlier["end"] <= later["start"] + 0.031, (earlier, later)
+    return finals
+
+
+def test_the_client_reconnects_after_a_drop_and_resends_the_audio_since_the_last_final(
+    scripted: ScriptedWhisper, three_sentences: Utterance
+) -> None:
+    """The network drops the connection during the second sentence: the client connects
+    again, sends the audio from the end of the first final again with offset_s and
+    first_segment, and the finals of both connections are the whole transcript."""
+    with serving(scripted) as live:
+
+        async def run() -> tuple[Transcript, Transcript, list[str], int]:
+            whole = await stream_file(three_sentences.path, f"{live.url}/v1/stream", speed=0)
+            notices: list[str] = []
+            async with TcpProxy(int(live.url.rsplit(":", 1)[1])) as proxy:
+                loop = asyncio.get_running_loop()
+
+                def on_message(message: dict[str, Any]) -> None:
+                    if message["type"] == "final" and message["segment"] == 0:
+                        loop.call_later(0.6, proxy.cut)  # in the second sentence
+
+                cut = await stream_file(three_sentences.path, f"{proxy.url}/v1/stream",
+                                        speed=4.0, on_message=on_message,
+                                        on_notice=notices.append)
+                return whole, cut, notices, proxy.connections
+
+        whole, cut, notices, connections = asyncio.run(run())
+    assert cut.complete and cut.connections == 2 == connections
+    finals, once = _continuous(cut), _continuous(whole)
+    assert len(finals) == len(once)
+    for again, first in zip(finals, once, strict=True):
+        assert again["start"] == pytest.approx(first["start"], abs=0.1)
+        assert abs(len(again["text"].split()) - len(first["text"].split())) <= 1
+    assert scripted_words(cut.text)
+    ready = cut.of_type("ready")[1]
+    assert ready["first_segment"] == 1
+    assert ready["offset_s"] == pytest.approx(finals[0]["end"], abs=1e-3)
+    (notice,) = notices
+    assert "the connection closed (1006" in notice and "reconnecting" in notice
+    assert f"again from {finals[0]['end']:.2f} s" in notice or "s of audio from" in notice
+
+
+def test_a_session_the_server_finishes_early_goes_on_in_a_new_one(
+    scripted: ScriptedWhisper, three_sentences: Utterance
+) -> None:
+    """Each session may take 2 s of audio (limits.max_session_s): the server finishes it
+    (its finals, `done`) and the client goes on from `done`'s audio_seconds."""
+    with serving(scripted, settings_with(limits={"max_session_s": 2.0})) as live:
+        notices: list[str] = []
+        transcript = asyncio.run(stream_file(three_sentences.path, f"{live.url}/v1/stream",
+                                             speed=0, on_notice=notices.append))
+    assert transcript.complete
+    assert transcript.connections >= three_sentences.duration_s / 2.0
+    assert len(notices) == transcript.connections - 1
+    assert all("the server ended the session before the end of the audio" in n
+               for n in notices)
+    _continuous(transcript)
+    dones = transcript.of_type("done")
+    assert len(dones) == transcript.connections
+    for earlier, later in itertools.pairwise(dones):
+        assert later["audio_seconds"] > earlier["audio_seconds"]
+        assert later["segments"] >= earlier["segments"]
+    assert dones[-1]["audio_seconds"] == pytest.approx(three_sentences.duration_s, abs=0.05)
+    assert dones[-1]["segments"] == len(transcript.of_type("final"))
+    assert not [e for e in transcript.of_type("error") if e["code"] != "limit"]
+    assert scripted_words(transcript.text)

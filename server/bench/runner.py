@@ -46,7 +46,8 @@ async def stream_one(
     full_url = stream_url(url, sample_rate=rate, encoding="pcm_s16le")
     try:
         transcript = await run_session(
-            full_url, paced_frames(pcm, rate, speed, clock, on_audio), api_key=api_key
+            full_url, paced_frames(pcm, rate, speed, clock, on_audio), api_key=api_key,
+            reconnect=None,  # measured as one session: a reconnection would hide a failure
         )
     except ClientError as exc:
         return StreamRecord(item, duration, [], None, str(exc))
