@@ -132,7 +132,7 @@ class TranscriptionServer:
         routes, limits = self.routes, self.settings.limits
         loop = asyncio.get_running_loop()
         routes.draining = True
-        log.info("draining: /readyz answers 503; %d live sessions; new sessions admitted "
+        log.info("draining: /readyz answers 503; live sessions: %d; new sessions admitted "
                  "for %g s more (limits.drain_grace_s)", self.host.active_sessions,
                  limits.drain_grace_s)
         if limits.drain_grace_s > 0:
@@ -143,13 +143,14 @@ class TranscriptionServer:
         deadline = loop.time() + timeout
         finish_at = deadline - min(FINISH_WINDOW_S, timeout / 2)
         if self.host.active_sessions:
-            log.info("draining: new sessions refused; %d live sessions may run on for "
-                     "%.1f s, then they are finished (limits.shutdown_timeout_s)",
+            log.info("draining: new sessions refused; live sessions: %d, they may run on "
+                     "for %.1f s, then they are finished (limits.shutdown_timeout_s)",
                      self.host.active_sessions, finish_at - loop.time())
             await self.host.until_idle(finish_at, self._hurry)
         live = self.host.finish_all()
         if live:
-            log.info("draining: finishing %d live sessions (their finals, then done)", live)
+            log.info("draining: finishing the live sessions (%d): their finals, then done",
+                     live)
         server.close(close_connections=False)
         try:
             await asyncio.wait_for(server.wait_closed(), max(deadline - loop.time(), 1.0))
