@@ -272,16 +272,17 @@ async def run_session(
                 if reconnect is None:
                     raise ClientError(retry.why) from None
                 now = time.monotonic()
-                if retry.progress:
+                if retry.progress:  # the stream moved on: go on at once
                     failing_since, delay = None, 0.0
-                elif failing_since is None:
-                    failing_since = now
-                elif now - failing_since > reconnect.give_up_after_s:
-                    raise ClientError(f"{retry.why}; gave up after {now - failing_since:.0f} s "
-                                      "of trying to reconnect") from None
-                wait = max(delay if not retry.progress else 0.0, retry.delay_s)
-                if not retry.progress:
+                else:
+                    if failing_since is None:
+                        failing_since = now
+                    elif now - failing_since > reconnect.give_up_after_s:
+                        raise ClientError(f"{retry.why}; gave up after "
+                                          f"{now - failing_since:.0f} s of trying to "
+                                          "reconnect") from None
                     delay = min(reconnect.max_delay_s, max(reconnect.first_delay_s, 2 * delay))
+                wait = max(delay, retry.delay_s)
                 if on_notice is not None:
                     again = f"{stream.resend_seconds(audio):.1f} s of audio from " \
                             f"{stream.resume_s:.2f} s" if stream.bytes_per_second else "the audio"

@@ -118,6 +118,12 @@ class TcpProxy:
         assert self._server is not None
         self._server.close()
 
+    def go_away(self) -> None:
+        """Drop every connection and refuse new ones, as a machine that went down."""
+        assert self._server is not None
+        self._server.close()
+        self.cut()
+
     def cut(self) -> None:
         for transport in self._transports:
             transport.abort()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import re
 import signal
 import threading
 import time
@@ -22,7 +23,14 @@ from fakes import ScriptedWhisper, free_port, scripted_words
 from harness import TcpProxy, check_invariants, serve_command, serving, settings_with
 from speech import Utterance, read_pcm, wer
 
-from client.stream import ClientError, Transcript, run_session, stream_file, stream_url
+from client.stream import (
+    ClientError,
+    Reconnect,
+    Transcript,
+    run_session,
+    stream_file,
+    stream_url,
+)
 from server.app import TranscriptionServer
 from server.engines.deferred import DeferredEngine
 from streaming.engine import Engine
@@ -112,7 +120,9 @@ def test_sessions_past_the_maximum_are_refused_with_503(
     assert "HTTP 503" in refused and "limits.max_sessions" in refused, refused
     assert scripted_words(transcript.text)  # the admitted one is unharmed
     assert waited.complete and waited.text == transcript.text, waited.text
-    assert notices and all("HTTP 503" in n and "reconnecting in 1.0 s" in n for n in notices)
+    # Retry-After (1 s) at least, then doubling.
+    assert notices and all("HTTP 503" in n and "reconnecting in" in n for n in notices)
+    assert "reconnecting in 1.0 s" in notices[0], notices
     refusals = [line for line in metrics.splitlines()
                 if line.startswith('whisperstream_refused_sessions_total{reason="max_sessions"}')]
     assert float(refusals[0].split()[-1]) == 1 + len(notices)
@@ -528,3 +538,39 @@ def test_a_session_the_server_finishes_early_goes_on_in_a_new_one(
     assert dones[-1]["segments"] == len(transcript.of_type("final"))
     assert not [e for e in transcript.of_type("error") if e["code"] != "limit"]
     assert scripted_words(transcript.text)
+
+
+def test_the_client_backs_off_and_gives_up_when_the_server_stays_away(
+    scripted: ScriptedWhisper, three_sentences: Utterance
+) -> None:
+    """After the session started, the server's address refuses connections: the client
+    tries again after first_delay_s, doubling up to max_delay_s, and gives up with a
+    ClientError after give_up_after_s; the finals it had are in what it printed."""
+    policy = Reconnect(first_delay_s=0.1, max_delay_s=0.4, give_up_after_s=1.5)
+    with serving(scripted) as live:
+
+        async def run() -> tuple[str, list[str], list[dict[str, Any]], float]:
+            notices: list[str] = []
+            finals: list[dict[str, Any]] = []
+            async with TcpProxy(int(live.url.rsplit(":", 1)[1])) as proxy:
+
+                def on_message(message: dict[str, Any]) -> None:
+                    if message["type"] == "final":
+                        finals.append(message)
+                        proxy.go_away()
+
+                began = time.monotonic()
+                try:
+                    await stream_file(three_sentences.path, f"{proxy.url}/v1/stream",
+                                      speed=4.0, on_message=on_message,
+                                      on_notice=notices.append, reconnect=policy)
+                except ClientError as exc:
+                    return str(exc), notices, finals, time.monotonic() - began
+            raise AssertionError("the client did not give up")
+
+        error, notices, finals, took_s = asyncio.run(run())
+    assert "cannot connect" in error and "gave up after" in error, error
+    assert len(finals) == 1
+    waits = [float(m.group(1)) for n in notices if (m := re.search(r"in ([\d.]+) s", n))]
+    assert waits[:4] == [0.1, 0.2, 0.4, 0.4], notices
+    assert took_s < 10, took_s
