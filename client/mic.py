@@ -8,7 +8,14 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from client.stream import ClientError, Transcript, run_session, stream_url
+from client.stream import (
+    RECONNECT,
+    ClientError,
+    Reconnect,
+    Transcript,
+    run_session,
+    stream_url,
+)
 
 MIC_RATE_HZ = 16_000
 BLOCK_S = 0.1
@@ -53,8 +60,13 @@ async def stream_mic(
     api_key: str | None = None,
     stop: asyncio.Event | None = None,
     cafile: Path | None = None,
+    *,
+    reconnect: Reconnect | None = RECONNECT,
+    on_notice: Callable[[str], None] | None = None,
 ) -> Transcript:
+    """Until `stop` is set; audio captured while a connection is down is kept and sent
+    on the next (run_session's `reconnect`)."""
     sd = open_sounddevice()
     full_url = stream_url(url, sample_rate=MIC_RATE_HZ, encoding="pcm_s16le")
     return await run_session(full_url, _mic_chunks(sd, stop or asyncio.Event()), on_message,
-                             api_key, cafile)
+                             api_key, cafile, reconnect=reconnect, on_notice=on_notice)

@@ -18,6 +18,14 @@ class TerminalRenderer:
         self.as_json = as_json
         self.tty = out.isatty()
         self._partial_shown = False
+        self._printed_segment = -1  # the last final printed: a segment is printed once
+
+    def notice(self, text: str) -> None:
+        """Something the client did (a reconnection): on stderr, the partial line gone."""
+        self._clear()
+        self.out.flush()
+        sys.stderr.write(f"whisperstream: {text}\n")
+        sys.stderr.flush()
 
     def show(self, message: dict[str, Any]) -> None:
         if self.as_json:
@@ -25,12 +33,17 @@ class TerminalRenderer:
             self.out.flush()
             return
         kind = message.get("type")
+        segment = message.get("segment")
+        if isinstance(segment, int) and segment <= self._printed_segment:
+            return  # a resumed stream goes on after the last final; never print one twice
         if kind == "partial" and self.tty:
             text = str(message.get("text", ""))[-200:]
             self.out.write(f"\r\x1b[K\x1b[2m… {text}\x1b[0m")
             self._partial_shown = True
         elif kind == "final":
             self._clear()
+            if isinstance(segment, int):
+                self._printed_segment = segment
             if message.get("text"):
                 start, end = format_time(message["start"]), format_time(message["end"])
                 self.out.write(f"[{start} → {end}] {message['text']}\n")

@@ -8,8 +8,9 @@
   own (server/compat/) when enabled.
 - Sinks: the MQTT session publisher (server/mqtt.py) when enabled.
 
-`running()` is the lifecycle: start, serve, and on exit a graceful shutdown that stops
-accepting, finishes every live session (finals, `done`) within a timeout, then closes.
+`running()` is the lifecycle: listen, load the model (a `DeferredEngine`: `/readyz`
+says so meanwhile), serve, and on exit a graceful shutdown that stops accepting,
+finishes every live session (finals, `done`) within a timeout, then closes.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from server.compat.app import CompatServer
 from server.config import Settings
 from server.connection import GuardedConnection
 from server.driver import SessionSink
+from server.engines.deferred import DeferredEngine
 from server.hermes import HermesAsr
 from server.host import SessionHost
 from server.metrics import Metrics
@@ -39,6 +41,10 @@ from streaming.engine import Engine
 
 log = logging.getLogger(__name__)
 
+# The last seconds of limits.shutdown_timeout_s, in which a drain finishes the sessions
+# still open (their last decodes, finals and `done`); half the timeout, if it is shorter.
+FINISH_WINDOW_S = 5.0
+
 
 class TranscriptionServer:
     def __init__(self, settings: Settings, engine: Engine) -> None:
@@ -46,6 +52,7 @@ class TranscriptionServer:
         self.host = SessionHost(settings, engine)
         self.routes = HttpRoutes(self.host)
         self.compat = CompatServer(self.host) if settings.compat.enabled else None
+        self._hurry = asyncio.Event()
 
     @property
     def metrics(self) -> Metrics:
@@ -91,11 +98,16 @@ class TranscriptionServer:
             close_timeout=min(10.0, limits.keepalive_s),
             ssl=self._tls_context(),
         ) as server:
+            engine = self.host.engine
+            if isinstance(engine, DeferredEngine) and not engine.loaded:
+                self.routes.starting = "loading the model"
+                log.info("listening; loading model %r ...", self.settings.model.name)
+                await engine.load()
             self.host.scheduler.start()
             try:
                 if self.compat is not None:
                     await self.compat.start(self._tls_context())
-                self.routes.ready = True
+                self.routes.starting = None
                 yield server
             finally:
                 await self.shutdown(server)
@@ -109,29 +121,61 @@ class TranscriptionServer:
         context.load_cert_chain(cfg.tls_cert, cfg.tls_key)
         return context
 
+    def hurry(self) -> None:
+        """Cut a drain short (a second SIGTERM or Ctrl-C): finish the live sessions now."""
+        self._hurry.set()
+
     async def shutdown(self, server: Server) -> None:
-        """Stop accepting, finish every live session (finals, done), then close."""
-        self.routes.draining = True
-        self.routes.ready = False
-        server.close(close_connections=False)
+        """Drain, as a load balancer and Kubernetes expect (docs/scaling.md):
+
+        1. `/readyz` answers 503 at once, so the balancers take this replica out of
+           rotation; for `limits.drain_grace_s` new sessions are still admitted, while
+           they notice.
+        2. Then new sessions are refused with 503 and Retry-After (the compatible APIs'
+           listener too), and live sessions may run on to their end, for at most
+           `limits.shutdown_timeout_s`.
+        3. Those still open `FINISH_WINDOW_S` before that (or half of it, if that is
+           shorter) are finished: their finals, then `done`. Whatever is open at the
+           end is closed (1001).
+        """
+        routes, limits = self.routes, self.settings.limits
+        loop = asyncio.get_running_loop()
+        routes.draining = True
+        log.info("draining: /readyz answers 503; live sessions: %d; new sessions admitted "
+                 "for %g s more (limits.drain_grace_s)", self.host.active_sessions,
+                 limits.drain_grace_s)
+        if limits.drain_grace_s > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._hurry.wait(), limits.drain_grace_s)
+        routes.accepting = False
         if self.compat is not None:
             self.compat.stop_accepting()
+        timeout = limits.shutdown_timeout_s
+        deadline = loop.time() + timeout
+        finish_at = deadline - min(FINISH_WINDOW_S, timeout / 2)
+        if self.host.active_sessions:
+            log.info("draining: new sessions refused; live sessions: %d, they may run on "
+                     "for %.1f s, then they are finished (limits.shutdown_timeout_s)",
+                     self.host.active_sessions, finish_at - loop.time())
+            await self.host.until_idle(finish_at, self._hurry)
         live = self.host.finish_all()
         if live:
-            log.info("shutdown: finishing %d live sessions", live)
-        timeout = self.settings.limits.shutdown_timeout_s
+            log.info("draining: finishing the live sessions (%d): their finals, then done",
+                     live)
+        server.close(close_connections=False)
 
         async def native() -> None:
             try:
-                await asyncio.wait_for(server.wait_closed(), timeout)
+                await asyncio.wait_for(server.wait_closed(), max(deadline - loop.time(), 1.0))
             except TimeoutError:
                 log.warning("shutdown: sessions still open after %.0f s; closing them",
                             timeout)
                 server.close(close_connections=True)
                 await server.wait_closed()
 
-        # The compatible APIs wait as long, at the same time (aiohttp's shutdown_timeout).
+        # The compatible APIs' listener waits as long, at the same time.
         await asyncio.gather(native(), *([self.compat.close()] if self.compat else []))
+        log.info("drained: every session has ended")
 
 
 @contextlib.asynccontextmanager

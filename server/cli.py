@@ -18,14 +18,23 @@ log = logging.getLogger("whisperstream")
 async def _serve(settings: Any) -> None:
     from server.app import TranscriptionServer
     from server.engines import build_engine
+    from server.engines.deferred import DeferredEngine
 
-    log.info("loading model %r ...", settings.model.name)
-    engine = build_engine(settings.model)
+    # The port opens first and the model loads meanwhile (/readyz says so): a model
+    # fetched from the hub can take minutes, and a liveness probe must not kill it.
+    engine = DeferredEngine(lambda: build_engine(settings.model), settings.model.name)
     server = TranscriptionServer(settings, engine)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:  # the first drains (app.py: shutdown); a second hurries it
+        if stop.is_set():
+            log.info("second signal: finishing the live sessions now")
+            server.hurry()
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     async with server.running() as running:
         ports = sorted({sock.getsockname()[1] for sock in running.sockets})
         host = settings.server.host
@@ -34,7 +43,7 @@ async def _serve(settings: Any) -> None:
         if not settings.auth.api_keys:
             log.info("no API keys configured: anyone who can reach %s may connect", host)
         await stop.wait()
-        log.info("shutting down")
+        log.info("shutting down (a second SIGTERM or Ctrl-C finishes live sessions at once)")
 
 
 def _configure_logging(level: str, log_file: Path | None) -> None:
@@ -109,9 +118,13 @@ def _client_run(coro: Any) -> int:
     except ClientError as exc:
         print(f"whisperstream: {exc}", file=sys.stderr)
         return 1
-    if transcript.close_code not in (1000, None):
-        return 1
-    return 0 if transcript.of_type("done") else 1
+    return 0 if transcript.complete else 1
+
+
+def _reconnect(args: argparse.Namespace) -> Any:
+    from client.stream import Reconnect
+
+    return None if args.no_reconnect else Reconnect()
 
 
 def cmd_stream(args: argparse.Namespace) -> int:
@@ -120,7 +133,8 @@ def cmd_stream(args: argparse.Namespace) -> int:
 
     renderer = TerminalRenderer(as_json=args.json)
     return _client_run(stream_file(args.wav, args.url, args.speed, renderer.show, args.api_key,
-                                   cafile=args.cafile))
+                                   cafile=args.cafile, reconnect=_reconnect(args),
+                                   on_notice=renderer.notice))
 
 
 def cmd_mic(args: argparse.Namespace) -> int:
@@ -133,7 +147,8 @@ def cmd_mic(args: argparse.Namespace) -> int:
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGINT, stop.set)
         print("listening; press Ctrl-C to stop", file=sys.stderr)
-        return await stream_mic(args.url, renderer.show, args.api_key, stop, cafile=args.cafile)
+        return await stream_mic(args.url, renderer.show, args.api_key, stop, cafile=args.cafile,
+                                reconnect=_reconnect(args), on_notice=renderer.notice)
 
     return _client_run(run())
 
@@ -165,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--cafile", type=Path, default=None,
                        help="CA certificate to trust for a wss:// server (self-signed)")
         p.add_argument("--json", action="store_true", help="print every message as JSON")
+        p.add_argument("--no-reconnect", action="store_true",
+                       help="end when the connection does, instead of reconnecting and "
+                       "resending the audio since the last final")
         p.set_defaults(func=cmd_stream if name == "stream" else cmd_mic)
 
     from server.bench import cli as bench

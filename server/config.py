@@ -183,6 +183,11 @@ class LimitsSection(_Section):
     idle_timeout_s: float = Field(60.0, gt=0)
     min_audio_ratio: float = Field(0.1, ge=0.0, le=1.0)
     max_outbound_messages: int = Field(1024, ge=16)
+    # On SIGTERM (app.py, docs/scaling.md): /readyz answers 503 at once; new sessions are
+    # still admitted for drain_grace_s, while the balancers notice; then refused (503).
+    # Live sessions may run on for shutdown_timeout_s; those still open near its end
+    # are finished (finals, done).
+    drain_grace_s: float = Field(0.0, ge=0)
     shutdown_timeout_s: float = Field(10.0, gt=0)
     max_lag_s: float = Field(10.0, gt=0)
     max_sessions_per_client: int = Field(4, ge=1)

@@ -117,7 +117,7 @@ class SessionDriver:
         self.client_address = client_address
         self.state = State.OPEN
         self.connected = True  # the outlet still reaches the client
-        self.stopped_by_server = False  # shutdown's stop, not the client's
+        self.stopped_by_server = False  # the server's stop (shutdown, a limit), not the client's
         self.step_seconds = 0.0  # wall time of this session's steps, queue included
         self.close_code: int | None = None
         self._wake = asyncio.Event()
@@ -237,7 +237,7 @@ class SessionDriver:
             self.send_error("limit", f"the session reached its maximum length of "
                             f"{self.limits.max_audio_s:g} s of audio "
                             f"({self.limits.max_audio_key}); finishing it")
-            self.stop()
+            self.stop(by_server=True)  # audio already on its way is no fault of the client
         self.flush()
         self._wake.set()
 

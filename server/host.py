@@ -9,6 +9,8 @@ and for shutdown, which finishes every one of them). Integrations depend on the 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Coroutine, Mapping
 from typing import Any, Protocol
@@ -77,6 +79,7 @@ class SessionHost:
             from server.vad_silero import check_available
 
             check_available()
+        self._freed = asyncio.Event()  # set whenever a session is freed
 
     @property
     def engine_name(self) -> str:
@@ -131,6 +134,8 @@ class SessionHost:
             interim=s.interim if params.interim is None else params.interim,
             vad=self.settings.vad.options(),
             policy=s.policy_options(),
+            offset_s=params.offset_s or 0.0,
+            first_segment=params.first_segment or 0,
         )
 
     def open_session(self, session_id: str, config: SessionConfig, outlet: Outlet, *,
@@ -158,8 +163,21 @@ class SessionHost:
             if driver in self._drivers:
                 self._drivers.remove(driver)
                 self.metrics.active_sessions.dec()
+                self._freed.set()
             log.info("session %s: closed after %.1f s of audio", driver.id,
                      driver.session.received_seconds)
+
+    async def until_idle(self, deadline: float, hurry: asyncio.Event | None = None) -> None:
+        """Return once no session is live, at the loop time `deadline`, or on `hurry`."""
+        loop = asyncio.get_running_loop()
+        while self.active_sessions and (hurry is None or not hurry.is_set()):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            self._freed.clear()
+            # A session stops counting a moment before it is freed: look again soon.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._freed.wait(), min(remaining, 0.25))
 
     def finish_all(self) -> int:
         """Shutdown: every live session transcribes what it has, sends its finals, ends."""

@@ -1,6 +1,14 @@
 """HTTP on the WebSocket port: health, readiness, metrics, the browser page, and the
 checks a `/v1/stream` upgrade passes before it becomes a session (key, origin, limits).
 
+`/healthz` is liveness only: 200 whenever the event loop answers, while the model loads
+and while the server drains too (a liveness probe that failed then would have the
+orchestrator kill a replica that is finishing its sessions). `/readyz` is what a load
+balancer or a readiness probe asks: 503 with the reason before the model is loaded,
+while the server drains (from SIGTERM on) and while it is at `limits.max_sessions`, 200
+otherwise. Every refusal of a session that a later try may get past (503, 429) carries
+`Retry-After`.
+
 Every request is checked first: one that is malformed (control characters, a path over
 `MAX_PATH_CHARS`, two Host, Origin or Authorization headers) gets 400, a method other
 than GET or HEAD 405, and with no API keys a Host header that names neither a loopback
@@ -33,6 +41,9 @@ WEB_ROOT = Path(__file__).resolve().parent.parent / "client" / "web"
 PROBE_PATHS = ("/healthz", "/readyz", "/metrics")
 MAX_PATH_CHARS = 2048
 SINGLE_HEADERS = ("Host", "Origin", "Authorization")  # one each, or the request is refused
+# Seconds a refused client should wait: through a balancer the next try may land on
+# another replica at once, and one that is full frees a slot when a session ends.
+RETRY_AFTER_S = 1
 _CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript",
                   ".mjs": "text/javascript", ".css": "text/css", ".png": "image/png",
                   ".svg": "image/svg+xml", ".ico": "image/x-icon"}
@@ -123,8 +134,22 @@ class HttpRoutes:
         self.host = host
         self.settings = host.settings
         self.gate = Gate(host.settings)
-        self.draining = False
-        self.ready = False
+        # Why the server does not serve yet ("starting", "loading the model"); None once
+        # it does. Set by the server (app.py), as are the two below.
+        self.starting: str | None = "starting"
+        self.draining = False  # from SIGTERM on: /readyz answers 503
+        self.accepting = True  # new sessions are admitted (False once a drain's grace ends)
+
+    def not_ready(self) -> str | None:
+        """Why a balancer should send this replica no new session now, or None."""
+        if self.starting is not None:
+            return self.starting
+        if self.draining:
+            return "draining: shutting down, finishing its live sessions"
+        active, limit = self.host.active_sessions, self.settings.limits.max_sessions
+        if active >= limit:
+            return f"full: {active} of {limit} sessions (limits.max_sessions)"
+        return None
 
     def _authorized(self, request: Request) -> bool:
         if not self.gate.keys_required:
@@ -143,7 +168,10 @@ class HttpRoutes:
     def _refuse(self, connection: ServerConnection, status: http.HTTPStatus, reason: str,
                 text: str) -> Response:
         self.host.metrics.refused_sessions.labels(reason).inc()
-        return connection.respond(status, text)
+        response = connection.respond(status, text)
+        if status in (http.HTTPStatus.SERVICE_UNAVAILABLE, http.HTTPStatus.TOO_MANY_REQUESTS):
+            response.headers["Retry-After"] = str(RETRY_AFTER_S)
+        return response
 
     def __call__(self, connection: ServerConnection, request: Request) -> Response | None:
         response = self._route(connection, request)
@@ -166,13 +194,9 @@ class HttpRoutes:
             response.headers["Allow"] = allowed
             return response
         if path == "/healthz":
-            if self.draining:
-                return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "shutting down\n")
             return connection.respond(http.HTTPStatus.OK, "ok\n")
         if path == "/readyz":
-            if not self.ready:
-                return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "not ready\n")
-            return connection.respond(http.HTTPStatus.OK, "ready\n")
+            return self._readiness(connection)
         if not self._host_allowed(request):
             name = host_name(request.headers.get("Host", ""))
             text = (f"this server does not answer to the host name {name} "
@@ -194,6 +218,17 @@ class HttpRoutes:
             return self._admit(connection, request)
         return self._static(connection, path)
 
+    def _readiness(self, connection: ServerConnection) -> Response:
+        reason = self.not_ready()
+        if reason is not None:
+            response = connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE,
+                                          f"not ready: {reason}\n")
+            response.headers["Retry-After"] = str(RETRY_AFTER_S)
+            return response
+        limits = self.settings.limits
+        return connection.respond(http.HTTPStatus.OK, f"ready: {self.host.active_sessions} of "
+                                  f"{limits.max_sessions} sessions\n")
+
     def _admit(self, connection: ServerConnection, request: Request) -> Response | None:
         """None lets the upgrade go on; a response refuses it and says why."""
         if not self._authorized(request):
@@ -202,8 +237,11 @@ class HttpRoutes:
         if not self._origin_allowed(request):
             return self._refuse(connection, http.HTTPStatus.FORBIDDEN, "origin",
                                 "this page's origin may not connect (auth.allowed_origins)\n")
+        if self.starting is not None:
+            return self._refuse(connection, http.HTTPStatus.SERVICE_UNAVAILABLE, "starting",
+                                f"server not ready yet ({self.starting}); try again shortly\n")
         address = client_address(connection, self.settings.server.trusted_proxies)
-        refusal = session_refusal(self.host, address, draining=self.draining)
+        refusal = session_refusal(self.host, address, draining=not self.accepting)
         if refusal is not None:
             return self._refuse(connection, refusal.status, refusal.reason, refusal.text + "\n")
         return None

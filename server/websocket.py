@@ -31,6 +31,7 @@ from streaming.protocol import (
     ServerMessage,
     Start,
     Started,
+    StreamParams,
     parse_client_text,
     parse_params,
 )
@@ -174,7 +175,14 @@ class WebSocketSession:
         self.driver.session.reconfigure(config)
         self.driver.labels.update(message.params.labels)
         self.driver.send(Started(config.audio.sample_rate_hz, config.audio.encoding,
-                                 config.language, config.interim))
+                                 config.language, config.interim, *_resumed(message.params)))
+
+
+def _resumed(params: StreamParams) -> tuple[float | None, int | None]:
+    """What `ready` or `started` confirms of a resumed stream: both, or neither."""
+    if params.offset_s is None and params.first_segment is None:
+        return None, None
+    return params.offset_s or 0.0, params.first_segment or 0
 
 
 async def handle_stream(host: SessionHost, ws: ServerConnection) -> None:
@@ -196,9 +204,15 @@ async def handle_stream(host: SessionHost, ws: ServerConnection) -> None:
     address = client_address(ws, host.settings.server.trusted_proxies)
     driver = host.open_session(session_id, config, outlet, labels=params.labels,
                                client_address=address)
-    log.info("session %s: opened from %s (%s)", session_id, address, config.audio)
+    resumed = _resumed(params)
+    if resumed != (None, None):
+        log.info("session %s: opened from %s (%s), resuming a stream at %.3f s, segment %d",
+                 session_id, address, config.audio, config.offset_s, config.first_segment)
+    else:
+        log.info("session %s: opened from %s (%s)", session_id, address, config.audio)
     driver.send(Ready(session_id, config.audio.sample_rate_hz, config.audio.encoding,
-                      host.engine_name, config.language, config.interim))
+                      host.engine_name, config.language, config.interim,
+                      offset_s=resumed[0], first_segment=resumed[1]))
     connection = WebSocketSession(ws, driver, limits, host)
     await host.serve(driver, outlet.send_loop(), connection.receive_loop())
     if driver.close_code is not None:

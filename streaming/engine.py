@@ -70,8 +70,12 @@ class EngineCapabilities:
 
 
 class Engine(Protocol):
-    name: str
-    capabilities: EngineCapabilities
+    # Read-only to callers: an engine may hold them as attributes or properties.
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def capabilities(self) -> EngineCapabilities: ...
 
     def transcribe(self, requests: Sequence[DecodeRequest]) -> list[Hypothesis]:
         """Transcribe a batch of windows; one hypothesis per request, in order.

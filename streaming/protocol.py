@@ -4,6 +4,7 @@ building server messages."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -13,6 +14,8 @@ PROTOCOL_VERSION = 1
 MAX_JSON_DEPTH = 16  # nesting of a client's JSON; a `start` with labels needs 2
 MAX_NUMBER_DIGITS = 32  # a longer number in a client's JSON is refused, not parsed
 MAX_RATE_DIGITS = 6  # sample rates are at most 48000
+MAX_OFFSET_S = 1e7  # a resumed stream's time: 115 days of audio
+MAX_FIRST_SEGMENT = 10**9
 
 
 class ProtocolError(Exception):
@@ -34,6 +37,10 @@ class StreamParams:
     language: str | None = None
     interim: bool | None = None
     labels: dict[str, str] = field(default_factory=dict)  # client's own tags, e.g. speaker
+    # A stream resumed on a new connection (docs/protocol.md, "Resuming a stream"): the
+    # stream time of this connection's first sample, and the number of its first segment.
+    offset_s: float | None = None
+    first_segment: int | None = None
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,39 @@ def _parse_rate(name: str, value: Any) -> int:
     )
 
 
+def _parse_offset(name: str, value: Any) -> float:
+    """Seconds from a number or a decimal string: finite, 0 to MAX_OFFSET_S."""
+    number: float | None = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str) and value.strip().isascii() and len(value) <= 20:
+        try:
+            number = float(value.strip())
+        except ValueError:
+            number = None
+    if number is None or not math.isfinite(number) or not 0 <= number <= MAX_OFFSET_S:
+        shown = value if not isinstance(value, str) or len(value) <= 40 else value[:40] + "..."
+        raise ProtocolError("bad_request", f"{name} must be a number of seconds from 0 to "
+                            f"{MAX_OFFSET_S:g}, not {shown!r}")
+    return number
+
+
+def _parse_count(name: str, value: Any) -> int:
+    """A whole number from an integer or a string of ASCII digits, 0 to MAX_FIRST_SEGMENT."""
+    number: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str):
+        digits = value.strip()
+        if digits.isascii() and digits.isdigit() and len(digits) <= 12:
+            number = int(digits)
+    if number is None or not 0 <= number <= MAX_FIRST_SEGMENT:
+        shown = value if not isinstance(value, str) or len(value) <= 40 else value[:40] + "..."
+        raise ProtocolError("bad_request", f"{name} must be a whole number from 0 to "
+                            f"{MAX_FIRST_SEGMENT}, not {shown!r}")
+    return number
+
+
 def parse_params(raw: dict[str, Any]) -> StreamParams:
     """Validate the stream parameters of a `start` message or the query string."""
     labels: dict[str, str] = {}
@@ -103,6 +143,10 @@ def parse_params(raw: dict[str, Any]) -> StreamParams:
         language=language,
         interim=_parse_bool("interim", raw["interim"]) if "interim" in raw else None,
         labels=labels,
+        offset_s=_parse_offset("offset_s", raw["offset_s"]) if "offset_s" in raw else None,
+        first_segment=_parse_count("first_segment", raw["first_segment"])
+        if "first_segment" in raw
+        else None,
     )
 
 
@@ -185,6 +229,9 @@ class Ready(ServerMessage):
     language: str
     interim: bool
     protocol: int = PROTOCOL_VERSION
+    # Only for a resumed stream: the offset and first segment in force (confirmed).
+    offset_s: float | None = None
+    first_segment: int | None = None
     type: str = "ready"
 
 
@@ -196,6 +243,8 @@ class Started(ServerMessage):
     encoding: str
     language: str
     interim: bool
+    offset_s: float | None = None
+    first_segment: int | None = None
     type: str = "started"
 
 

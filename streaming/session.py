@@ -54,6 +54,11 @@ class SessionConfig:
     interim: bool = True
     vad: VadOptions = VadOptions()
     policy: PolicyOptions = PolicyOptions()
+    # A resumed stream (docs/protocol.md, "Resuming a stream"): every time the session
+    # sends is `offset_s` later, every segment number `first_segment` higher, and `done`
+    # counts the stream's audio and segments, not only this connection's.
+    offset_s: float = 0.0
+    first_segment: int = 0
 
 
 @dataclass(frozen=True)
@@ -90,10 +95,6 @@ class _Segment:
     # both showed (what a reader saw twice in a row): the final must explain any it lacks.
     shown: tuple[Word, ...] = ()
     shown_twice: tuple[Word, ...] = ()
-
-
-def _seconds(samples: int) -> float:
-    return round(samples / MODEL_SAMPLE_RATE_HZ, 3)
 
 
 def _tokens(words: Sequence[Word]) -> list[int]:
@@ -138,7 +139,7 @@ class Session:
         self._segments: dict[int, _Segment] = {}
         self._active: _Segment | None = None
         self._to_finalize: deque[_Segment] = deque()
-        self._next_index = 0
+        self._next_index = config.first_segment
         self._in_flight: Job | None = None
         self._received_samples = 0  # at 16 kHz
         self._audio_seen = False
@@ -146,6 +147,10 @@ class Session:
         self._done = False
         self._finals_sent = 0
         self._history: deque[str] = deque(maxlen=8)  # recent final texts, for prompts
+
+    def _time(self, samples: int) -> float:
+        """A stream position (samples at 16 kHz on this connection) as a message's time."""
+        return round(self.config.offset_s + samples / MODEL_SAMPLE_RATE_HZ, 3)
 
     # Input -----------------------------------------------------------------------
 
@@ -207,14 +212,14 @@ class Session:
     def _handle(self, events: list[SpeechStarted | SegmentClosed]) -> None:
         for event in events:
             if isinstance(event, SpeechStarted):
-                self._out.append(SpeechStart(_seconds(event.sample)))
+                self._out.append(SpeechStart(self._time(event.sample)))
                 self._active = self._open_segment(event.segment_start_sample)
                 continue
             segment = self._active or self._open_segment(event.start_sample)
             segment.closed = event
             self._to_finalize.append(segment)
             if event.speech_ended:
-                self._out.append(SpeechEnd(_seconds(event.speech_end_sample)))
+                self._out.append(SpeechEnd(self._time(event.speech_end_sample)))
                 self._active = None
             else:  # cut at the maximum length: speech goes on in a new segment
                 self._active = self._open_segment(event.end_sample)
@@ -394,8 +399,8 @@ class Session:
             Partial(
                 segment=segment.index,
                 text=text,
-                start=_seconds(segment.start_sample),
-                end=_seconds(job.start_sample + len(job.request.audio)),
+                start=self._time(segment.start_sample),
+                end=self._time(job.start_sample + len(job.request.audio)),
                 stable=stable,
             )
         )
@@ -438,7 +443,7 @@ class Session:
         self._explain_losses(segment, words, hallucinated, heard, echo)
         self._to_finalize.popleft()
         del self._segments[segment.index]
-        start_s, end_s = _seconds(closed.start_sample), _seconds(closed.end_sample)
+        start_s, end_s = self._time(closed.start_sample), self._time(closed.end_sample)
         timings = []
         for w in words:
             w_start = min(max(start_s + w.start_s, start_s), end_s)
@@ -487,7 +492,8 @@ class Session:
             and self._active is None
         ):
             self._done = True
-            self._out.append(Done(round(self.received_seconds, 3), self._finals_sent))
+            self._out.append(Done(self._time(self._received_samples),
+                                  self.config.first_segment + self._finals_sent))
 
     # Output ----------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ import wave
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 import pytest
@@ -339,7 +340,9 @@ def test_page_keeps_captions_across_a_dropped_connection(
     engine: Engine, page: Any, speech: Utterance
 ) -> None:
     """The network drops the WebSocket after the first caption: the page reconnects,
-    keeps the caption it showed, and goes on captioning with continuous times."""
+    keeps the caption it showed, and, by the resume rule of docs/protocol.md, sends the
+    audio since that caption again with offset_s and first_segment: nothing is lost, and
+    the server's times go on where they were."""
     sockets: list[Any] = []
 
     def through(route: Any) -> None:  # forward everything, keep a handle to drop it
@@ -375,11 +378,16 @@ def test_page_keeps_captions_across_a_dropped_connection(
         assert finals[0] == first[0]
         assert len(finals) >= len(speech.sentences), finals
         measured = wer(speech.text, " ".join(finals))
-        assert measured <= 0.3, f"WER {measured:.2f} across the reconnection: {finals}"
+        assert measured <= MAX_WER, f"WER {measured:.2f} across the reconnection: {finals}"
+        assert page.locator("#finals li.interrupted").count() == 0, "words shown twice"
         times = _times(page)
         starts = [s for s, _ in times]
         assert starts == sorted(starts), f"times not continuous across the reconnection: {times}"
         assert times[-1][0] > 5.0, f"the new session's times restarted from zero: {times}"
+        query = parse_qs(urlsplit(sockets[1][0].url).query)
+        assert query["first_segment"] == ["1"], query
+        # The resent audio starts where the first caption ends (the page shows 2 decimals).
+        assert abs(float(query["offset_s"][0]) - times[0][1]) < 0.011, (query, times)
 
 
 def test_page_says_when_the_microphone_is_denied(

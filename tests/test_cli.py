@@ -94,3 +94,30 @@ def test_mic_without_a_device_or_portaudio_gives_a_clear_message() -> None:
     result = _cli("mic", timeout=30)
     assert result.returncode == 1
     assert "PortAudio" in result.stderr or "no microphone" in result.stderr
+
+
+def test_the_terminal_renderer_prints_each_segment_once(capsys: pytest.CaptureFixture[str]) -> None:
+    """A resumed stream goes on after its last final; should a server send a final of an
+    earlier segment again, it is not printed twice."""
+    import io
+
+    from client.render import TerminalRenderer
+
+    out = io.StringIO()
+    renderer = TerminalRenderer(out)
+    final = {"type": "final", "segment": 0, "text": "hello there", "start": 0.0, "end": 1.5}
+    renderer.show({"type": "ready"})
+    renderer.show(final)
+    renderer.notice("the connection closed (1006); reconnecting")
+    renderer.show({"type": "ready", "offset_s": 1.5, "first_segment": 1})
+    renderer.show(final)
+    renderer.show({"type": "partial", "segment": 0, "text": "hello", "start": 0.0, "end": 1.0})
+    renderer.show({**final, "segment": 1, "text": "again", "start": 1.5, "end": 2.0})
+    assert out.getvalue().splitlines() == [
+        "[00:00.00 → 00:01.50] hello there", "[00:01.50 → 00:02.00] again"]
+    assert "whisperstream: the connection closed (1006); reconnecting" in capsys.readouterr().err
+
+
+def test_stream_help_offers_to_turn_reconnecting_off() -> None:
+    result = _cli("stream", "--help", timeout=30)
+    assert result.returncode == 0 and "--no-reconnect" in result.stdout

@@ -113,6 +113,42 @@ def test_encoding_and_language_must_be_strings(field: str, value: Any) -> None:
     assert f"{field} must be a string" in error.message
 
 
+@pytest.mark.parametrize(
+    ("offset", "first", "expected"),
+    [(12.5, 3, (12.5, 3)), ("12.5", "3", (12.5, 3)), (0, 0, (0.0, 0)), (" 7 ", " 0 ", (7.0, 0)),
+     (1e7, 10**9, (1e7, 10**9))],
+)
+def test_a_resumed_stream_gives_its_offset_and_first_segment(
+    offset: Any, first: Any, expected: tuple[float, int]
+) -> None:
+    message = parse_client_text(start(offset_s=offset, first_segment=first))
+
+    assert isinstance(message, Start)
+    assert (message.params.offset_s, message.params.first_segment) == expected
+
+
+@pytest.mark.parametrize(
+    "value", [-1, "-0.5", True, None, "", "nan", "inf", "1e400", 1e7 + 1, [1.0], "12 s", "x" * 50]
+)
+def test_an_offset_that_is_no_finite_number_of_seconds_is_refused(value: Any) -> None:
+    error = refused(start(offset_s=value))
+
+    assert "offset_s must be a number of seconds from 0 to 1e+07" in error.message
+
+
+def test_an_offset_of_infinity_or_nan_in_json_is_refused() -> None:
+    for text in ('{"type": "start", "offset_s": 1e999}', '{"type": "start", "offset_s": NaN}'):
+        assert "offset_s must be a number of seconds" in refused(text).message
+
+
+@pytest.mark.parametrize("value", [-1, "-1", 1.5, "1.0", True, None, "", "²", 10**9 + 1, "3 "
+                                   "segments"])
+def test_a_first_segment_that_is_no_whole_number_is_refused(value: Any) -> None:
+    error = refused(start(first_segment=value))
+
+    assert "first_segment must be a whole number from 0 to 1000000000" in error.message
+
+
 @pytest.mark.parametrize("text", ["", "{", "start", '{"type": "stop",}', "{'type': 'stop'}"])
 def test_malformed_json_is_refused_with_the_position(text: str) -> None:
     error = refused(text)
@@ -163,6 +199,16 @@ def test_ready_round_trips_with_the_protocol_version() -> None:
         "model": "tiny.en", "language": "en", "interim": True, "protocol": PROTOCOL_VERSION,
     }
     assert PROTOCOL_VERSION == 1
+
+
+def test_ready_confirms_a_resumed_stream_and_says_nothing_of_it_otherwise() -> None:
+    fresh = Ready(session="s1", sample_rate=16000, encoding="pcm_s16le", model="tiny.en",
+                  language="en", interim=True)
+    resumed = Ready(session="s2", sample_rate=16000, encoding="pcm_s16le", model="tiny.en",
+                    language="en", interim=True, offset_s=0.0, first_segment=4)
+
+    assert "offset_s" not in roundtrip(fresh) and "first_segment" not in roundtrip(fresh)
+    assert roundtrip(resumed)["offset_s"] == 0.0 and roundtrip(resumed)["first_segment"] == 4
 
 
 @pytest.mark.parametrize(

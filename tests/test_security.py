@@ -272,7 +272,7 @@ def test_an_engine_error_ends_only_its_own_session(other_speech: Utterance) -> N
 
             url = stream_url(f"{live.url}/v1/stream", sample_rate=rate)
             bad, good = await asyncio.gather(
-                run_session(url, chunks(loud)), run_session(url, chunks(pcm))
+                run_session(url, chunks(loud), reconnect=None), run_session(url, chunks(pcm))
             )
             return bad, good
 

@@ -701,3 +701,58 @@ def test_stop_right_after_a_cut_at_the_last_frame_finishes_cleanly() -> None:
     assert run.finals[0].end == run.finals[1].start == 68 * CHUNK / SR
     done = run.messages[-1]
     assert isinstance(done, Done) and done.segments == 2
+
+
+# A resumed stream: offset_s and first_segment ----------------------------------------------
+
+
+def _shifted(message: ServerMessage, offset_s: float, first: int) -> ServerMessage:
+    """What the same message says in a stream resumed at `offset_s`, segment `first`."""
+    def t(x: float) -> float:
+        return round(x + offset_s, 3)
+
+    if isinstance(message, SpeechStart | SpeechEnd):
+        return replace(message, t=t(message.t))
+    if isinstance(message, Partial):
+        return replace(message, segment=message.segment + first, start=t(message.start),
+                       end=t(message.end))
+    if isinstance(message, Final):
+        words = tuple(replace(w, start=t(w.start), end=t(w.end)) for w in message.words)
+        return replace(message, segment=message.segment + first, start=t(message.start),
+                       end=t(message.end), words=words)
+    if isinstance(message, Done):
+        return replace(message, audio_seconds=t(message.audio_seconds),
+                       segments=message.segments + first)
+    return message
+
+
+def test_an_offset_and_a_first_segment_shift_every_time_and_number_the_session_sends(
+    three: Run,
+) -> None:
+    resumed = run_session(THREE, config=replace(CONFIG, offset_s=3600.25, first_segment=7))
+
+    assert resumed.messages == [_shifted(m, 3600.25, 7) for m in three.messages]
+    done = resumed.messages[-1]
+    assert isinstance(done, Done) and done.segments == 10  # the stream's: 0..9, 7 here
+
+
+def test_resuming_from_the_end_of_a_final_gives_the_rest_of_the_transcript(three: Run) -> None:
+    """The rule of docs/protocol.md: a client that lost its connection after the first
+    final sends the audio from that final's end again, with offset_s and first_segment;
+    the finals of both connections, joined, are the transcript of one connection."""
+    first = three.finals[0]
+    resume_at = round(first.end * SR)
+
+    resumed = run_session(THREE[resume_at:], config=replace(
+        CONFIG, offset_s=resume_at / SR, first_segment=first.segment + 1))
+
+    finals = [first, *resumed.finals]
+    assert [f.segment for f in finals] == [0, 1, 2]
+    assert [words_of(f) for f in finals] == THREE_TEXTS
+    for again, once in zip(resumed.finals, three.finals[1:], strict=True):
+        # The VAD's 30 ms frames now start elsewhere: boundaries move by less than one.
+        assert again.start == pytest.approx(once.start, abs=0.031)
+        assert again.end == pytest.approx(once.end, abs=0.031)
+    done = resumed.messages[-1]
+    assert isinstance(done, Done)
+    assert done.segments == 3 and done.audio_seconds == pytest.approx(len(THREE) / SR, abs=1e-3)

@@ -2,13 +2,16 @@
 //
 // Plain ES module, no build step and no third-party code. Audio is sent at the
 // AudioContext's native rate as pcm_s16le and the server resamples it (see
-// capture-worklet.js for why). The page keeps its own audio clock (samples captured
-// since Start), so caption times stay continuous across reconnections: each connection's
-// times are shifted by the audio time of the first sample sent on it.
+// capture-worklet.js for why). It follows the resume rule of docs/protocol.md, as the
+// Python client does: the audio sent since the last final is kept (30 s at most), and a
+// connection that ends before its `done` is followed by another that sends that audio
+// again with `offset_s` (the stream time of its first sample, on the page's own audio
+// clock: samples captured since Start) and `first_segment`; the server shifts every time
+// and segment number it sends by them, so the captions need no arithmetic of their own.
 
 const STREAM_PATH = "/v1/stream";
 const FRAME_MS = 100; // audio per binary frame
-const MAX_QUEUE_S = 30; // audio kept while (re)connecting; older audio is dropped
+const MAX_KEEP_S = 30; // audio kept to send (again) on the next connection; older is dropped
 const KEY_STORAGE = "whisperstream.apiKey"; // sessionStorage only: gone with the tab
 const MAX_RETRY_S = 10;
 const STOP_TIMEOUT_MS = 30000; // wait this long for `done` after Stop
@@ -57,12 +60,14 @@ const state = {
   audio: null, // {ctx, stream, source, node}
   rate: 0,
   captured: 0, // samples captured since Start: the page's audio clock
-  queue: [], // [{start, pcm}] frames captured but not sent yet
+  kept: [], // [{start, pcm}] frames not yet covered by a final: sent, or waiting to be
+  resume: 0, // samples: where the next connection takes the stream up (a final's end, `done`)
+  nextSegment: 0, // the next connection's first_segment
+  connFrom: 0, // samples: the first sample the current connection sends (its offset_s)
   ws: null,
   conn: 0, // id of the current connection; events of older ones are ignored
   ready: false, // the current connection got `ready`
   base: 0, // seconds: page time of sample 0 of this Start (after the captions of earlier ones)
-  offset: 0, // seconds: page time of the first sample sent on the current connection
   draining: false, // the server is finishing this connection (a limit): audio waits for the next
   done: false, // the current connection got `done`
   stopRequested: false,
@@ -175,7 +180,8 @@ function updateCaptionChrome() {
   }
 }
 
-// Keep provisional words that will never become final (the connection dropped).
+// Keep provisional words that will never become final (the page stopped before the
+// server finished them; when it reconnects, their audio is sent again instead).
 function keepPartial() {
   const p = state.partial;
   state.partial = null;
@@ -330,15 +336,14 @@ function onFrame(data) {
     const frame = { start: state.captured, pcm: data.pcm };
     state.captured += data.pcm.byteLength / 2;
     setLevel(data.rms, data.peak);
-    if (isStreaming()) {
-      state.ws.send(frame.pcm);
-    } else if (!state.stopRequested) {
-      state.queue.push(frame);
-      const keep = MAX_QUEUE_S * state.rate;
-      while (state.queue.length && state.captured - state.queue[0].start > keep) {
-        state.queue.shift();
+    if (!state.stopRequested || isStreaming()) {
+      state.kept.push(frame);
+      const keep = MAX_KEEP_S * state.rate;
+      while (state.kept.length && state.captured - state.kept[0].start > keep) {
+        state.kept.shift();
       }
     }
+    if (isStreaming()) state.ws.send(frame.pcm);
   }
   if (data.stopped && state.audio && state.audio.flushed) state.audio.flushed();
 }
@@ -354,6 +359,12 @@ function apiKey() {
   return ui.key.value.trim();
 }
 
+// The first sample the next connection sends: where the stream resumes, unless the audio
+// from there was dropped (more than MAX_KEEP_S), then the oldest kept.
+function resendFrom() {
+  return state.kept.length ? Math.max(state.resume, state.kept[0].start) : state.captured;
+}
+
 function streamUrl() {
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
   const params = new URLSearchParams({
@@ -361,6 +372,12 @@ function streamUrl() {
     encoding: "pcm_s16le",
     interim: "true",
   });
+  state.connFrom = resendFrom(); // what `ready` sends from, on the clock of offset_s
+  const offset = state.base + state.connFrom / state.rate;
+  if (offset > 0 || state.nextSegment > 0) {
+    params.set("offset_s", offset.toFixed(6));
+    params.set("first_segment", String(state.nextSegment));
+  }
   if (apiKey()) params.set("token", apiKey());
   return `${scheme}//${location.host}${STREAM_PATH}?${params}`;
 }
@@ -405,10 +422,12 @@ function onMessage(m) {
     case "ready": {
       state.ready = true;
       state.retries = 0;
-      state.offset = state.base +
-        (state.queue.length ? state.queue[0].start : state.captured) / state.rate;
-      for (const frame of state.queue) state.ws.send(frame.pcm);
-      state.queue = [];
+      const from = state.connFrom;
+      for (const frame of state.kept) {
+        const end = frame.start + frame.pcm.byteLength / 2;
+        if (end <= from) continue;
+        state.ws.send(frame.start >= from ? frame.pcm : frame.pcm.slice((from - frame.start) * 2));
+      }
       clearMessage("connection");
       setPhase("live", m.model);
       if (state.stopRequested) finishStop();
@@ -421,8 +440,8 @@ function onMessage(m) {
         segment: m.segment,
         stable: m.stable || "",
         text: (m.text || "").trimStart(),
-        start: state.offset + m.start,
-        end: state.offset + m.end,
+        start: m.start,
+        end: m.end,
       };
       state.partial.stable = state.partial.stable.trimStart();
       renderPartial();
@@ -432,8 +451,9 @@ function onMessage(m) {
       const p = state.partial;
       if (p && p.conn === state.conn && p.segment <= m.segment) state.partial = null;
       const text = (m.text || "").trim();
-      if (text) addFinal({ start: state.offset + m.start, end: state.offset + m.end, text });
+      if (text) addFinal({ start: m.start, end: m.end, text });
       renderPartial();
+      resumeAt(m.end, m.segment + 1);
       break;
     }
     case "speech_start":
@@ -454,10 +474,23 @@ function onMessage(m) {
       }
       break;
     case "done":
+      // Also when the server ended the session itself (a drain, a limit): the next
+      // connection goes on from the audio it heard.
       state.done = true;
+      resumeAt(m.audio_seconds, m.segments);
       break;
     default:
       break; // newer protocol messages are welcome and ignored
+  }
+}
+
+// The stream is transcribed up to page time `t`: audio before it need not be sent again.
+function resumeAt(t, nextSegment) {
+  state.resume = Math.max(state.resume, Math.round((t - state.base) * state.rate));
+  state.nextSegment = Math.max(state.nextSegment, nextSegment);
+  while (state.kept.length &&
+    state.kept[0].start + state.kept[0].pcm.byteLength / 2 <= state.resume) {
+    state.kept.shift();
   }
 }
 
@@ -466,8 +499,8 @@ async function onClose(event, opened) {
   state.ws = null;
   state.ready = false;
   delete ui.status.dataset.speech;
-  if (!state.done) keepPartial();
   if (state.stopRequested) {
+    if (!state.done) keepPartial();
     clearTimeout(state.stopTimer);
     if (!state.done && wasReady) {
       showMessage("The connection closed before the server finished; the last words may " +
@@ -488,8 +521,11 @@ async function onClose(event, opened) {
     await abandon();
     return;
   }
-  // Dropped (network, server restart, a limit, an internal error): keep the captions,
-  // buffer the audio and connect again. After a clean end (`done`) go on at once.
+  // Dropped (network, server restart, a limit, an internal error): keep the captions and
+  // the audio since the last final, and connect again; the provisional words will be
+  // heard again from that audio. After a clean end (`done`) go on at once.
+  state.partial = null;
+  renderPartial();
   const delay = state.done || state.draining ? 0 : retryDelay();
   if (!state.done && !state.draining) {
     showMessage(`The connection to the server was lost${event.code !== 1006 ? ` (close code ` +
@@ -559,7 +595,7 @@ async function abandon() {
   clearTimeout(state.retryTimer);
   state.retryTimer = null;
   state.stopRequested = true;
-  state.queue = [];
+  state.kept = [];
   const ws = state.ws;
   state.ws = null;
   if (ws) ws.close();
@@ -574,7 +610,8 @@ async function start() {
   state.stopRequested = false;
   state.retries = 0;
   state.captured = 0;
-  state.queue = [];
+  state.kept = [];
+  state.resume = 0;
   // Captions already on the page stay; new times continue after the last one.
   state.base = state.finals.length ? Math.ceil(state.finals[state.finals.length - 1].end) : 0;
   setPhase("starting");
@@ -604,7 +641,7 @@ async function stop() {
 
 function finishStop() {
   if (state.audio) return; // stop() finishes once the audio is off
-  state.queue = [];
+  state.kept = []; // sent, or never to be: after Stop the page does not reconnect
   if (isStreaming()) {
     // The server sends the remaining finals, then `done`, then closes (onClose).
     state.ws.send(JSON.stringify({ type: "stop" }));

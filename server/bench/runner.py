@@ -40,7 +40,8 @@ async def stream_one(
     full_url = stream_url(url, sample_rate=rate, encoding="pcm_s16le")
     try:
         transcript = await run_session(
-            full_url, paced_frames(pcm, rate, speed, clock, on_audio), api_key=api_key
+            full_url, paced_frames(pcm, rate, speed, clock, on_audio), api_key=api_key,
+            reconnect=None,  # measured as one session: a reconnection would hide a failure
         )
     except ClientError as exc:
         return StreamRecord(item, duration, [], None, str(exc))
@@ -134,12 +135,14 @@ def started_server(
             if process.poll() is not None:
                 tail = log_path.read_text(errors="replace")[-2000:]
                 raise BenchError(f"the server exited with code {process.returncode}:\n{tail}")
-            health = f"http://127.0.0.1:{port}/healthz"
-            with contextlib.suppress(OSError), urllib.request.urlopen(health, timeout=2) as r:
+            # /readyz, not /healthz: the port opens (and /healthz answers) while the
+            # model still loads.
+            ready = f"http://127.0.0.1:{port}/readyz"
+            with contextlib.suppress(OSError), urllib.request.urlopen(ready, timeout=2) as r:
                 if r.status == 200:
                     break
             if time.monotonic() > deadline:
-                raise BenchError(f"the server did not answer /healthz within "
+                raise BenchError(f"the server was not ready (/readyz) within "
                                  f"{SERVER_START_TIMEOUT_S:g} s; its log: {log_path}")
             time.sleep(0.2)
         yield f"ws://127.0.0.1:{port}/v1/stream", process.pid

@@ -190,7 +190,8 @@ class Soak:
                 yield chunk
 
         url = stream_url(self.url, sample_rate=rate, encoding="pcm_s16le")
-        task = asyncio.create_task(run_session(url, frames(), on_message, self.api_key))
+        task = asyncio.create_task(run_session(url, frames(), on_message, self.api_key,
+                                               reconnect=None))
         if leave_at is not None:
             leave = asyncio.create_task(leaving.wait())
             await asyncio.wait({task, leave}, return_when=asyncio.FIRST_COMPLETED)
