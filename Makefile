@@ -24,6 +24,7 @@ run: $(BIN)/.installed
 
 lint: $(BIN)/.installed-test
 	$(BIN)/ruff check streaming server client tests
+	$(BIN)/ruff format --check streaming server client tests
 	$(BIN)/mypy
 
 # The coverage report and its floor (set at what the suite reached: 90 % on 2026-12-01);

@@ -47,8 +47,13 @@ async def _mic_chunks(sd: Any, stop: asyncio.Event) -> AsyncIterator[bytes]:
     def callback(indata: Any, frames: int, time: Any, status: Any) -> None:
         loop.call_soon_threadsafe(queue.put_nowait, bytes(indata))
 
-    with sd.RawInputStream(samplerate=MIC_RATE_HZ, channels=1, dtype="int16",
-                           blocksize=int(MIC_RATE_HZ * BLOCK_S), callback=callback):
+    with sd.RawInputStream(
+        samplerate=MIC_RATE_HZ,
+        channels=1,
+        dtype="int16",
+        blocksize=int(MIC_RATE_HZ * BLOCK_S),
+        callback=callback,
+    ):
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 yield await asyncio.wait_for(queue.get(), 0.5)
@@ -68,5 +73,12 @@ async def stream_mic(
     on the next (run_session's `reconnect`)."""
     sd = open_sounddevice()
     full_url = stream_url(url, sample_rate=MIC_RATE_HZ, encoding="pcm_s16le")
-    return await run_session(full_url, _mic_chunks(sd, stop or asyncio.Event()), on_message,
-                             api_key, cafile, reconnect=reconnect, on_notice=on_notice)
+    return await run_session(
+        full_url,
+        _mic_chunks(sd, stop or asyncio.Event()),
+        on_message,
+        api_key,
+        cafile,
+        reconnect=reconnect,
+        on_notice=on_notice,
+    )

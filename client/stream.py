@@ -63,8 +63,13 @@ def read_pcm(path: Path) -> tuple[bytes, int]:
 
 
 def stream_url(url: str, **params: Any) -> str:
-    query = urlencode({k: str(v).lower() if isinstance(v, bool) else v
-                       for k, v in params.items() if v is not None})
+    query = urlencode(
+        {
+            k: str(v).lower() if isinstance(v, bool) else v
+            for k, v in params.items()
+            if v is not None
+        }
+    )
     return f"{url}{'&' if '?' in url else '?'}{query}" if query else url
 
 
@@ -214,7 +219,7 @@ class _KeptAudio:
                 if position >= start:
                     out.append((number, data, position))
             elif position + len(data) > start:
-                out.append((number, data[max(0, start - position):], position + len(data)))
+                out.append((number, data[max(0, start - position) :], position + len(data)))
         return out
 
     def _forget(self) -> None:
@@ -265,8 +270,17 @@ async def run_session(
     try:
         while True:
             try:
-                await _connection(url, stream, audio, transcript, on_message, headers, tls,
-                                  policy, retry=reconnect is not None)
+                await _connection(
+                    url,
+                    stream,
+                    audio,
+                    transcript,
+                    on_message,
+                    headers,
+                    tls,
+                    policy,
+                    retry=reconnect is not None,
+                )
                 return transcript
             except _Retry as retry:
                 if reconnect is None:
@@ -278,16 +292,24 @@ async def run_session(
                     if failing_since is None:
                         failing_since = now
                     elif now - failing_since > reconnect.give_up_after_s:
-                        raise ClientError(f"{retry.why}; gave up after "
-                                          f"{now - failing_since:.0f} s of trying to "
-                                          "reconnect") from None
+                        raise ClientError(
+                            f"{retry.why}; gave up after "
+                            f"{now - failing_since:.0f} s of trying to "
+                            "reconnect"
+                        ) from None
                     delay = min(reconnect.max_delay_s, max(reconnect.first_delay_s, 2 * delay))
                 wait = max(delay, retry.delay_s)
                 if on_notice is not None:
-                    again = f"{stream.resend_seconds(audio):.1f} s of audio from " \
-                            f"{stream.resume_s:.2f} s" if stream.bytes_per_second else "the audio"
-                    on_notice(f"{retry.why}; reconnecting{f' in {wait:.1f} s' if wait else ''}"
-                              f", sending {again} again")
+                    again = (
+                        f"{stream.resend_seconds(audio):.1f} s of audio from "
+                        f"{stream.resume_s:.2f} s"
+                        if stream.bytes_per_second
+                        else "the audio"
+                    )
+                    on_notice(
+                        f"{retry.why}; reconnecting{f' in {wait:.1f} s' if wait else ''}"
+                        f", sending {again} again"
+                    )
                 await asyncio.sleep(wait)
     finally:
         filling.cancel()
@@ -306,8 +328,9 @@ class _Resume:
     started: bool = False  # a connection got `ready`: the server is there
 
     def start_byte(self, audio: _KeptAudio) -> int:
-        wanted = round(self.resume_s * self.bytes_per_second / self.sample_bytes) \
-            * self.sample_bytes
+        wanted = (
+            round(self.resume_s * self.bytes_per_second / self.sample_bytes) * self.sample_bytes
+        )
         return max(audio.base, min(wanted, audio.end))
 
     def resend_seconds(self, audio: _KeptAudio) -> float:
@@ -317,9 +340,14 @@ class _Resume:
 
 
 async def _connection(
-    url: str, stream: _Resume, audio: _KeptAudio, transcript: Transcript,
+    url: str,
+    stream: _Resume,
+    audio: _KeptAudio,
+    transcript: Transcript,
     on_message: Callable[[dict[str, Any]], None] | None,
-    headers: dict[str, str] | None, tls: ssl.SSLContext | None, policy: Reconnect,
+    headers: dict[str, str] | None,
+    tls: ssl.SSLContext | None,
+    policy: Reconnect,
     retry: bool,
 ) -> None:
     """One connection of the session. Returns once the session is done (or, without
@@ -327,8 +355,11 @@ async def _connection(
     start = stream.start_byte(audio) if stream.bytes_per_second else 0
     offset_s = start / stream.bytes_per_second if stream.bytes_per_second else 0.0
     resuming = stream.connections > 0 and (start > 0 or stream.next_segment > 0)
-    full_url = stream_url(url, offset_s=round(offset_s, 6), first_segment=stream.next_segment) \
-        if resuming else url
+    full_url = (
+        stream_url(url, offset_s=round(offset_s, 6), first_segment=stream.next_segment)
+        if resuming
+        else url
+    )
     stop_sent = False
     before = (stream.resume_s, stream.next_segment)
     try:
@@ -339,8 +370,9 @@ async def _connection(
         why = f"the server refused the session: HTTP {status} {body}".strip()
         if not retry or status not in RETRY_HTTP_STATUS:
             raise ClientError(why) from None
-        raise _Retry(why, _retry_after(exc.response.headers.get("Retry-After")),
-                     progress=False) from None
+        raise _Retry(
+            why, _retry_after(exc.response.headers.get("Retry-After")), progress=False
+        ) from None
     except (OSError, InvalidHandshake, TimeoutError) as exc:
         why = f"cannot connect to {url}: {getattr(exc, 'strerror', None) or exc}"
         if not retry or not stream.started:
@@ -383,8 +415,10 @@ async def _connection(
             stream.resume_s = float(message["end"])
             stream.next_segment = int(message["segment"]) + 1
             if stream.bytes_per_second:
-                audio.cover(int(stream.resume_s * stream.bytes_per_second),
-                            int(policy.keep_s * stream.bytes_per_second))
+                audio.cover(
+                    int(stream.resume_s * stream.bytes_per_second),
+                    int(policy.keep_s * stream.bytes_per_second),
+                )
         elif kind == "done":
             done = message
             stream.resume_s = float(message["audio_seconds"])
@@ -415,12 +449,12 @@ async def _connection(
         return
     progress = (stream.resume_s, stream.next_segment) != before
     if done is not None:  # the server finished the session early (a drain, a limit)
-        raise _Retry("the server ended the session before the end of the audio",
-                     progress=progress)
+        raise _Retry("the server ended the session before the end of the audio", progress=progress)
     if code in RETRY_CLOSE_CODES or code is None:
         reason = f" {ws.close_reason}" if ws.close_reason else ""
-        raise _Retry(f"the connection closed ({code}{reason}) before the session was done",
-                     progress=progress)
+        raise _Retry(
+            f"the connection closed ({code}{reason}) before the session was done", progress=progress
+        )
     # Any other close: the server will not take this audio (4400, 4408, 1008): stop here.
 
 
@@ -442,8 +476,10 @@ def _retry_after(value: str | None) -> float:
 
 def _check_resumed(ready: dict[str, Any], resuming: bool, url: str) -> None:
     if resuming and "offset_s" not in ready:
-        raise ClientError(f"the server at {url} cannot resume a stream (its `ready` does not "
-                          "confirm offset_s): it is older than this client")
+        raise ClientError(
+            f"the server at {url} cannot resume a stream (its `ready` does not "
+            "confirm offset_s): it is older than this client"
+        )
 
 
 async def stream_file(
@@ -460,5 +496,12 @@ async def stream_file(
 ) -> Transcript:
     pcm, rate = read_pcm(path)
     full_url = stream_url(url, sample_rate=rate, encoding="pcm_s16le", interim=interim)
-    return await run_session(full_url, paced_frames(pcm, rate, speed), on_message, api_key,
-                             cafile, reconnect=reconnect, on_notice=on_notice)
+    return await run_session(
+        full_url,
+        paced_frames(pcm, rate, speed),
+        on_message,
+        api_key,
+        cafile,
+        reconnect=reconnect,
+        on_notice=on_notice,
+    )

@@ -61,8 +61,7 @@ class Gate:
             netloc = urlsplit(origin).netloc
         except ValueError:
             return False
-        return (bool(netloc) and netloc.lower() == host_header.lower()
-                and self.host_ok(host_header))
+        return bool(netloc) and netloc.lower() == host_header.lower() and self.host_ok(host_header)
 
 
 @dataclass(frozen=True)
@@ -76,15 +75,21 @@ def session_refusal(host: SessionHost, address: str, *, draining: bool) -> Refus
     """Why a new live session from `address` cannot start now, or None."""
     limits = host.settings.limits
     if draining:
-        return Refusal(http.HTTPStatus.SERVICE_UNAVAILABLE, "shutdown",
-                       "server shutting down; try again later")
+        return Refusal(
+            http.HTTPStatus.SERVICE_UNAVAILABLE, "shutdown", "server shutting down; try again later"
+        )
     if host.sessions_from(address) >= limits.max_sessions_per_client:
-        return Refusal(http.HTTPStatus.TOO_MANY_REQUESTS, "per_client",
-                       f"too many sessions from {address} "
-                       "(limits.max_sessions_per_client); close one first")
+        return Refusal(
+            http.HTTPStatus.TOO_MANY_REQUESTS,
+            "per_client",
+            f"too many sessions from {address} (limits.max_sessions_per_client); close one first",
+        )
     active = host.active_sessions
     if active >= limits.max_sessions:
-        return Refusal(http.HTTPStatus.SERVICE_UNAVAILABLE, "max_sessions",
-                       f"server busy: {active} sessions, the configured maximum "
-                       "(limits.max_sessions); try again later")
+        return Refusal(
+            http.HTTPStatus.SERVICE_UNAVAILABLE,
+            "max_sessions",
+            f"server busy: {active} sessions, the configured maximum "
+            "(limits.max_sessions); try again later",
+        )
     return None

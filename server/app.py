@@ -83,21 +83,24 @@ class TranscriptionServer:
         # that late, else the connection is dropped.
         # The integrations (MQTT sinks, Hermes, Wyoming) start first and stop last, after
         # shutdown has finished every session: sessions finish into the MQTT sinks.
-        async with integrations(self.host), serve(
-            partial(handle_stream, self.host),
-            cfg.host,
-            cfg.port,
-            process_request=self.routes,
-            compression=None,
-            create_connection=GuardedConnection,
-            max_size=4 * limits.max_frame_bytes,
-            max_queue=16,  # frames read ahead of the session: at most 16 x max_size bytes
-            open_timeout=limits.handshake_timeout_s,
-            ping_interval=limits.keepalive_s,
-            ping_timeout=limits.keepalive_s,
-            close_timeout=min(10.0, limits.keepalive_s),
-            ssl=self._tls_context(),
-        ) as server:
+        async with (
+            integrations(self.host),
+            serve(
+                partial(handle_stream, self.host),
+                cfg.host,
+                cfg.port,
+                process_request=self.routes,
+                compression=None,
+                create_connection=GuardedConnection,
+                max_size=4 * limits.max_frame_bytes,
+                max_queue=16,  # frames read ahead of the session: at most 16 x max_size bytes
+                open_timeout=limits.handshake_timeout_s,
+                ping_interval=limits.keepalive_s,
+                ping_timeout=limits.keepalive_s,
+                close_timeout=min(10.0, limits.keepalive_s),
+                ssl=self._tls_context(),
+            ) as server,
+        ):
             engine = self.host.engine
             if isinstance(engine, DeferredEngine) and not engine.loaded:
                 self.routes.starting = "loading the model"
@@ -141,9 +144,12 @@ class TranscriptionServer:
         routes, limits = self.routes, self.settings.limits
         loop = asyncio.get_running_loop()
         routes.draining = True
-        log.info("draining: /readyz answers 503; live sessions: %d; new sessions admitted "
-                 "for %g s more (limits.drain_grace_s)", self.host.active_sessions,
-                 limits.drain_grace_s)
+        log.info(
+            "draining: /readyz answers 503; live sessions: %d; new sessions admitted "
+            "for %g s more (limits.drain_grace_s)",
+            self.host.active_sessions,
+            limits.drain_grace_s,
+        )
         if limits.drain_grace_s > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._hurry.wait(), limits.drain_grace_s)
@@ -154,22 +160,23 @@ class TranscriptionServer:
         deadline = loop.time() + timeout
         finish_at = deadline - min(FINISH_WINDOW_S, timeout / 2)
         if self.host.active_sessions:
-            log.info("draining: new sessions refused; live sessions: %d, they may run on "
-                     "for %.1f s, then they are finished (limits.shutdown_timeout_s)",
-                     self.host.active_sessions, finish_at - loop.time())
+            log.info(
+                "draining: new sessions refused; live sessions: %d, they may run on "
+                "for %.1f s, then they are finished (limits.shutdown_timeout_s)",
+                self.host.active_sessions,
+                finish_at - loop.time(),
+            )
             await self.host.until_idle(finish_at, self._hurry)
         live = self.host.finish_all()
         if live:
-            log.info("draining: finishing the live sessions (%d): their finals, then done",
-                     live)
+            log.info("draining: finishing the live sessions (%d): their finals, then done", live)
         server.close(close_connections=False)
 
         async def native() -> None:
             try:
                 await asyncio.wait_for(server.wait_closed(), max(deadline - loop.time(), 1.0))
             except TimeoutError:
-                log.warning("shutdown: sessions still open after %.0f s; closing them",
-                            timeout)
+                log.warning("shutdown: sessions still open after %.0f s; closing them", timeout)
                 server.close(close_connections=True)
                 await server.wait_closed()
 
@@ -190,8 +197,12 @@ async def integrations(host: SessionHost) -> AsyncIterator[None]:
             await stack.enter_async_context(publisher.running())
             host.sinks.append(publisher)
             stack.callback(host.sinks.remove, publisher)
-            log.info("mqtt: publishing sessions under %s/ on %s:%d", publisher.prefix,
-                     settings.mqtt.host, settings.mqtt.port)
+            log.info(
+                "mqtt: publishing sessions under %s/ on %s:%d",
+                publisher.prefix,
+                settings.mqtt.host,
+                settings.mqtt.port,
+            )
         if settings.hermes.enabled:
             await stack.enter_async_context(HermesAsr(host).running())
         if settings.wyoming.enabled:

@@ -38,8 +38,12 @@ async def _serve(settings: Any) -> None:
     async with server.running() as running:
         ports = sorted({sock.getsockname()[1] for sock in running.sockets})
         host = settings.server.host
-        log.info("whisperstream ready: ws://%s:%s/v1/stream (model %s)", host,
-                 ports[0] if ports else settings.server.port, engine.name)
+        log.info(
+            "whisperstream ready: ws://%s:%s/v1/stream (model %s)",
+            host,
+            ports[0] if ports else settings.server.port,
+            engine.name,
+        )
         if not settings.auth.api_keys:
             log.info("no API keys configured: anyone who can reach %s may connect", host)
         await stop.wait()
@@ -56,8 +60,9 @@ def _configure_logging(level: str, log_file: Path | None) -> None:
             handlers.append(logging.FileHandler(log_file))
         except OSError as exc:
             problem = f"cannot write log file {log_file} ({exc.strerror}); logging to stderr only"
-    logging.basicConfig(level=level, handlers=handlers,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=level, handlers=handlers, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     logging.raiseExceptions = False  # a failing write later (disk full) is skipped quietly
     if problem:
         log.warning(problem)
@@ -90,8 +95,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         return 2
     wyoming = settings.wyoming
-    if (wyoming.enabled and not is_loopback(wyoming.host)
-            and not settings.server.allow_public_without_auth):
+    if (
+        wyoming.enabled
+        and not is_loopback(wyoming.host)
+        and not settings.server.allow_public_without_auth
+    ):
         print(
             f"whisperstream: refusing to serve Wyoming on {wyoming.host}: the Wyoming protocol "
             "has no authentication, so anyone who reaches the port can use the server; set "
@@ -132,9 +140,18 @@ def cmd_stream(args: argparse.Namespace) -> int:
     from client.stream import stream_file
 
     renderer = TerminalRenderer(as_json=args.json)
-    return _client_run(stream_file(args.wav, args.url, args.speed, renderer.show, args.api_key,
-                                   cafile=args.cafile, reconnect=_reconnect(args),
-                                   on_notice=renderer.notice))
+    return _client_run(
+        stream_file(
+            args.wav,
+            args.url,
+            args.speed,
+            renderer.show,
+            args.api_key,
+            cafile=args.cafile,
+            reconnect=_reconnect(args),
+            on_notice=renderer.notice,
+        )
+    )
 
 
 def cmd_mic(args: argparse.Namespace) -> int:
@@ -147,8 +164,15 @@ def cmd_mic(args: argparse.Namespace) -> int:
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGINT, stop.set)
         print("listening; press Ctrl-C to stop", file=sys.stderr)
-        return await stream_mic(args.url, renderer.show, args.api_key, stop, cafile=args.cafile,
-                                reconnect=_reconnect(args), on_notice=renderer.notice)
+        return await stream_mic(
+            args.url,
+            renderer.show,
+            args.api_key,
+            stop,
+            cafile=args.cafile,
+            reconnect=_reconnect(args),
+            on_notice=renderer.notice,
+        )
 
     return _client_run(run())
 
@@ -160,29 +184,47 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the transcription server")
-    serve.add_argument("--config", type=Path, default=None,
-                       help="YAML config file (default: ./config.yaml if present)")
+    serve.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="YAML config file (default: ./config.yaml if present)",
+    )
     serve.add_argument("--host", default=None, help="address to bind (server.host)")
     serve.add_argument("--port", type=int, default=None, help="port (server.port)")
-    serve.add_argument("--model", default=None,
-                       help="model.name: bundled, a CTranslate2 folder, or a hub name")
+    serve.add_argument(
+        "--model", default=None, help="model.name: bundled, a CTranslate2 folder, or a hub name"
+    )
     serve.set_defaults(func=cmd_serve)
 
-    for name, helptext in (("stream", "stream a WAV file and print the transcript"),
-                           ("mic", "stream the microphone and print the transcript")):
+    for name, helptext in (
+        ("stream", "stream a WAV file and print the transcript"),
+        ("mic", "stream the microphone and print the transcript"),
+    ):
         p = sub.add_parser(name, help=helptext)
         if name == "stream":
             p.add_argument("wav", type=Path, help="16-bit PCM WAV file, any rate 8-48 kHz")
-            p.add_argument("--speed", type=float, default=1.0,
-                           help="pace relative to real time; 0 sends as fast as possible")
+            p.add_argument(
+                "--speed",
+                type=float,
+                default=1.0,
+                help="pace relative to real time; 0 sends as fast as possible",
+            )
         p.add_argument("--url", default=DEFAULT_URL, help=f"server URL (default {DEFAULT_URL})")
         p.add_argument("--api-key", default=None, help="API key, when the server needs one")
-        p.add_argument("--cafile", type=Path, default=None,
-                       help="CA certificate to trust for a wss:// server (self-signed)")
+        p.add_argument(
+            "--cafile",
+            type=Path,
+            default=None,
+            help="CA certificate to trust for a wss:// server (self-signed)",
+        )
         p.add_argument("--json", action="store_true", help="print every message as JSON")
-        p.add_argument("--no-reconnect", action="store_true",
-                       help="end when the connection does, instead of reconnecting and "
-                       "resending the audio since the last final")
+        p.add_argument(
+            "--no-reconnect",
+            action="store_true",
+            help="end when the connection does, instead of reconnecting and "
+            "resending the audio since the last final",
+        )
         p.set_defaults(func=cmd_stream if name == "stream" else cmd_mic)
 
     from server.bench import cli as bench

@@ -37,7 +37,8 @@ class ServerSection(_Section):
     log_file: Path | None = None  # also log here; if it cannot be written, stderr only
     # Peers whose X-Forwarded-For / Forwarded header names the client (server/forwarding.py).
     trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(
-        default_factory=list)
+        default_factory=list
+    )
     # With no API keys, Host names answered besides loopback ones (DNS rebinding).
     allowed_hosts: list[str] = Field(default_factory=list)
     metrics_public: bool = False  # with API keys, serve /metrics without one
@@ -52,8 +53,9 @@ class ServerSection(_Section):
             try:  # "10.0.0.7" is one address; host bits in "10.0.0.7/8" are ignored
                 networks.append(ipaddress.ip_network(str(item).strip(), strict=False))
             except ValueError:
-                raise ValueError(f"{item!r} is not an IP address or network (CIDR, e.g. "
-                                 "10.0.0.0/8)") from None
+                raise ValueError(
+                    f"{item!r} is not an IP address or network (CIDR, e.g. 10.0.0.0/8)"
+                ) from None
         return networks
 
     @field_validator("allowed_hosts")
@@ -61,10 +63,11 @@ class ServerSection(_Section):
     def _host_names(cls, value: list[str]) -> list[str]:
         names = [name.strip().lower().strip("[]").rstrip(".") for name in value]
         for name in names:
-            if not name or any(c in name for c in "/@ ") or (
-                    ":" in name and not _is_ipv6(name)):
-                raise ValueError(f"{name!r} is not a host name or address (no scheme, "
-                                 "port or path, e.g. captions.example.org)")
+            if not name or any(c in name for c in "/@ ") or (":" in name and not _is_ipv6(name)):
+                raise ValueError(
+                    f"{name!r} is not a host name or address (no scheme, "
+                    "port or path, e.g. captions.example.org)"
+                )
         return names
 
     @field_validator("tls_cert", "tls_key")
@@ -126,8 +129,7 @@ class VadSection(_Section):
             except SileroUnavailable as exc:
                 raise ValueError(str(exc)) from None
             if importlib.util.find_spec("onnxruntime") is None:
-                raise ValueError("vad.detector: silero needs onnxruntime: pip install "
-                                 "onnxruntime")
+                raise ValueError("vad.detector: silero needs onnxruntime: pip install onnxruntime")
         return value
 
     def options(self) -> VadOptions:
@@ -248,8 +250,16 @@ class MqttSection(_Section):
         return value
 
 
-_BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True,
-               "false": False, "no": False, "off": False, "0": False}
+_BOOL_WORDS = {
+    "true": True,
+    "yes": True,
+    "on": True,
+    "1": True,
+    "false": False,
+    "no": False,
+    "off": False,
+    "0": False,
+}
 
 
 class HermesSection(_Section):
@@ -285,8 +295,10 @@ class CompatSection(_Section):
 
 def _check_tls(settings: Settings) -> None:
     if (settings.server.tls_cert is None) != (settings.server.tls_key is None):
-        raise ConfigError("invalid configuration: server.tls_cert and server.tls_key go "
-                          "together; set both or neither")
+        raise ConfigError(
+            "invalid configuration: server.tls_cert and server.tls_key go "
+            "together; set both or neither"
+        )
 
 
 class Settings(BaseSettings):

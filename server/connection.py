@@ -46,10 +46,10 @@ MAX_UNSENT_BYTES = 1 << 20
 # Bytes after the request head held until the answer; past this, reading pauses.
 MAX_HELD_BYTES = 64 * 1024
 
-ProcessRequest = Callable[[ServerConnection, Request],
-                          Awaitable[Response | None] | Response | None]
-ProcessResponse = Callable[[ServerConnection, Request, Response],
-                           Awaitable[Response | None] | Response | None]
+ProcessRequest = Callable[[ServerConnection, Request], Awaitable[Response | None] | Response | None]
+ProcessResponse = Callable[
+    [ServerConnection, Request, Response], Awaitable[Response | None] | Response | None
+]
 
 
 class GuardedConnection(ServerConnection):
@@ -96,9 +96,12 @@ class GuardedConnection(ServerConnection):
             self._reading_paused = True
             self.transport.pause_reading()
 
-    async def handshake(self, process_request: ProcessRequest | None = None,
-                        process_response: ProcessResponse | None = None,
-                        server_header: str | None = SERVER) -> None:
+    async def handshake(
+        self,
+        process_request: ProcessRequest | None = None,
+        process_response: ProcessResponse | None = None,
+        server_header: str | None = SERVER,
+    ) -> None:
         await super().handshake(process_request, process_response, server_header)
         held, self._held = bytes(self._held), bytearray()
         if self.protocol.state is not OPEN:
@@ -115,8 +118,10 @@ class GuardedConnection(ServerConnection):
         super().pause_writing()
         if self.ping_timeout is not None:
             self._stalled = self.loop.call_later(
-                self.ping_timeout, self._drop,
-                f"output not taken for {self.ping_timeout:g} s (limits.keepalive_s)")
+                self.ping_timeout,
+                self._drop,
+                f"output not taken for {self.ping_timeout:g} s (limits.keepalive_s)",
+            )
 
     def resume_writing(self) -> None:
         super().resume_writing()
@@ -134,6 +139,9 @@ class GuardedConnection(ServerConnection):
     def _drop(self, why: str) -> None:
         if self.transport.is_closing():
             return
-        log.warning("connection from %s dropped: %s; the client does not read",
-                    self.remote_address[0] if self.remote_address else "?", why)
+        log.warning(
+            "connection from %s dropped: %s; the client does not read",
+            self.remote_address[0] if self.remote_address else "?",
+            why,
+        )
         self.transport.abort()

@@ -74,8 +74,9 @@ class Outlet(Protocol):
 class SessionSink(Protocol):
     """Somewhere else every session's messages go (MQTT); called on the event loop."""
 
-    def publish(self, session_id: str, labels: Mapping[str, str],
-                message: ServerMessage) -> None: ...
+    def publish(
+        self, session_id: str, labels: Mapping[str, str], message: ServerMessage
+    ) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -141,8 +142,10 @@ class SessionDriver:
 
     async def run(self, *io: Coroutine[Any, Any, None]) -> None:
         """Drive the session, with the front door's I/O tasks, until it has ended."""
-        tasks = [asyncio.create_task(self._job_loop(), name=f"{self.id}-jobs"),
-                 asyncio.create_task(self._watch_idle(), name=f"{self.id}-idle")]
+        tasks = [
+            asyncio.create_task(self._job_loop(), name=f"{self.id}-jobs"),
+            asyncio.create_task(self._watch_idle(), name=f"{self.id}-idle"),
+        ]
         tasks += [asyncio.create_task(c, name=f"{self.id}-io") for c in io]
         for task in tasks:
             task.add_done_callback(self._task_ended)
@@ -165,10 +168,14 @@ class SessionDriver:
         if task.cancelled() or task.exception() is None:
             return
         exc = task.exception()
-        log.error("session %s: %s failed; closing the session", self.id, task.get_name(),
-                  exc_info=exc)
-        self.fail(CLOSE_INTERNAL, "internal",
-                  "the server failed on this session; it was closed, please reconnect")
+        log.error(
+            "session %s: %s failed; closing the session", self.id, task.get_name(), exc_info=exc
+        )
+        self.fail(
+            CLOSE_INTERNAL,
+            "internal",
+            "the server failed on this session; it was closed, please reconnect",
+        )
 
     def end(self, code: int, reason: str) -> None:
         """The driver's last word: the front door closes with `code` after what it has."""
@@ -219,8 +226,12 @@ class SessionDriver:
         if self.session.pending_seconds > self.limits.max_lag_s and self.live:
             self._room.clear()
             self._held_back = True
-            log.info("session %s: %.1f s of audio wait for their finals; not reading until "
-                     "the engine catches up", self.id, self.session.pending_seconds)
+            log.info(
+                "session %s: %.1f s of audio wait for their finals; not reading until "
+                "the engine catches up",
+                self.id,
+                self.session.pending_seconds,
+            )
         await self._room.wait()
 
     def _update_room(self) -> None:
@@ -234,9 +245,12 @@ class SessionDriver:
         session.receive_audio(data)
         self.metrics.audio_seconds.inc(session.received_seconds - before)
         if session.received_seconds > self.limits.max_audio_s and not session.stopping:
-            self.send_error("limit", f"the session reached its maximum length of "
-                            f"{self.limits.max_audio_s:g} s of audio "
-                            f"({self.limits.max_audio_key}); finishing it")
+            self.send_error(
+                "limit",
+                f"the session reached its maximum length of "
+                f"{self.limits.max_audio_s:g} s of audio "
+                f"({self.limits.max_audio_key}); finishing it",
+            )
             self.stop(by_server=True)  # audio already on its way is no fault of the client
         self.flush()
         self._wake.set()
@@ -311,8 +325,11 @@ class SessionDriver:
             except Exception:
                 log.exception("session %s: engine failed on segment %d", self.id, job.segment)
                 session.abandon_job(job)
-                self.fail(CLOSE_INTERNAL, "internal", "transcription failed on the server; "
-                          "the session was closed, please reconnect")
+                self.fail(
+                    CLOSE_INTERNAL,
+                    "internal",
+                    "transcription failed on the server; the session was closed, please reconnect",
+                )
                 return
             seconds = time.monotonic() - queued
             self.step_seconds += seconds
@@ -329,8 +346,11 @@ class SessionDriver:
         self.metrics.lag.observe(max(lag_s, 0.0))
         if lag_s > self.limits.max_lag_s and not self._overloaded:
             self._overloaded = True
-            self.send_error("overloaded", f"the server is {lag_s:.1f} s behind this stream; "
-                            "partials are skipped until it catches up, finals still follow")
+            self.send_error(
+                "overloaded",
+                f"the server is {lag_s:.1f} s behind this stream; "
+                "partials are skipped until it catches up, finals still follow",
+            )
         elif lag_s < self.limits.max_lag_s / 2:
             self._overloaded = False
 
@@ -347,11 +367,19 @@ class SessionDriver:
             if heard_s > least_s or (heard_s > 0 and least_s == 0):
                 continue
             if limits.idle_finishes:
-                log.info("session %s: %.1f s of audio in %g s (limits.idle_timeout_s); "
-                         "finishing it", self.id, heard_s, idle_s)
+                log.info(
+                    "session %s: %.1f s of audio in %g s (limits.idle_timeout_s); finishing it",
+                    self.id,
+                    heard_s,
+                    idle_s,
+                )
                 self.stop()
             else:
-                self.fail(CLOSE_LIMIT, "limit", f"{heard_s:.1f} s of audio in the last "
-                          f"{idle_s:g} s, less than {least_s:g} s (limits.idle_timeout_s, "
-                          "limits.min_audio_ratio); the session was closed")
+                self.fail(
+                    CLOSE_LIMIT,
+                    "limit",
+                    f"{heard_s:.1f} s of audio in the last "
+                    f"{idle_s:g} s, less than {least_s:g} s (limits.idle_timeout_s, "
+                    "limits.min_audio_ratio); the session was closed",
+                )
             return

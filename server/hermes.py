@@ -101,9 +101,15 @@ def asr_tokens(text: str, words: list[WordTiming]) -> list[dict[str, Any]]:
             start = position
         end = start + len(word.word)
         position = end
-        tokens.append({"value": word.word, "confidence": word.probability,
-                       "rangeStart": start, "rangeEnd": end,
-                       "time": {"start": word.start, "end": word.end}})
+        tokens.append(
+            {
+                "value": word.word,
+                "confidence": word.probability,
+                "rangeStart": start,
+                "rangeEnd": end,
+                "time": {"start": word.start, "end": word.end},
+            }
+        )
     return tokens
 
 
@@ -168,16 +174,20 @@ class HermesAsr:
         self.settings = host.settings
         self.cfg = host.settings.hermes
         self.link = MqttLink(
-            host.settings.mqtt, name="hermes", queue_size=OUTBOX_SIZE,
+            host.settings.mqtt,
+            name="hermes",
+            queue_size=OUTBOX_SIZE,
             subscriptions=[(TOPIC_START, 1), (TOPIC_STOP, 1), (TOPIC_FRAMES, 0)],
             on_message=self._on_message,
         )
         self._listening: dict[tuple[str, str | None], _Listening] = {}
         limits = self.settings.limits
         self._limits = DriverLimits(
-            idle_timeout_s=limits.idle_timeout_s, min_audio_ratio=limits.min_audio_ratio,
+            idle_timeout_s=limits.idle_timeout_s,
+            min_audio_ratio=limits.min_audio_ratio,
             idle_finishes=True,
-            max_lag_s=limits.max_lag_s, flush_timeout_s=limits.shutdown_timeout_s,
+            max_lag_s=limits.max_lag_s,
+            flush_timeout_s=limits.shutdown_timeout_s,
         )
 
     @property
@@ -187,9 +197,12 @@ class HermesAsr:
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
         async with self.link.running():
-            log.info("hermes: speech recognizer on %s:%d for %s", self.settings.mqtt.host,
-                     self.settings.mqtt.port,
-                     ", ".join(self.cfg.site_ids) if self.cfg.site_ids else "every site")
+            log.info(
+                "hermes: speech recognizer on %s:%d for %s",
+                self.settings.mqtt.host,
+                self.settings.mqtt.port,
+                ", ".join(self.cfg.site_ids) if self.cfg.site_ids else "every site",
+            )
             try:
                 yield
             finally:
@@ -226,7 +239,8 @@ class HermesAsr:
             return
         session_id = _field(data, "sessionId")
         snake = ("site_id" in data or "session_id" in data) and not (
-            "siteId" in data or "sessionId" in data)
+            "siteId" in data or "sessionId" in data
+        )
         wakeword_id = _field(data, "wakewordId")
         listening = _Listening(
             site_id=site_id,
@@ -241,25 +255,33 @@ class HermesAsr:
             log.info("%s: started again; the earlier one is dropped", listening.name)
             self._end(previous)
         if self.host.active_sessions >= self.settings.limits.max_sessions:
-            self._fail(listening, f"busy: {self.host.active_sessions} sessions, the "
-                       "configured maximum (limits.max_sessions)")
+            self._fail(
+                listening,
+                f"busy: {self.host.active_sessions} sessions, the "
+                "configured maximum (limits.max_sessions)",
+            )
             return
         try:
             config = self._config(listening, self.settings.streaming.sample_rate)
         except ProtocolError as exc:
             self._fail(listening, exc.message)
             return
-        max_s, key = ((self.cfg.max_command_s, "hermes.max_command_s")
-                      if listening.stop_on_silence
-                      else (self.settings.limits.max_session_s, "limits.max_session_s"))
+        max_s, key = (
+            (self.cfg.max_command_s, "hermes.max_command_s")
+            if listening.stop_on_silence
+            else (self.settings.limits.max_session_s, "limits.max_session_s")
+        )
         listening.driver = self.host.open_session(
-            f"{listening.name}:{uuid.uuid4().hex[:6]}", config, _HermesOutlet(self, listening),
+            f"{listening.name}:{uuid.uuid4().hex[:6]}",
+            config,
+            _HermesOutlet(self, listening),
             limits=replace(self._limits, max_audio_s=max_s, max_audio_key=key),
             publish=False,
         )
         self._listening[listening.key] = listening
         listening.task = asyncio.get_running_loop().create_task(
-            self.host.serve(listening.driver), name=listening.name)
+            self.host.serve(listening.driver), name=listening.name
+        )
         log.info("%s: listening (stopOnSilence %s)", listening.name, listening.stop_on_silence)
 
     def _stop_request(self, data: dict[str, Any]) -> None:
@@ -272,8 +294,9 @@ class HermesAsr:
                 self._stop(listening)
 
     def _frame(self, site_id: str, data: bytes) -> None:
-        targets = [lst for lst in self._listening.values()
-                   if lst.site_id == site_id and not lst.stopping]
+        targets = [
+            lst for lst in self._listening.values() if lst.site_id == site_id and not lst.stopping
+        ]
         if not targets:
             return  # audio servers stream all the time; only open sessions listen
         try:
@@ -288,10 +311,14 @@ class HermesAsr:
             self._feed(listening, samples, rate)
 
     def _config(self, listening: _Listening, rate_hz: int) -> SessionConfig:
-        return self.host.session_config(StreamParams(
-            sample_rate=rate_hz, encoding="f32le", language=_language(listening.lang),
-            interim=self.cfg.partials,
-        ))
+        return self.host.session_config(
+            StreamParams(
+                sample_rate=rate_hz,
+                encoding="f32le",
+                language=_language(listening.lang),
+                interim=self.cfg.partials,
+            )
+        )
 
     def _feed(self, listening: _Listening, samples: np.ndarray, rate_hz: int) -> None:
         driver = listening.driver
@@ -307,8 +334,12 @@ class HermesAsr:
         elif rate_hz != listening.rate_hz:
             listening.bad_frames += 1
             if listening.bad_frames == 1:
-                log.warning("%s: audioFrame at %d Hz in a session at %d Hz; dropped",
-                            listening.name, rate_hz, listening.rate_hz)
+                log.warning(
+                    "%s: audioFrame at %d Hz in a session at %d Hz; dropped",
+                    listening.name,
+                    rate_hz,
+                    listening.rate_hz,
+                )
             return
         try:
             driver.receive_audio(samples.tobytes())
@@ -328,8 +359,12 @@ class HermesAsr:
                 driver.stop()
         elif isinstance(message, Partial):
             if self.cfg.partials:
-                self._publish(TOPIC_PARTIAL, listening,
-                              self._captured(listening, message.text), essential=False)
+                self._publish(
+                    TOPIC_PARTIAL,
+                    listening,
+                    self._captured(listening, message.text),
+                    essential=False,
+                )
         elif isinstance(message, Done):
             self._text_captured(listening)
         elif isinstance(message, Error):
@@ -383,16 +418,28 @@ class HermesAsr:
         if listening.finished:
             return
         log.warning("%s: %s", listening.name, error)
-        self._publish(TOPIC_ERROR, listening, {
-            "error": error, "context": "whisperstream", "siteId": listening.site_id,
-            "sessionId": listening.session_id}, essential=True)
+        self._publish(
+            TOPIC_ERROR,
+            listening,
+            {
+                "error": error,
+                "context": "whisperstream",
+                "siteId": listening.site_id,
+                "sessionId": listening.session_id,
+            },
+            essential=True,
+        )
         if listening.driver is not None and listening.driver.live:
             listening.driver.end(CLOSE_BAD_REQUEST, "failed")
         listening.finished = True
         self._forget(listening)
 
-    def _publish(self, topic: str, listening: _Listening, payload: dict[str, Any],
-                 *, essential: bool) -> None:
+    def _publish(
+        self, topic: str, listening: _Listening, payload: dict[str, Any], *, essential: bool
+    ) -> None:
         body = _snake(payload) if listening.snake_case else payload
-        self.link.send(Outgoing(topic, to_json(body), qos=1 if essential else 0),
-                       essential=essential, what=f"{topic} of {listening.name}")
+        self.link.send(
+            Outgoing(topic, to_json(body), qos=1 if essential else 0),
+            essential=essential,
+            what=f"{topic} of {listening.name}",
+        )

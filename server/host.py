@@ -55,10 +55,17 @@ class Host(Protocol):
 
     def session_config(self, params: StreamParams) -> SessionConfig: ...
 
-    def open_session(self, session_id: str, config: SessionConfig, outlet: Outlet, *,
-                     limits: DriverLimits | None = None,
-                     labels: Mapping[str, str] | None = None,
-                     client_address: str = "", publish: bool = True) -> SessionDriver: ...
+    def open_session(
+        self,
+        session_id: str,
+        config: SessionConfig,
+        outlet: Outlet,
+        *,
+        limits: DriverLimits | None = None,
+        labels: Mapping[str, str] | None = None,
+        client_address: str = "",
+        publish: bool = True,
+    ) -> SessionDriver: ...
 
     async def serve(self, driver: SessionDriver, *io: Coroutine[Any, Any, None]) -> None: ...
 
@@ -69,7 +76,9 @@ class SessionHost:
         self.engine = engine
         self.metrics = Metrics()
         self.scheduler = InferenceScheduler(
-            engine, settings.model.max_batch_size, on_batch=self.metrics.observe_batch,
+            engine,
+            settings.model.max_batch_size,
+            on_batch=self.metrics.observe_batch,
             workers=settings.model.worker_count,
             release_memory_every_s=settings.model.release_memory_s,
         )
@@ -105,9 +114,11 @@ class SessionHost:
     def default_limits(self) -> DriverLimits:
         limits = self.settings.limits
         return DriverLimits(
-            idle_timeout_s=limits.idle_timeout_s, min_audio_ratio=limits.min_audio_ratio,
+            idle_timeout_s=limits.idle_timeout_s,
+            min_audio_ratio=limits.min_audio_ratio,
             max_audio_s=limits.max_session_s,
-            max_lag_s=limits.max_lag_s, flush_timeout_s=limits.shutdown_timeout_s,
+            max_lag_s=limits.max_lag_s,
+            flush_timeout_s=limits.shutdown_timeout_s,
         )
 
     def session_config(self, params: StreamParams) -> SessionConfig:
@@ -138,17 +149,29 @@ class SessionHost:
             first_segment=params.first_segment or 0,
         )
 
-    def open_session(self, session_id: str, config: SessionConfig, outlet: Outlet, *,
-                     limits: DriverLimits | None = None,
-                     labels: Mapping[str, str] | None = None,
-                     client_address: str = "", publish: bool = True) -> SessionDriver:
+    def open_session(
+        self,
+        session_id: str,
+        config: SessionConfig,
+        outlet: Outlet,
+        *,
+        limits: DriverLimits | None = None,
+        labels: Mapping[str, str] | None = None,
+        client_address: str = "",
+        publish: bool = True,
+    ) -> SessionDriver:
         """A new session, driven and counted from now on; `serve` runs it. With
         `publish`, the sinks (MQTT) get its messages too."""
         session = Session(session_id, config, frame_classifier(config.vad))
         driver = SessionDriver(
-            session, outlet, scheduler=self.scheduler, metrics=self.metrics,
-            sinks=self.sinks if publish else (), limits=limits or self.default_limits(),
-            labels=labels, client_address=client_address,
+            session,
+            outlet,
+            scheduler=self.scheduler,
+            metrics=self.metrics,
+            sinks=self.sinks if publish else (),
+            limits=limits or self.default_limits(),
+            labels=labels,
+            client_address=client_address,
         )
         self._drivers.add(driver)
         self.metrics.sessions.inc()
@@ -164,8 +187,11 @@ class SessionHost:
                 self._drivers.remove(driver)
                 self.metrics.active_sessions.dec()
                 self._freed.set()
-            log.info("session %s: closed after %.1f s of audio", driver.id,
-                     driver.session.received_seconds)
+            log.info(
+                "session %s: closed after %.1f s of audio",
+                driver.id,
+                driver.session.received_seconds,
+            )
 
     async def until_idle(self, deadline: float, hurry: asyncio.Event | None = None) -> None:
         """Return once no session is live, at the loop time `deadline`, or on `hurry`."""

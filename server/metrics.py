@@ -14,34 +14,48 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.active_sessions = Gauge(
-            "whisperstream_active_sessions", "Sessions connected now", registry=r)
-        self.sessions = Counter(
-            "whisperstream_sessions", "Sessions accepted", registry=r)
+            "whisperstream_active_sessions", "Sessions connected now", registry=r
+        )
+        self.sessions = Counter("whisperstream_sessions", "Sessions accepted", registry=r)
         self.refused_sessions = Counter(
-            "whisperstream_refused_sessions", "Sessions refused before the upgrade",
-            ["reason"], registry=r)
+            "whisperstream_refused_sessions",
+            "Sessions refused before the upgrade",
+            ["reason"],
+            registry=r,
+        )
         self.audio_seconds = Counter(
-            "whisperstream_audio_seconds", "Seconds of audio received (at 16 kHz)", registry=r)
-        self.steps = Counter(
-            "whisperstream_steps", "Inference steps run", ["kind"], registry=r)
+            "whisperstream_audio_seconds", "Seconds of audio received (at 16 kHz)", registry=r
+        )
+        self.steps = Counter("whisperstream_steps", "Inference steps run", ["kind"], registry=r)
         self.batch_size = Histogram(
-            "whisperstream_batch_size", "Windows per model call",
-            buckets=(1, 2, 3, 4, 6, 8, 12, 16), registry=r)
+            "whisperstream_batch_size",
+            "Windows per model call",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16),
+            registry=r,
+        )
         self.batch_seconds = Histogram(
-            "whisperstream_batch_seconds", "Wall time of one model call",
-            buckets=_LATENCY_BUCKETS_S, registry=r)
+            "whisperstream_batch_seconds",
+            "Wall time of one model call",
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
         self.step_latency = Histogram(
             "whisperstream_step_latency_seconds",
-            "From a step's newest audio arriving to its result", ["kind"],
-            buckets=_LATENCY_BUCKETS_S, registry=r)
+            "From a step's newest audio arriving to its result",
+            ["kind"],
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
         self.lag = Histogram(
             "whisperstream_lag_seconds",
             "How far a session's results trail the audio it has sent",
-            buckets=_LATENCY_BUCKETS_S, registry=r)
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
         self.errors = Counter(
-            "whisperstream_errors", "Error messages sent to clients", ["code"], registry=r)
-        self.finals = Counter(
-            "whisperstream_finals", "Final messages produced", registry=r)
+            "whisperstream_errors", "Error messages sent to clients", ["code"], registry=r
+        )
+        self.finals = Counter("whisperstream_finals", "Final messages produced", registry=r)
 
     def observe_batch(self, stats: BatchStats) -> None:
         self.batch_size.observe(stats.size)

@@ -112,9 +112,14 @@ class MqttLink:
                 self.stats.dropped_essential += 1
                 log.warning(
                     "mqtt %s: %d messages already wait for the broker at %s:%d (the "
-                    "queue_size limit): dropped %s; %d dropped so far", self.name,
-                    len(self._outbox), self.cfg.host, self.cfg.port, what,
-                    self.stats.dropped_essential)
+                    "queue_size limit): dropped %s; %d dropped so far",
+                    self.name,
+                    len(self._outbox),
+                    self.cfg.host,
+                    self.cfg.port,
+                    what,
+                    self.stats.dropped_essential,
+                )
                 return False
         elif not self.stats.connected or len(self._outbox) >= self._queue_size // 2:
             self.stats.dropped_interim += 1
@@ -139,9 +144,14 @@ class MqttLink:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             if self._outbox:
-                log.warning("mqtt %s: %d messages were never delivered: the broker at %s:%d "
-                            "was not reachable before shutdown", self.name, len(self._outbox),
-                            self.cfg.host, self.cfg.port)
+                log.warning(
+                    "mqtt %s: %d messages were never delivered: the broker at %s:%d "
+                    "was not reachable before shutdown",
+                    self.name,
+                    len(self._outbox),
+                    self.cfg.host,
+                    self.cfg.port,
+                )
 
     def _client(self) -> aiomqtt.Client:
         cfg = self.cfg
@@ -168,16 +178,23 @@ class MqttLink:
                     self.stats.connected = True
                     self.stats.connections += 1
                     delay_s, failures = RECONNECT_MIN_S, 0
-                    log.info("mqtt %s: connected to %s:%d", self.name, self.cfg.host,
-                             self.cfg.port)
+                    log.info("mqtt %s: connected to %s:%d", self.name, self.cfg.host, self.cfg.port)
                     await self._connected(client)
                     return  # closing, and everything was delivered
             except aiomqtt.MqttError as exc:
                 failures += 1
                 level = logging.WARNING if failures == 1 else logging.INFO
-                log.log(level, "mqtt %s: no connection to the broker at %s:%d (%s); %d messages "
-                        "wait; retrying in %.1f s", self.name, self.cfg.host, self.cfg.port, exc,
-                        len(self._outbox), delay_s)
+                log.log(
+                    level,
+                    "mqtt %s: no connection to the broker at %s:%d (%s); %d messages "
+                    "wait; retrying in %.1f s",
+                    self.name,
+                    self.cfg.host,
+                    self.cfg.port,
+                    exc,
+                    len(self._outbox),
+                    delay_s,
+                )
             finally:
                 self.stats.connected = False
             with contextlib.suppress(TimeoutError):
@@ -208,8 +225,7 @@ class MqttLink:
             try:
                 self._on_message(message)
             except Exception:
-                log.exception("mqtt %s: handling a message on %s failed", self.name,
-                              message.topic)
+                log.exception("mqtt %s: handling a message on %s failed", self.name, message.topic)
         raise aiomqtt.MqttError("message iteration ended")
 
     async def _send(self, client: aiomqtt.Client) -> None:
@@ -223,8 +239,13 @@ class MqttLink:
                 await self._more.wait()
                 continue
             message = self._outbox[0]
-            await client.publish(message.topic, message.payload, qos=message.qos,
-                                 retain=message.retain, timeout=CONNECT_TIMEOUT_S)
+            await client.publish(
+                message.topic,
+                message.payload,
+                qos=message.qos,
+                retain=message.retain,
+                timeout=CONNECT_TIMEOUT_S,
+            )
             # Only now, acknowledged, does it leave the outbox: a lost connection resends
             # it (at least once; session and segment identify a final).
             self._outbox.popleft()
@@ -237,18 +258,28 @@ class SessionPublisher:
     def __init__(self, cfg: MqttSection, registry: CollectorRegistry | None = None) -> None:
         self.cfg = cfg
         self.prefix = cfg.topic_prefix
-        self.link = MqttLink(cfg, name="publisher", queue_size=cfg.queue_size,
-                             status_topic=f"{self.prefix}/status")
+        self.link = MqttLink(
+            cfg, name="publisher", queue_size=cfg.queue_size, status_topic=f"{self.prefix}/status"
+        )
         self._dropped: Counter | None = None
         if registry is not None:
             self._dropped = Counter(
-                "whisperstream_mqtt_dropped", "Messages not published to MQTT: finals that "
+                "whisperstream_mqtt_dropped",
+                "Messages not published to MQTT: finals that "
                 "found the queue full, partials and VAD events while the broker was away",
-                ["kind"], registry=registry)
-            Gauge("whisperstream_mqtt_queued", "Messages waiting for the MQTT broker",
-                  registry=registry).set_function(lambda: self.link.queued)
-            Gauge("whisperstream_mqtt_connected", "1 while connected to the MQTT broker",
-                  registry=registry).set_function(lambda: float(self.link.stats.connected))
+                ["kind"],
+                registry=registry,
+            )
+            Gauge(
+                "whisperstream_mqtt_queued",
+                "Messages waiting for the MQTT broker",
+                registry=registry,
+            ).set_function(lambda: self.link.queued)
+            Gauge(
+                "whisperstream_mqtt_connected",
+                "1 while connected to the MQTT broker",
+                registry=registry,
+            ).set_function(lambda: float(self.link.stats.connected))
 
     @property
     def stats(self) -> LinkStats:
@@ -257,8 +288,7 @@ class SessionPublisher:
     def running(self) -> contextlib.AbstractAsyncContextManager[None]:
         return self.link.running()
 
-    def publish(self, session_id: str, labels: Mapping[str, str],
-                message: ServerMessage) -> None:
+    def publish(self, session_id: str, labels: Mapping[str, str], message: ServerMessage) -> None:
         """Called on the event loop for every message a session makes; never waits."""
         if isinstance(message, Final | Done):
             essential = True
@@ -269,15 +299,19 @@ class SessionPublisher:
             essential, kind, qos = False, "vad", 0
         else:
             return
-        payload = {"session": session_id, **message.to_dict(), "labels": dict(labels),
-                   "time": round(time.time(), 3)}
+        payload = {
+            "session": session_id,
+            **message.to_dict(),
+            "labels": dict(labels),
+            "time": round(time.time(), 3),
+        }
         topic = f"{self.prefix}/sessions/{session_id}/{kind}"
         what = f"{kind} of session {session_id}"
         if isinstance(message, Final):
             what += f" segment {message.segment}"
         sent = self.link.send(
-            Outgoing(topic, to_json(payload), qos),
-            essential=essential, what=what)
+            Outgoing(topic, to_json(payload), qos), essential=essential, what=what
+        )
         if not sent and self._dropped is not None:
             self._dropped.labels("final" if essential else "interim").inc()
 

@@ -44,9 +44,15 @@ SINGLE_HEADERS = ("Host", "Origin", "Authorization")  # one each, or the request
 # Seconds a refused client should wait: through a balancer the next try may land on
 # another replica at once, and one that is full frees a slot when a session ends.
 RETRY_AFTER_S = 1
-_CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript",
-                  ".mjs": "text/javascript", ".css": "text/css", ".png": "image/png",
-                  ".svg": "image/svg+xml", ".ico": "image/x-icon"}
+_CONTENT_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript",
+    ".mjs": "text/javascript",
+    ".css": "text/css",
+    ".png": "image/png",
+    ".svg": "image/svg+xml",
+    ".ico": "image/x-icon",
+}
 
 
 class RedactSecrets(logging.Filter):
@@ -62,14 +68,35 @@ class RedactSecrets(logging.Filter):
 
     _PARAMETER = re.compile(r"(?<=[?&])([^=&\s'\"#]+)=([^&\s'\"#]*)")
     _AUTHORIZATION = re.compile(r"(authorization:\s*)\S[^'\"]*", re.IGNORECASE)
-    SAFE_HEADERS = frozenset({
-        "host", "upgrade", "connection", "origin", "user-agent", "accept",
-        "accept-encoding", "accept-language", "cache-control", "pragma", "content-length",
-        "content-type", "sec-websocket-key", "sec-websocket-version",
-        "sec-websocket-extensions", "sec-websocket-protocol", "x-forwarded-for",
-        "x-forwarded-proto", "x-forwarded-host", "x-forwarded-port", "x-real-ip",
-        "forwarded", "via", "dnt", "referer",
-    })
+    SAFE_HEADERS = frozenset(
+        {
+            "host",
+            "upgrade",
+            "connection",
+            "origin",
+            "user-agent",
+            "accept",
+            "accept-encoding",
+            "accept-language",
+            "cache-control",
+            "pragma",
+            "content-length",
+            "content-type",
+            "sec-websocket-key",
+            "sec-websocket-version",
+            "sec-websocket-extensions",
+            "sec-websocket-protocol",
+            "x-forwarded-for",
+            "x-forwarded-proto",
+            "x-forwarded-host",
+            "x-forwarded-port",
+            "x-real-ip",
+            "forwarded",
+            "via",
+            "dnt",
+            "referer",
+        }
+    )
 
     @classmethod
     def _parameter(cls, match: re.Match[str]) -> str:
@@ -79,8 +106,12 @@ class RedactSecrets(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args
-        if (record.msg == "< %s: %s" and isinstance(args, tuple) and len(args) == 2
-                and str(args[0]).lower() not in self.SAFE_HEADERS):
+        if (
+            record.msg == "< %s: %s"
+            and isinstance(args, tuple)
+            and len(args) == 2
+            and str(args[0]).lower() not in self.SAFE_HEADERS
+        ):
             record.args = (args[0], "[redacted]")
         message = record.getMessage()
         redacted = self._PARAMETER.sub(self._parameter, message)
@@ -106,8 +137,13 @@ _PROBE_LOGGER = _ProbeLogger(logging.getLogger("websockets.server"))
 
 
 def _ok(body: bytes, content_type: str) -> Response:
-    headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(body))),
-                       ("Cache-Control", "no-cache")])
+    headers = Headers(
+        [
+            ("Content-Type", content_type),
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", "no-cache"),
+        ]
+    )
     return Response(http.HTTPStatus.OK.value, "OK", headers, body)
 
 
@@ -165,8 +201,9 @@ class HttpRoutes:
     def _origin_allowed(self, request: Request) -> bool:
         return self.gate.origin_ok(request.headers.get("Origin"), request.headers.get("Host", ""))
 
-    def _refuse(self, connection: ServerConnection, status: http.HTTPStatus, reason: str,
-                text: str) -> Response:
+    def _refuse(
+        self, connection: ServerConnection, status: http.HTTPStatus, reason: str, text: str
+    ) -> Response:
         self.host.metrics.refused_sessions.labels(reason).inc()
         response = connection.respond(status, text)
         if status in (http.HTTPStatus.SERVICE_UNAVAILABLE, http.HTTPStatus.TOO_MANY_REQUESTS):
@@ -188,9 +225,10 @@ class HttpRoutes:
             connection.logger = connection.protocol.logger = _PROBE_LOGGER
         allowed = "GET" if path == STREAM_PATH else "GET, HEAD"
         if request.method not in allowed.split(", "):
-            response = connection.respond(http.HTTPStatus.METHOD_NOT_ALLOWED,
-                                          f"method {request.method} not allowed here; "
-                                          f"use {allowed}\n")
+            response = connection.respond(
+                http.HTTPStatus.METHOD_NOT_ALLOWED,
+                f"method {request.method} not allowed here; use {allowed}\n",
+            )
             response.headers["Allow"] = allowed
             return response
         if path == "/healthz":
@@ -199,18 +237,21 @@ class HttpRoutes:
             return self._readiness(connection)
         if not self._host_allowed(request):
             name = host_name(request.headers.get("Host", ""))
-            text = (f"this server does not answer to the host name {name} "
-                    "(server.allowed_hosts)\n" if name else
-                    "missing or malformed Host header\n")
+            text = (
+                f"this server does not answer to the host name {name} (server.allowed_hosts)\n"
+                if name
+                else "missing or malformed Host header\n"
+            )
             if path == STREAM_PATH:
-                return self._refuse(connection, http.HTTPStatus.MISDIRECTED_REQUEST, "host",
-                                    text)
+                return self._refuse(connection, http.HTTPStatus.MISDIRECTED_REQUEST, "host", text)
             return connection.respond(http.HTTPStatus.MISDIRECTED_REQUEST, text)
         if path == "/metrics":
             if not self.settings.server.metrics_public and not self._authorized(request):
                 response = connection.respond(
-                    http.HTTPStatus.UNAUTHORIZED, "missing or wrong API key (Authorization: "
-                    "Bearer KEY; server.metrics_public: true makes /metrics public)\n")
+                    http.HTTPStatus.UNAUTHORIZED,
+                    "missing or wrong API key (Authorization: "
+                    "Bearer KEY; server.metrics_public: true makes /metrics public)\n",
+                )
                 response.headers["WWW-Authenticate"] = "Bearer"
                 return response
             return _ok(self.host.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
@@ -221,25 +262,37 @@ class HttpRoutes:
     def _readiness(self, connection: ServerConnection) -> Response:
         reason = self.not_ready()
         if reason is not None:
-            response = connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE,
-                                          f"not ready: {reason}\n")
+            response = connection.respond(
+                http.HTTPStatus.SERVICE_UNAVAILABLE, f"not ready: {reason}\n"
+            )
             response.headers["Retry-After"] = str(RETRY_AFTER_S)
             return response
         limits = self.settings.limits
-        return connection.respond(http.HTTPStatus.OK, f"ready: {self.host.active_sessions} of "
-                                  f"{limits.max_sessions} sessions\n")
+        return connection.respond(
+            http.HTTPStatus.OK,
+            f"ready: {self.host.active_sessions} of {limits.max_sessions} sessions\n",
+        )
 
     def _admit(self, connection: ServerConnection, request: Request) -> Response | None:
         """None lets the upgrade go on; a response refuses it and says why."""
         if not self._authorized(request):
-            return self._refuse(connection, http.HTTPStatus.UNAUTHORIZED, "auth",
-                                "missing or wrong API key\n")
+            return self._refuse(
+                connection, http.HTTPStatus.UNAUTHORIZED, "auth", "missing or wrong API key\n"
+            )
         if not self._origin_allowed(request):
-            return self._refuse(connection, http.HTTPStatus.FORBIDDEN, "origin",
-                                "this page's origin may not connect (auth.allowed_origins)\n")
+            return self._refuse(
+                connection,
+                http.HTTPStatus.FORBIDDEN,
+                "origin",
+                "this page's origin may not connect (auth.allowed_origins)\n",
+            )
         if self.starting is not None:
-            return self._refuse(connection, http.HTTPStatus.SERVICE_UNAVAILABLE, "starting",
-                                f"server not ready yet ({self.starting}); try again shortly\n")
+            return self._refuse(
+                connection,
+                http.HTTPStatus.SERVICE_UNAVAILABLE,
+                "starting",
+                f"server not ready yet ({self.starting}); try again shortly\n",
+            )
         address = client_address(connection, self.settings.server.trusted_proxies)
         refusal = session_refusal(self.host, address, draining=not self.accepting)
         if refusal is not None:
@@ -251,8 +304,9 @@ class HttpRoutes:
         try:  # a name too long for the file system is no page either
             file = (WEB_ROOT / name).resolve()
             if WEB_ROOT.resolve() in file.parents and file.is_file():
-                return _ok(file.read_bytes(),
-                           _CONTENT_TYPES.get(file.suffix, "application/octet-stream"))
+                return _ok(
+                    file.read_bytes(), _CONTENT_TYPES.get(file.suffix, "application/octet-stream")
+                )
         except (OSError, ValueError):
             pass
         # The path is not echoed: the answer says nothing a client did not know.

@@ -136,9 +136,11 @@ class InferenceScheduler:
             if len(batch) >= self.max_batch_size:
                 break
             lengths = [p.samples for p in batch] + [candidate.samples]
-            if (candidate.priority == lead.priority
-                    and bool(candidate.request.prompt) == same_prompt
-                    and max(lengths) / min(lengths) <= MAX_LENGTH_RATIO):
+            if (
+                candidate.priority == lead.priority
+                and bool(candidate.request.prompt) == same_prompt
+                and max(lengths) / min(lengths) <= MAX_LENGTH_RATIO
+            ):
                 batch.append(candidate)
         chosen = set(map(id, batch))
         self._pending = [p for p in self._pending if id(p) not in chosen]
@@ -188,8 +190,7 @@ class InferenceScheduler:
                     pending.future.cancel()
                 raise
             except Exception:
-                log.exception("inference failed for a batch of %d; retrying one by one",
-                              len(batch))
+                log.exception("inference failed for a batch of %d; retrying one by one", len(batch))
                 await self._run_singly(batch)
                 return
             stats = BatchStats(

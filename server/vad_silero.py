@@ -39,9 +39,11 @@ class SileroUnavailable(RuntimeError):
 
 def model_path() -> Path:
     """The ONNX model inside the installed `silero-vad` package."""
-    hint = (f"vad.detector: silero needs the {PACKAGE} package's ONNX model: "
-            f"pip install --no-deps {PACKAGE}==6.2.3 (its model file only; torch is not "
-            "needed)")
+    hint = (
+        f"vad.detector: silero needs the {PACKAGE} package's ONNX model: "
+        f"pip install --no-deps {PACKAGE}==6.2.3 (its model file only; torch is not "
+        "needed)"
+    )
     try:
         located = importlib.metadata.distribution(PACKAGE).locate_file(MODEL_FILE)
     except importlib.metadata.PackageNotFoundError:
@@ -58,15 +60,17 @@ def _session() -> Any:
     try:
         import onnxruntime
     except ImportError:
-        raise SileroUnavailable("vad.detector: silero needs onnxruntime: "
-                                "pip install onnxruntime") from None
+        raise SileroUnavailable(
+            "vad.detector: silero needs onnxruntime: pip install onnxruntime"
+        ) from None
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
-    return onnxruntime.InferenceSession(str(model_path()), sess_options=options,
-                                        providers=["CPUExecutionProvider"])
+    return onnxruntime.InferenceSession(
+        str(model_path()), sess_options=options, providers=["CPUExecutionProvider"]
+    )
 
 
 def check_available() -> None:
@@ -106,7 +110,8 @@ class SileroClassifier:
 
     def _run(self) -> None:
         out, self._state = self._session.run(
-            None, {"input": self._input, "state": self._state, "sr": self._rate})
+            None, {"input": self._input, "state": self._state, "sr": self._rate}
+        )
         self.probability = float(out[0][0])
         if self.probability >= self.threshold:
             self._speaking = True

@@ -41,8 +41,7 @@ log = logging.getLogger(__name__)
 STREAM_PATH = "/v1/stream"
 
 
-def client_address(connection: ServerConnection,
-                   trusted_proxies: Sequence[IPNetwork] = ()) -> str:
+def client_address(connection: ServerConnection, trusted_proxies: Sequence[IPNetwork] = ()) -> str:
     """The client's address, for the per-client limit and the logs: the peer's, or, from
     a trusted proxy (`server.trusted_proxies`), the one it forwarded."""
     remote = connection.remote_address
@@ -100,8 +99,9 @@ class WebSocketOutlet:
 class WebSocketSession:
     """One connection's receive loop around its driver."""
 
-    def __init__(self, ws: ServerConnection, driver: SessionDriver,
-                 limits: LimitsSection, host: SessionHost) -> None:
+    def __init__(
+        self, ws: ServerConnection, driver: SessionDriver, limits: LimitsSection, host: SessionHost
+    ) -> None:
         self.ws = ws
         self.driver = driver
         self.limits = limits
@@ -138,15 +138,19 @@ class WebSocketSession:
                 if isinstance(data, bytes):
                     if len(data) > limits.max_frame_bytes:
                         raise ProtocolError(
-                            "limit", f"frame of {len(data)} bytes is larger than "
+                            "limit",
+                            f"frame of {len(data)} bytes is larger than "
                             f"limits.max_frame_bytes ({limits.max_frame_bytes}); dropped, send "
-                            "smaller frames")
+                            "smaller frames",
+                        )
                     driver.receive_audio(data)
                 else:
                     if len(data.encode()) > limits.max_text_bytes:
                         raise ProtocolError(
-                            "limit", f"text message larger than limits.max_text_bytes "
-                            f"({limits.max_text_bytes} bytes); ignored")
+                            "limit",
+                            f"text message larger than limits.max_text_bytes "
+                            f"({limits.max_text_bytes} bytes); ignored",
+                        )
                     self._receive_text(data, first)
             except AudioFormatError as exc:
                 self._error("bad_audio", str(exc))
@@ -157,8 +161,12 @@ class WebSocketSession:
                 self._error(exc.code, exc.message)
             first = False
             if self.bad_messages >= limits.max_bad_messages:
-                driver.fail(CLOSE_BAD_REQUEST, "bad_request", f"{self.bad_messages} bad "
-                            "messages (limits.max_bad_messages); the session was closed")
+                driver.fail(
+                    CLOSE_BAD_REQUEST,
+                    "bad_request",
+                    f"{self.bad_messages} bad "
+                    "messages (limits.max_bad_messages); the session was closed",
+                )
                 return
 
     def _receive_text(self, data: str, first: bool) -> None:
@@ -174,8 +182,15 @@ class WebSocketSession:
         config = self.host.session_config(message.params)
         self.driver.session.reconfigure(config)
         self.driver.labels.update(message.params.labels)
-        self.driver.send(Started(config.audio.sample_rate_hz, config.audio.encoding,
-                                 config.language, config.interim, *_resumed(message.params)))
+        self.driver.send(
+            Started(
+                config.audio.sample_rate_hz,
+                config.audio.encoding,
+                config.language,
+                config.interim,
+                *_resumed(message.params),
+            )
+        )
 
 
 def _resumed(params: StreamParams) -> tuple[float | None, int | None]:
@@ -202,17 +217,33 @@ async def handle_stream(host: SessionHost, ws: ServerConnection) -> None:
     limits = host.settings.limits
     outlet = WebSocketOutlet(ws, limits.max_outbound_messages)
     address = client_address(ws, host.settings.server.trusted_proxies)
-    driver = host.open_session(session_id, config, outlet, labels=params.labels,
-                               client_address=address)
+    driver = host.open_session(
+        session_id, config, outlet, labels=params.labels, client_address=address
+    )
     resumed = _resumed(params)
     if resumed != (None, None):
-        log.info("session %s: opened from %s (%s), resuming a stream at %.3f s, segment %d",
-                 session_id, address, config.audio, config.offset_s, config.first_segment)
+        log.info(
+            "session %s: opened from %s (%s), resuming a stream at %.3f s, segment %d",
+            session_id,
+            address,
+            config.audio,
+            config.offset_s,
+            config.first_segment,
+        )
     else:
         log.info("session %s: opened from %s (%s)", session_id, address, config.audio)
-    driver.send(Ready(session_id, config.audio.sample_rate_hz, config.audio.encoding,
-                      host.engine_name, config.language, config.interim,
-                      offset_s=resumed[0], first_segment=resumed[1]))
+    driver.send(
+        Ready(
+            session_id,
+            config.audio.sample_rate_hz,
+            config.audio.encoding,
+            host.engine_name,
+            config.language,
+            config.interim,
+            offset_s=resumed[0],
+            first_segment=resumed[1],
+        )
+    )
     connection = WebSocketSession(ws, driver, limits, host)
     await host.serve(driver, outlet.send_loop(), connection.receive_loop())
     if driver.close_code is not None:

@@ -97,16 +97,20 @@ def audio_format(event: Event) -> tuple[int, int]:
     data = event.data
     rate, width, channels = data.get("rate"), data.get("width"), data.get("channels")
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in (rate, width, channels)):
-        raise ProtocolError("bad_audio", f"{event.type} needs whole numbers rate, width and "
-                            f"channels, not {rate!r}, {width!r} and {channels!r}")
+        raise ProtocolError(
+            "bad_audio",
+            f"{event.type} needs whole numbers rate, width and "
+            f"channels, not {rate!r}, {width!r} and {channels!r}",
+        )
     assert isinstance(rate, int) and isinstance(channels, int)
     if width != SAMPLE_WIDTH:
         raise ProtocolError("bad_audio", f"audio of width {width}: send 16-bit PCM (width 2)")
     if channels not in (1, 2):
         raise ProtocolError("bad_audio", f"audio of {channels} channels: send 1 or 2")
     if not MIN_SAMPLE_RATE_HZ <= rate <= MAX_SAMPLE_RATE_HZ:
-        raise ProtocolError("bad_audio", f"audio at {rate} Hz: send {MIN_SAMPLE_RATE_HZ} to "
-                            f"{MAX_SAMPLE_RATE_HZ} Hz")
+        raise ProtocolError(
+            "bad_audio", f"audio at {rate} Hz: send {MIN_SAMPLE_RATE_HZ} to {MAX_SAMPLE_RATE_HZ} Hz"
+        )
     return rate, channels
 
 
@@ -119,25 +123,38 @@ def build_info(host: Host, stop_on_silence: bool) -> Info:
         version: str | None = importlib.metadata.version("whisperstream")
     except importlib.metadata.PackageNotFoundError:
         version = None
-    ending = ("the first pause it hears ends a voice command (server-side endpointing)"
-              if stop_on_silence else "a voice command ends at audio-stop")
-    return Info(asr=[AsrProgram(
-        name="whisperstream",
-        description=f"whisperstream: streaming Whisper speech to text; {ending}",
-        attribution=Attribution(name="whisperstream", url=""),
-        installed=True,
-        version=version,
-        supports_transcript_streaming=True,
-        requires_external_vad=not stop_on_silence,
-        models=[AsrModel(
-            name=host.engine_name,
-            description=f"{host.engine_name}, on CTranslate2",
-            attribution=Attribution(name="OpenAI", url="https://github.com/openai/whisper"),
-            installed=True,
-            version=None,
-            languages=sorted(languages) if languages is not None else whisper_languages(),
-        )],
-    )])
+    ending = (
+        "the first pause it hears ends a voice command (server-side endpointing)"
+        if stop_on_silence
+        else "a voice command ends at audio-stop"
+    )
+    return Info(
+        asr=[
+            AsrProgram(
+                name="whisperstream",
+                description=f"whisperstream: streaming Whisper speech to text; {ending}",
+                attribution=Attribution(name="whisperstream", url=""),
+                installed=True,
+                version=version,
+                supports_transcript_streaming=True,
+                requires_external_vad=not stop_on_silence,
+                models=[
+                    AsrModel(
+                        name=host.engine_name,
+                        description=f"{host.engine_name}, on CTranslate2",
+                        attribution=Attribution(
+                            name="OpenAI", url="https://github.com/openai/whisper"
+                        ),
+                        installed=True,
+                        version=None,
+                        languages=sorted(languages)
+                        if languages is not None
+                        else whisper_languages(),
+                    )
+                ],
+            )
+        ]
+    )
 
 
 class _EventReader:
@@ -161,8 +178,10 @@ class _EventReader:
 
     async def readexactly(self, n: Any) -> bytes:
         if not isinstance(n, int) or n > self.max_bytes:
-            self.refused = (f"an event of {n!r} bytes of data or payload, more than "
-                            f"limits.max_frame_bytes ({self.max_bytes})")
+            self.refused = (
+                f"an event of {n!r} bytes of data or payload, more than "
+                f"limits.max_frame_bytes ({self.max_bytes})"
+            )
             raise ValueError(self.refused)
         return await self._reader.readexactly(n)
 
@@ -174,8 +193,9 @@ class _EventReader:
         except (asyncio.IncompleteReadError, ConnectionError):
             return None
         except Exception as exc:  # JSON, but not an event header: no type, data not an object
-            raise BadEvent(f"an event header that is not a Wyoming event "
-                           f"({type(exc).__name__}: {exc})") from None
+            raise BadEvent(
+                f"an event header that is not a Wyoming event ({type(exc).__name__}: {exc})"
+            ) from None
         if event is None:
             if self.refused:
                 raise BadEvent(self.refused)
@@ -205,8 +225,9 @@ class _Outlet:
     """A command's messages as Wyoming events, in order, through one bounded queue that
     the send loop drains; when the session failed, an `error` event comes last."""
 
-    def __init__(self, handler: WyomingHandler, language: str, size: int,
-                 stop_on_silence: bool) -> None:
+    def __init__(
+        self, handler: WyomingHandler, language: str, size: int, stop_on_silence: bool
+    ) -> None:
         self.handler = handler
         self.language = language
         self.stop_on_silence = stop_on_silence
@@ -246,10 +267,14 @@ class _Outlet:
             return
         if not settled.startswith(self.chunked):  # a promise broken: the session's bug
             self.diverged = True
-            log.warning("wyoming: settled text %r does not extend the chunks sent (%r); no "
-                        "more transcript-chunk events for this command", settled, self.chunked)
+            log.warning(
+                "wyoming: settled text %r does not extend the chunks sent (%r); no "
+                "more transcript-chunk events for this command",
+                settled,
+                self.chunked,
+            )
             return
-        self.send(TranscriptChunk(settled[len(self.chunked):]).event())
+        self.send(TranscriptChunk(settled[len(self.chunked) :]).event())
         self.chunked = settled
 
     def deliver(self, message: ServerMessage) -> None:
@@ -275,14 +300,21 @@ class _Outlet:
         elif isinstance(message, Error):
             self.error = message
             level = logging.INFO if message.code == "limit" else logging.WARNING
-            log.log(level, "session %s: %s: %s", driver.id if driver else "?", message.code,
-                    message.message)
+            log.log(
+                level,
+                "session %s: %s: %s",
+                driver.id if driver else "?",
+                message.code,
+                message.message,
+            )
 
     def close(self, code: int, reason: str) -> None:
         if code != CLOSE_DONE or not self.answered:
             error = self.error
-            event = ErrorEvent(text=error.message if error else f"the session ended: {reason}",
-                               code=error.code if error else reason).event()
+            event = ErrorEvent(
+                text=error.message if error else f"the session ended: {reason}",
+                code=error.code if error else reason,
+            ).event()
             with contextlib.suppress(asyncio.QueueFull):
                 self._queue.put_nowait(event)
         try:
@@ -309,8 +341,9 @@ class _Outlet:
 class WyomingHandler(AsyncEventHandler):
     """One connection: describe, and any number of voice commands one after another."""
 
-    def __init__(self, service: WyomingService, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self, service: WyomingService, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         super().__init__(reader, writer)
         self.service = service
         self.events = _EventReader(reader, service.settings.limits.max_frame_bytes)
@@ -413,23 +446,43 @@ class WyomingHandler(AsyncEventHandler):
             if service.draining:
                 raise ProtocolError("shutting_down", "the server is shutting down")
             if host.active_sessions >= limits.max_sessions:
-                raise ProtocolError("busy", f"busy: {host.active_sessions} sessions, the "
-                                    "configured maximum (limits.max_sessions)")
-            config = host.session_config(StreamParams(
-                sample_rate=rate, encoding="pcm_s16le",
-                language=_language(transcribe.language if transcribe else None), interim=True))
+                raise ProtocolError(
+                    "busy",
+                    f"busy: {host.active_sessions} sessions, the "
+                    "configured maximum (limits.max_sessions)",
+                )
+            config = host.session_config(
+                StreamParams(
+                    sample_rate=rate,
+                    encoding="pcm_s16le",
+                    language=_language(transcribe.language if transcribe else None),
+                    interim=True,
+                )
+            )
         except ProtocolError as exc:
             await self._refuse(exc.code, f"{exc.message}; closing the connection")
             return False
-        outlet = _Outlet(self, config.language, limits.max_outbound_messages,
-                         service.cfg.stop_on_silence)
-        driver = host.open_session(f"wyoming-{uuid.uuid4().hex[:12]}", config, outlet,
-                                   limits=service.limits, client_address=self.address,
-                                   publish=False)
+        outlet = _Outlet(
+            self, config.language, limits.max_outbound_messages, service.cfg.stop_on_silence
+        )
+        driver = host.open_session(
+            f"wyoming-{uuid.uuid4().hex[:12]}",
+            config,
+            outlet,
+            limits=service.limits,
+            client_address=self.address,
+            publish=False,
+        )
         outlet.driver = driver
         command = _Command(driver, outlet, rate, channels)
-        log.info("session %s: voice command from %s (%d Hz, %s, %s)", driver.id,
-                 self.address, rate, "mono" if channels == 1 else "stereo", config.language)
+        log.info(
+            "session %s: voice command from %s (%d Hz, %s, %s)",
+            driver.id,
+            self.address,
+            rate,
+            "mono" if channels == 1 else "stereo",
+            config.language,
+        )
         outlet.send(TranscriptStart(language=config.language).event())
         if AudioChunk.is_type(first.type):
             self._feed(command, first)
@@ -469,8 +522,7 @@ class WyomingHandler(AsyncEventHandler):
             elif Describe.is_type(event.type):
                 command.outlet.send(self.service.info_event)
             else:
-                log.debug("session %s: %s during a voice command ignored", driver.id,
-                          event.type)
+                log.debug("session %s: %s during a voice command ignored", driver.id, event.type)
 
     def _feed(self, command: _Command, event: Event) -> None:
         driver = command.driver
@@ -482,9 +534,12 @@ class WyomingHandler(AsyncEventHandler):
             return
         if fmt != (command.rate, command.channels):
             command.failed = True
-            driver.fail(CLOSE_BAD_REQUEST, "bad_audio",
-                        f"an audio-chunk at {fmt[0]} Hz in {fmt[1]} channels in a stream at "
-                        f"{command.rate} Hz in {command.channels}; closing the connection")
+            driver.fail(
+                CLOSE_BAD_REQUEST,
+                "bad_audio",
+                f"an audio-chunk at {fmt[0]} Hz in {fmt[1]} channels in a stream at "
+                f"{command.rate} Hz in {command.channels}; closing the connection",
+            )
             return
         if not driver.live or driver.session.stopping:
             return  # answered already (stop_on_silence, a limit): dropped
@@ -508,10 +563,13 @@ class WyomingService:
         self.cfg = host.settings.wyoming
         limits = self.settings.limits
         self.limits = DriverLimits(
-            idle_timeout_s=limits.idle_timeout_s, min_audio_ratio=limits.min_audio_ratio,
+            idle_timeout_s=limits.idle_timeout_s,
+            min_audio_ratio=limits.min_audio_ratio,
             idle_finishes=True,  # a client that goes quiet gets the transcript of what it said
-            max_audio_s=self.cfg.max_command_s, max_audio_key="wyoming.max_command_s",
-            max_lag_s=limits.max_lag_s, flush_timeout_s=limits.shutdown_timeout_s,
+            max_audio_s=self.cfg.max_command_s,
+            max_audio_key="wyoming.max_command_s",
+            max_lag_s=limits.max_lag_s,
+            flush_timeout_s=limits.shutdown_timeout_s,
         )
         self.info = build_info(host, self.cfg.stop_on_silence)
         self.info_event = self.info.event()
@@ -538,8 +596,13 @@ class WyomingService:
         cfg = self.cfg
         server = AsyncTcpServer(cfg.host, cfg.port)
         await server.start(partial(WyomingHandler, self))
-        log.info("wyoming: speech to text on tcp://%s:%d (model %s%s)", cfg.host, cfg.port,
-                 self.host.engine_name, ", stop on silence" if cfg.stop_on_silence else "")
+        log.info(
+            "wyoming: speech to text on tcp://%s:%d (model %s%s)",
+            cfg.host,
+            cfg.port,
+            self.host.engine_name,
+            ", stop on silence" if cfg.stop_on_silence else "",
+        )
         try:
             yield
         finally:

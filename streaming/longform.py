@@ -51,8 +51,14 @@ def quiet_cuts(
     return windows
 
 
-def window_request(audio: np.ndarray, window: tuple[int, int], previous_text: str, *,
-                   prompt: str = "", language: str = "en") -> DecodeRequest:
+def window_request(
+    audio: np.ndarray,
+    window: tuple[int, int],
+    previous_text: str,
+    *,
+    prompt: str = "",
+    language: str = "en",
+) -> DecodeRequest:
     """The decode of one window: the previous window's text as its prompt (the first
     window gets `prompt`, a caller's own context, if any)."""
     start, end = window

@@ -75,18 +75,25 @@ def _same(a: Word, b: Word) -> bool:
 
 
 def tentative_words(
-    previous: Sequence[Word], current: Sequence[Word], promised: int, window_s: float,
+    previous: Sequence[Word],
+    current: Sequence[Word],
+    promised: int,
+    window_s: float,
     options: PolicyOptions,
 ) -> list[Word]:
     """The words of `current` a partial shows: the promised ones, then tentative ones."""
     shown = list(current[:promised])
     for k in range(promised, len(current)):
-        if options.tentative == "agreed" and (k >= len(previous)
-                                              or not _same(previous[k], current[k])):
+        if options.tentative == "agreed" and (
+            k >= len(previous) or not _same(previous[k], current[k])
+        ):
             break
         shown.append(current[k])
-    while (len(shown) > promised and shown[-1].end_s > window_s - options.tentative_edge_s
-           and shown[-1].probability < options.tentative_edge_probability):
+    while (
+        len(shown) > promised
+        and shown[-1].end_s > window_s - options.tentative_edge_s
+        and shown[-1].probability < options.tentative_edge_probability
+    ):
         shown.pop()
     return shown
 
@@ -107,8 +114,7 @@ def agreed_prefix(
     return agreed
 
 
-def attended_prefix(current: Sequence[Word], window_s: float, options: PolicyOptions
-                    ) -> list[Word]:
+def attended_prefix(current: Sequence[Word], window_s: float, options: PolicyOptions) -> list[Word]:
     """AlignAtt: the words of `current` (never its last) that end at least
     `alignatt_edge_s` before the window's end; early on, only words the model is sure of
     (as LocalAgreement's `early_commit_probability`)."""
@@ -196,8 +202,11 @@ def drop_trailing_echo(words: Sequence[Word], keep: int, min_words: int = 3) -> 
         cut = False
         for size in range(len(words) // 2, min_words - 1, -1):
             tail, before = words[-size:], words[-2 * size : -size]
-            if len(words) - size >= keep and _echoes(tail, before) \
-                    and not heard_again(before, tail):
+            if (
+                len(words) - size >= keep
+                and _echoes(tail, before)
+                and not heard_again(before, tail)
+            ):
                 words, cut = words[:-size], True
                 break
     return words
@@ -230,7 +239,11 @@ def drop_hallucination(hypothesis: Hypothesis, options: PolicyOptions) -> bool:
         and hypothesis.avg_logprob < options.logprob_threshold
     ):
         return True
-    return bool(hypothesis.words) and bool(_HALLUCINATIONS.match(hypothesis.text)) and (
-        hypothesis.no_speech_prob > options.no_speech_threshold / 2
-        or min(w.probability for w in hypothesis.words) < 0.3
+    return (
+        bool(hypothesis.words)
+        and bool(_HALLUCINATIONS.match(hypothesis.text))
+        and (
+            hypothesis.no_speech_prob > options.no_speech_threshold / 2
+            or min(w.probability for w in hypothesis.words) < 0.3
+        )
     )

@@ -100,8 +100,10 @@ def _parse_offset(name: str, value: Any) -> float:
             number = None
     if number is None or not math.isfinite(number) or not 0 <= number <= MAX_OFFSET_S:
         shown = value if not isinstance(value, str) or len(value) <= 40 else value[:40] + "..."
-        raise ProtocolError("bad_request", f"{name} must be a number of seconds from 0 to "
-                            f"{MAX_OFFSET_S:g}, not {shown!r}")
+        raise ProtocolError(
+            "bad_request",
+            f"{name} must be a number of seconds from 0 to {MAX_OFFSET_S:g}, not {shown!r}",
+        )
     return number
 
 
@@ -116,8 +118,10 @@ def _parse_count(name: str, value: Any) -> int:
             number = int(digits)
     if number is None or not 0 <= number <= MAX_FIRST_SEGMENT:
         shown = value if not isinstance(value, str) or len(value) <= 40 else value[:40] + "..."
-        raise ProtocolError("bad_request", f"{name} must be a whole number from 0 to "
-                            f"{MAX_FIRST_SEGMENT}, not {shown!r}")
+        raise ProtocolError(
+            "bad_request",
+            f"{name} must be a whole number from 0 to {MAX_FIRST_SEGMENT}, not {shown!r}",
+        )
     return number
 
 

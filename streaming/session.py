@@ -127,9 +127,7 @@ def _text(words: Sequence[Word]) -> str:
 
 
 class Session:
-    def __init__(
-        self, session_id: str, config: SessionConfig, classifier: FrameClassifier
-    ) -> None:
+    def __init__(self, session_id: str, config: SessionConfig, classifier: FrameClassifier) -> None:
         self.id = session_id
         self.config = config
         self._classifier = classifier
@@ -180,9 +178,7 @@ class Session:
     def reconfigure(self, config: SessionConfig) -> None:
         """Apply a `start` message; only allowed before any audio."""
         if self._audio_seen:
-            raise ProtocolError(
-                "bad_request", "'start' must come before any audio; it was ignored"
-            )
+            raise ProtocolError("bad_request", "'start' must come before any audio; it was ignored")
         self.__init__(self.id, config, self._classifier)  # type: ignore[misc]
 
     def receive_audio(self, data: bytes) -> None:
@@ -255,7 +251,8 @@ class Session:
             prompt=prompt,
             language=self.config.language,
             stop_edge_s=policy.alignatt_edge_s
-            if policy.policy == "alignatt" and not final else 0.0,
+            if policy.policy == "alignatt" and not final
+            else 0.0,
         )
 
     def _final_job(self) -> Job | None:
@@ -263,9 +260,13 @@ class Session:
             return None
         segment = self._to_finalize[0]
         assert segment.closed is not None
-        return Job(self.id, segment.index, self._request(segment, segment.closed.audio, True),
-                   True,
-                   segment.start_sample + segment.window_start)
+        return Job(
+            self.id,
+            segment.index,
+            self._request(segment, segment.closed.audio, True),
+            True,
+            segment.start_sample + segment.window_start,
+        )
 
     def _partial_job(self) -> Job | None:
         if not self.config.interim or self._active is None:
@@ -276,13 +277,19 @@ class Session:
         start, audio = current
         segment = self._active
         step = self.config.policy.step_s * MODEL_SAMPLE_RATE_HZ
-        due = len(audio) - segment.decoded_samples >= step or self._endpoint_due(segment,
-                                                                                  len(audio))
+        due = len(audio) - segment.decoded_samples >= step or self._endpoint_due(
+            segment, len(audio)
+        )
         if not due:
             return None
         segment.decoded_samples = len(audio)
-        return Job(self.id, segment.index, self._request(segment, audio, False), False,
-                   start + segment.window_start)
+        return Job(
+            self.id,
+            segment.index,
+            self._request(segment, audio, False),
+            False,
+            start + segment.window_start,
+        )
 
     @property
     def _endpoint_samples(self) -> int:
@@ -303,17 +310,26 @@ class Session:
         (measured: "... turns to hatred and [jealousy]" over Wyoming, 3 of 75 files)."""
         closed = segment.closed
         margin = self._endpoint_samples
-        return (margin > 0 and closed is not None and closed.speech_ended
-                and closed.heard_silence and segment.heard is not None
-                and segment.heard_until >= closed.speech_end_sample + margin)
+        return (
+            margin > 0
+            and closed is not None
+            and closed.speech_ended
+            and closed.heard_silence
+            and segment.heard is not None
+            and segment.heard_until >= closed.speech_end_sample + margin
+        )
 
     def _finalize_heard(self) -> None:
         """Finalize closed segments, in order, whose last partial step heard them out."""
         while self._to_finalize and self._heard_to_the_end(self._to_finalize[0]):
             segment = self._to_finalize[0]
             assert segment.heard is not None
-            self._finalize(segment, list(segment.previous),
-                           drop_hallucination(segment.heard, self.config.policy), segment.heard)
+            self._finalize(
+                segment,
+                list(segment.previous),
+                drop_hallucination(segment.heard, self.config.policy),
+                segment.heard,
+            )
         self._maybe_done()
 
     def complete_job(self, job: Job, hypothesis: Hypothesis) -> None:
@@ -325,20 +341,33 @@ class Session:
             return
         shift_s = (job.start_sample - segment.start_sample) / MODEL_SAMPLE_RATE_HZ
         shifted = Hypothesis(
-            tuple(replace(w, start_s=w.start_s + shift_s, end_s=w.end_s + shift_s)
-                  for w in hypothesis.words),
-            hypothesis.no_speech_prob, hypothesis.avg_logprob,
+            tuple(
+                replace(w, start_s=w.start_s + shift_s, end_s=w.end_s + shift_s)
+                for w in hypothesis.words
+            ),
+            hypothesis.no_speech_prob,
+            hypothesis.avg_logprob,
         )
         kept = self._keep_promises(segment, shifted)
         words = drop_trailing_echo(kept, keep=len(segment.committed))
-        log.debug("session %s: %s of segment %d over %.2f-%.2f s: %r (promised %d)",
-                  self.id, "final" if job.final else "partial", segment.index,
-                  job.start_sample / MODEL_SAMPLE_RATE_HZ,
-                  job.start_sample / MODEL_SAMPLE_RATE_HZ + job.audio_seconds,
-                  "".join(w.text for w in words), len(segment.committed))
+        log.debug(
+            "session %s: %s of segment %d over %.2f-%.2f s: %r (promised %d)",
+            self.id,
+            "final" if job.final else "partial",
+            segment.index,
+            job.start_sample / MODEL_SAMPLE_RATE_HZ,
+            job.start_sample / MODEL_SAMPLE_RATE_HZ + job.audio_seconds,
+            "".join(w.text for w in words),
+            len(segment.committed),
+        )
         if job.final:
-            self._finalize(segment, words, drop_hallucination(hypothesis, self.config.policy),
-                           hypothesis, echo=kept[len(words):])
+            self._finalize(
+                segment,
+                words,
+                drop_hallucination(hypothesis, self.config.policy),
+                hypothesis,
+                echo=kept[len(words) :],
+            )
         else:
             segment.heard_until = job.start_sample + len(job.request.audio)
             segment.heard = hypothesis
@@ -373,8 +402,9 @@ class Session:
         return segment.committed[: segment.trimmed] + in_window + rest
 
     def _update_partial(self, segment: _Segment, job: Job, words: list[Word]) -> None:
-        window_s = (job.start_sample - segment.start_sample) / MODEL_SAMPLE_RATE_HZ \
-            + job.audio_seconds  # the window's end, from the segment start
+        window_s = (
+            job.start_sample - segment.start_sample
+        ) / MODEL_SAMPLE_RATE_HZ + job.audio_seconds  # the window's end, from the segment start
         agreed = promised_prefix(segment.previous, words, window_s, self.config.policy)
         # Promise only while the segment is live: once it is closed (a length cut may land
         # while this job is in flight) agreed words can lie beyond its audio, and forcing
@@ -384,8 +414,9 @@ class Session:
             end_s = segment.committed[-1].end_s
             self._vad.protect_until(segment.start_sample + int(end_s * MODEL_SAMPLE_RATE_HZ))
             self._slide_window(segment, window_s)
-        shown = tentative_words(segment.previous, words, len(segment.committed), window_s,
-                                self.config.policy)
+        shown = tentative_words(
+            segment.previous, words, len(segment.committed), window_s, self.config.policy
+        )
         segment.previous = tuple(words)
         twice = _words_within(shown, _common_tokens(segment.shown, shown))
         segment.shown_twice, segment.shown = tuple(shown[:twice]), tuple(shown)
@@ -418,15 +449,22 @@ class Session:
         candidates = range(segment.trimmed + 1, len(committed))
         if not candidates:
             return
-        sentence_ends = [k for k in candidates
-                         if committed[k - 1].text.rstrip().endswith((".", "?", "!"))]
+        sentence_ends = [
+            k for k in candidates if committed[k - 1].text.rstrip().endswith((".", "?", "!"))
+        ]
         k = max(sentence_ends or candidates)
         cut_s = (committed[k - 1].end_s + max(committed[k].start_s, committed[k - 1].end_s)) / 2
         segment.window_start = max(segment.window_start, int(cut_s * MODEL_SAMPLE_RATE_HZ))
         segment.trimmed = k
 
-    def _finalize(self, segment: _Segment, words: list[Word], hallucinated: bool,
-                  heard: Hypothesis | None = None, echo: Sequence[Word] = ()) -> None:
+    def _finalize(
+        self,
+        segment: _Segment,
+        words: list[Word],
+        hallucinated: bool,
+        heard: Hypothesis | None = None,
+        echo: Sequence[Word] = (),
+    ) -> None:
         """Send the segment's final: `words` (or only the promised ones, when the
         hypothesis `heard` is `hallucinated`); `echo`, what the session's echo guard cut."""
         closed = segment.closed
@@ -437,9 +475,12 @@ class Session:
         if _common_tokens(segment.committed, words) < promised:
             # _keep_promises makes this impossible; should a path ever skip it, the
             # final still keeps every word a partial showed as stable.
-            log.warning("session %s: the final of segment %d lost promised words; kept",
-                        self.id, segment.index)
-            words = list(segment.committed) + words[_words_within(words, promised):]
+            log.warning(
+                "session %s: the final of segment %d lost promised words; kept",
+                self.id,
+                segment.index,
+            )
+            words = list(segment.committed) + words[_words_within(words, promised) :]
         self._explain_losses(segment, words, hallucinated, heard, echo)
         self._to_finalize.popleft()
         del self._segments[segment.index]
@@ -449,8 +490,12 @@ class Session:
             w_start = min(max(start_s + w.start_s, start_s), end_s)
             w_end = min(max(start_s + w.end_s, w_start), end_s)
             timings.append(
-                WordTiming(w.text.strip(), round(w_start, 3), round(w_end, 3),
-                           round(float(w.probability), 4))
+                WordTiming(
+                    w.text.strip(),
+                    round(w_start, 3),
+                    round(w_end, 3),
+                    round(float(w.probability), 4),
+                )
             )
         text = "".join(w.text for w in words).strip()
         if text:
@@ -458,30 +503,46 @@ class Session:
         self._finals_sent += 1
         self._out.append(Final(segment.index, text, start_s, end_s, tuple(timings)))
 
-    def _explain_losses(self, segment: _Segment, words: Sequence[Word], hallucinated: bool,
-                        heard: Hypothesis | None, echo: Sequence[Word]) -> None:
+    def _explain_losses(
+        self,
+        segment: _Segment,
+        words: Sequence[Word],
+        hallucinated: bool,
+        heard: Hypothesis | None,
+        echo: Sequence[Word],
+    ) -> None:
         """A DEBUG line for words the partials showed two steps in a row that the final
         lacks, with the reason."""
         shown = segment.shown_twice
         same = _common_tokens(shown, words)
-        lost = shown[_words_within(shown, same):]
+        lost = shown[_words_within(shown, same) :]
         if not lost:
             return
-        rest = words[_words_within(words, same):]
+        rest = words[_words_within(words, same) :]
         if hallucinated:
             why = "the hallucination filter took the final's unpromised words for invented text"
             if heard is not None:
-                why += (f" (no_speech_prob {heard.no_speech_prob:.2f}, "
-                        f"avg_logprob {heard.avg_logprob:.2f})")
+                why += (
+                    f" (no_speech_prob {heard.no_speech_prob:.2f}, "
+                    f"avg_logprob {heard.avg_logprob:.2f})"
+                )
         elif echo and _common_tokens(lost, echo) > 0:
             why = f"the echo guard cut {_text(echo)!r}, a repeat without audio of its own"
         elif rest:
             why = f"the final's decode heard {_text(rest)!r} there instead"
         else:
-            why = ("the final's decode ended before them (the model did not hear them in the "
-                   "closed segment, or the engine's guards cut them)")
-        log.debug("session %s: the final of segment %d lacks %r, which partials showed two "
-                  "steps in a row: %s", self.id, segment.index, _text(lost), why)
+            why = (
+                "the final's decode ended before them (the model did not hear them in the "
+                "closed segment, or the engine's guards cut them)"
+            )
+        log.debug(
+            "session %s: the final of segment %d lacks %r, which partials showed two "
+            "steps in a row: %s",
+            self.id,
+            segment.index,
+            _text(lost),
+            why,
+        )
 
     def _maybe_done(self) -> None:
         if (
@@ -492,8 +553,12 @@ class Session:
             and self._active is None
         ):
             self._done = True
-            self._out.append(Done(self._time(self._received_samples),
-                                  self.config.first_segment + self._finals_sent))
+            self._out.append(
+                Done(
+                    self._time(self._received_samples),
+                    self.config.first_segment + self._finals_sent,
+                )
+            )
 
     # Output ----------------------------------------------------------------------
 

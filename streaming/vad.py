@@ -211,8 +211,9 @@ class VadSegmenter:
         self._last_speech_frame = len(frames)
         return [SpeechStarted(self._position - self._speech_run * self._frame, self._segment_start)]
 
-    def _close(self, keep_frames: int, speech_ended: bool,
-               heard_silence: bool = True) -> SegmentClosed:
+    def _close(
+        self, keep_frames: int, speech_ended: bool, heard_silence: bool = True
+    ) -> SegmentClosed:
         assert self._segment is not None
         frames = self._segment
         audio = np.concatenate(frames[:keep_frames])

@@ -35,8 +35,8 @@ def need(what: str, install: str) -> None:
 
 def mosquitto_binary() -> str:
     found = shutil.which("mosquitto") or next(
-        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()),
-        None)
+        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()), None
+    )
     if found is None:
         need("the Mosquitto MQTT broker", "apt-get install mosquitto mosquitto-clients")
     assert found is not None
@@ -70,7 +70,8 @@ class Broker:
         assert self._process is None, "already running"
         self._process = subprocess.Popen(
             [self.binary, "-c", str(self.config)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -78,8 +79,9 @@ class Broker:
                 err = self._process.stderr.read().decode() if self._process.stderr else ""
                 self._process = None
                 raise RuntimeError(f"mosquitto exited at start: {err}\n{self.tail()}")
-            with contextlib.suppress(OSError), socket.create_connection(
-                ("127.0.0.1", self.port), timeout=0.5
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5),
             ):
                 return
             time.sleep(0.05)
@@ -152,7 +154,9 @@ class Subscriber:
         while True:
             try:
                 async with aiomqtt.Client(
-                    "127.0.0.1", self.port, identifier=self.client_id,
+                    "127.0.0.1",
+                    self.port,
+                    identifier=self.client_id,
                     clean_session=False if self.client_id else None,
                 ) as client:
                     for topic in self.topics:
@@ -162,21 +166,24 @@ class Subscriber:
                         payload = message.payload
                         assert isinstance(payload, bytes | bytearray)
                         self.messages.append(
-                            Received(message.topic.value, bytes(payload), bool(message.retain)))
+                            Received(message.topic.value, bytes(payload), bool(message.retain))
+                        )
             except aiomqtt.MqttError:
                 await asyncio.sleep(0.1)
 
     def on(self, suffix: str) -> list[Received]:
         return [m for m in self.messages if m.topic.endswith(suffix)]
 
-    async def wait_for(self, condition: Callable[[], bool], timeout_s: float,
-                       what: str = "messages") -> None:
+    async def wait_for(
+        self, condition: Callable[[], bool], timeout_s: float, what: str = "messages"
+    ) -> None:
         deadline = time.monotonic() + timeout_s
         while not condition():
             if time.monotonic() > deadline:
                 seen = [(m.topic, m.payload[:120]) for m in self.messages[-10:]]
-                raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}; "
-                                     f"last seen: {seen}")
+                raise AssertionError(
+                    f"timed out after {timeout_s:g} s waiting for {what}; last seen: {seen}"
+                )
             await asyncio.sleep(0.05)
 
 

@@ -81,8 +81,9 @@ class ScriptedWhisper:
         for i in range(len(audio) // slot):
             part = audio[i * slot : (i + 1) * slot]
             if float(np.sqrt(np.mean(np.square(part)))) > LOUD_RMS:
-                words.append(Word(f" {scripted_word(i)}", i * SLOT_S, i * SLOT_S + 0.4, 0.9,
-                                  (1000 + i,)))
+                words.append(
+                    Word(f" {scripted_word(i)}", i * SLOT_S, i * SLOT_S + 0.4, 0.9, (1000 + i,))
+                )
         forced = list(request.prefix_tokens)
         heard = [w.tokens[0] for w in words[: len(forced)]]
         if heard != forced:  # keep the promise: the promised words, then what follows

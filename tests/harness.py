@@ -26,9 +26,15 @@ from streaming.engine import Engine
 def settings_with(**sections: dict[str, Any]) -> Settings:
     """The default settings with some keys of some sections changed."""
     base = Settings()
-    return Settings.model_validate({**base.model_dump(), **{
-        name: {**getattr(base, name).model_dump(), **values} for name, values in sections.items()
-    }})
+    return Settings.model_validate(
+        {
+            **base.model_dump(),
+            **{
+                name: {**getattr(base, name).model_dump(), **values}
+                for name, values in sections.items()
+            },
+        }
+    )
 
 
 @dataclass
@@ -53,8 +59,10 @@ def serving(engine: Engine, settings: Settings | None = None) -> Iterator[LiveSe
     """A real server on a free port in its own thread and event loop."""
     settings = settings or Settings()
     settings = settings.model_copy(
-        update={"server": settings.server.model_copy(update={"port": 0}),
-                "compat": settings.compat.model_copy(update={"port": 0})}
+        update={
+            "server": settings.server.model_copy(update={"port": 0}),
+            "compat": settings.compat.model_copy(update={"port": 0}),
+        }
     )
     started = threading.Event()
     state: dict[str, Any] = {}
@@ -179,8 +187,11 @@ def serve_command(env: dict[str, str] | None = None) -> Iterator[ServeCommand]:
     """`whisperstream serve` as a user starts it, on a free port, once /readyz answers."""
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--port", str(port)], cwd=ROOT,
-        env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        [sys.executable, "-m", "server.cli", "serve", "--port", str(port)],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
     )
     try:

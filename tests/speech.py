@@ -49,8 +49,9 @@ def _piper_voice() -> Any:
 
 def synthesize(sentences: list[str], lead_s: float = 0.5, tail_s: float = 1.0) -> Utterance:
     """One WAV with the sentences spoken in turn, separated by GAP_S of silence."""
-    key = hashlib.sha1(repr((sentences, lead_s, tail_s, GAP_S, DETERMINISTIC_NOISE)).encode()
-                       ).hexdigest()[:12]
+    key = hashlib.sha1(
+        repr((sentences, lead_s, tail_s, GAP_S, DETERMINISTIC_NOISE)).encode()
+    ).hexdigest()[:12]
     path = CACHE / f"speech-{key}.wav"
     voice = _piper_voice()
     rate = int(voice.config.sample_rate)

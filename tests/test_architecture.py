@@ -13,14 +13,32 @@ PACKAGES = ("streaming", "server", "client")
 # third-party libraries, and itself. Anything else (asyncio, sockets, files, threads,
 # subprocesses, a model runtime) belongs in server/.
 CORE_ALLOWED = {
-    "__future__", "collections", "dataclasses", "enum", "io", "itertools", "json",
-    "logging", "math", "re", "typing", "wave",
-    "numpy", "soxr", "webrtcvad",
+    "__future__",
+    "collections",
+    "dataclasses",
+    "enum",
+    "io",
+    "itertools",
+    "json",
+    "logging",
+    "math",
+    "re",
+    "typing",
+    "wave",
+    "numpy",
+    "soxr",
+    "webrtcvad",
     "streaming",
 }
 # Model backends load files, download and set process-wide threads: server/engines/.
-BACKENDS = {"ctranslate2", "faster_whisper", "tokenizers", "huggingface_hub", "threadpoolctl",
-            "torch"}
+BACKENDS = {
+    "ctranslate2",
+    "faster_whisper",
+    "tokenizers",
+    "huggingface_hub",
+    "threadpoolctl",
+    "torch",
+}
 # Silero VAD's runtime (and its package, whose model file is all that is used): only the
 # classifier that runs it, server/vad_silero.py, behind the core's FrameClassifier.
 VAD_RUNTIMES = {"onnxruntime", "silero_vad"}
@@ -46,8 +64,11 @@ def _imported(path: Path, modules: dict[str, Path]) -> set[str]:
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             names.add(node.module)
-            names.update(f"{node.module}.{alias.name}" for alias in node.names
-                         if f"{node.module}.{alias.name}" in modules)
+            names.update(
+                f"{node.module}.{alias.name}"
+                for alias in node.names
+                if f"{node.module}.{alias.name}" in modules
+            )
     return names
 
 
@@ -72,9 +93,12 @@ def test_model_backends_are_imported_only_in_server_engines() -> None:
 
 def test_the_vad_runtime_is_imported_only_by_the_silero_classifier() -> None:
     modules = _modules()
-    outside = {name: runtimes for name, path in modules.items()
-               if (runtimes := {i.split(".")[0] for i in _imported(path, modules)}
-                   & VAD_RUNTIMES) and name != "server.vad_silero"}
+    outside = {
+        name: runtimes
+        for name, path in modules.items()
+        if (runtimes := {i.split(".")[0] for i in _imported(path, modules)} & VAD_RUNTIMES)
+        and name != "server.vad_silero"
+    }
     assert not outside, f"VAD runtimes imported outside server/vad_silero.py: {outside}"
 
 
@@ -96,7 +120,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return [*path[path.index(nxt):], nxt]
+                return [*path[path.index(nxt) :], nxt]
             if nxt not in state and (found := visit(nxt)):
                 return found
         path.pop()

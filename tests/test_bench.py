@@ -27,8 +27,14 @@ def words(*spec: tuple[str, float, float]) -> list[RefWord]:
 
 
 def partial(k: int, text: str, stable: str = "") -> dict[str, Any]:
-    return {"type": "partial", "segment": k, "text": text, "start": 0.0, "end": 1.0,
-            "stable": stable}
+    return {
+        "type": "partial",
+        "segment": k,
+        "text": text,
+        "start": 0.0,
+        "end": 1.0,
+        "stable": stable,
+    }
 
 
 def final(k: int, text: str) -> dict[str, Any]:
@@ -57,8 +63,13 @@ def test_latencies_of_one_segment_with_a_revision_and_a_retraction() -> None:
 
 
 def test_latencies_of_two_segments_at_double_speed_with_errors_in_the_final() -> None:
-    ref = words(("hello", 0.0, 0.4), ("world", 0.4, 0.8),
-                ("good", 2.0, 2.4), ("morning", 2.4, 2.8), ("all", 2.8, 3.0))
+    ref = words(
+        ("hello", 0.0, 0.4),
+        ("world", 0.4, 0.8),
+        ("good", 2.0, 2.4),
+        ("morning", 2.4, 2.8),
+        ("all", 2.8, 3.0),
+    )
     log = [
         (0.6, partial(0, "hello world")),
         (0.9, final(0, "Hello world.")),
@@ -76,8 +87,13 @@ def test_latencies_of_two_segments_at_double_speed_with_errors_in_the_final() ->
 
 def test_words_not_spoken_yet_are_not_matched_by_an_early_guess() -> None:
     # "the" is said twice; a partial at wall 0.5 s can only mean the first one.
-    ref = words(("the", 0.0, 0.2), ("cat", 0.2, 0.5), ("saw", 0.5, 0.8),
-                ("the", 3.0, 3.2), ("dog", 3.2, 3.5))
+    ref = words(
+        ("the", 0.0, 0.2),
+        ("cat", 0.2, 0.5),
+        ("saw", 0.5, 0.8),
+        ("the", 3.0, 3.2),
+        ("dog", 3.2, 3.5),
+    )
     a = analyse_session(ref, [(0.5, partial(0, "the")), (4.0, final(0, "the cat saw the dog"))])
     assert a.first_correct[0] == pytest.approx(0.3)
     assert a.first_correct[3] == pytest.approx(0.8)
@@ -122,10 +138,12 @@ def test_aligned_words_are_pulled_in_from_silence() -> None:
 
 
 def test_variants_and_manifests_are_checked() -> None:
-    v = parse_variant("fast:streaming.step_s=0.3,WHISPERSTREAM_AUTH__API_KEYS=[\"a\",\"b\"]")
+    v = parse_variant('fast:streaming.step_s=0.3,WHISPERSTREAM_AUTH__API_KEYS=["a","b"]')
     assert v.name == "fast"
-    assert v.env == {"WHISPERSTREAM_STREAMING__STEP_S": "0.3",
-                     "WHISPERSTREAM_AUTH__API_KEYS": '["a","b"]'}
+    assert v.env == {
+        "WHISPERSTREAM_STREAMING__STEP_S": "0.3",
+        "WHISPERSTREAM_AUTH__API_KEYS": '["a","b"]',
+    }
     assert parse_variant("baseline").env == {}
     with pytest.raises(BenchError):
         parse_variant("bad:step_s")
@@ -139,10 +157,14 @@ def test_manifests_combine_and_a_recording_listed_twice_is_streamed_once(
     for name in ("a.wav", "b.wav", "c.wav"):
         (tmp_path / name).write_bytes(b"")
     (tmp_path / "one.jsonl").write_text(
-        "".join(json.dumps({"wav": w, "text": w}) + "\n" for w in ("a.wav", "b.wav")))
+        "".join(json.dumps({"wav": w, "text": w}) + "\n" for w in ("a.wav", "b.wav"))
+    )
     (tmp_path / "two.jsonl").write_text(
-        json.dumps({"wav": str(tmp_path / "b.wav"), "text": "again"}) + "\n"
-        + json.dumps({"wav": "c.wav", "text": "c"}) + "\n")
+        json.dumps({"wav": str(tmp_path / "b.wav"), "text": "again"})
+        + "\n"
+        + json.dumps({"wav": "c.wav", "text": "c"})
+        + "\n"
+    )
     items = load_manifests([tmp_path / "one.jsonl", tmp_path / "two.jsonl"])
     assert [(i.id, i.text) for i in items] == [("a", "a.wav"), ("b", "b.wav"), ("c", "c")]
     assert [i.id for i in load_manifests([tmp_path / "two.jsonl"], limit=1)] == ["b"]
@@ -156,15 +178,27 @@ def test_more_streams_than_files_stream_files_again() -> None:
 
 def test_markdown_table_has_a_column_per_run() -> None:
     figures = {
-        "variant": "a", "concurrency": 1, "files": 1, "audio_s": 60.0, "speech_s": 50.0,
-        "wer": 0.1, "offline_wer": 0.08, "revisions_per_speech_min": 3.0,
-        "stable_retractions": 0, "server_cpu_s_per_audio_s": None, "server_peak_rss_mb": None,
-        "segments": 4, "failed_sessions": 0,
-        "latency_s": {k: {"p50": 0.5, "p90": 1.0, "n": 3} for k in
-                      ("first_correct", "settled", "final", "segment_end_to_final")},
+        "variant": "a",
+        "concurrency": 1,
+        "files": 1,
+        "audio_s": 60.0,
+        "speech_s": 50.0,
+        "wer": 0.1,
+        "offline_wer": 0.08,
+        "revisions_per_speech_min": 3.0,
+        "stable_retractions": 0,
+        "server_cpu_s_per_audio_s": None,
+        "server_peak_rss_mb": None,
+        "segments": 4,
+        "failed_sessions": 0,
+        "latency_s": {
+            k: {"p50": 0.5, "p90": 1.0, "n": 3}
+            for k in ("first_correct", "settled", "final", "segment_end_to_final")
+        },
     }
-    table = markdown_table([figures, {**figures, "variant": "b", "concurrency": 2,
-                                      "lost_phrases": 3}])
+    table = markdown_table(
+        [figures, {**figures, "variant": "b", "concurrency": 2, "lost_phrases": 3}]
+    )
     assert "| | a ×1 | b ×2 |" in table
     assert "| streamed - offline | +2.0 points | +2.0 points |" in table
     assert "| lost phrases | n/a | 3 |" in table  # figures from before they were counted
@@ -172,8 +206,9 @@ def test_markdown_table_has_a_column_per_run() -> None:
 
 # Lost phrases -----------------------------------------------------------------------------
 
-REFERENCE = normalize("may justly be considered as the invention of the art of printing and "
-                      "the press")
+REFERENCE = normalize(
+    "may justly be considered as the invention of the art of printing and the press"
+)
 
 
 def test_a_lost_phrase_is_three_words_in_a_row_that_offline_got_and_streaming_did_not() -> None:
@@ -187,8 +222,9 @@ def test_a_lost_phrase_is_three_words_in_a_row_that_offline_got_and_streaming_di
     # Misheard words count as lost; one heard right ("the") ends the run.
     misheard = [*REFERENCE[:5], "a", "convention", "off", "the", "heart", *REFERENCE[10:]]
     assert lost_phrases(REFERENCE, offline, misheard) == [(5, 8)]
-    assert lost_phrases(REFERENCE, offline, REFERENCE[:-3]) == [(len(REFERENCE) - 3,
-                                                                 len(REFERENCE))]
+    assert lost_phrases(REFERENCE, offline, REFERENCE[:-3]) == [
+        (len(REFERENCE) - 3, len(REFERENCE))
+    ]
     assert lost_phrases(REFERENCE, offline, []) == [(0, len(REFERENCE))]
     assert lost_phrases([], [], []) == []
 
@@ -200,8 +236,9 @@ def _run_of(text: str, finals: list[str]) -> tuple[RunResult, dict[str, OfflineR
     messages += [(1.0 + k, final(k, t)) for k, t in enumerate(finals)]
     messages.append((9.0, {"type": "done", "audio_seconds": 8.0, "segments": len(finals)}))
     record = StreamRecord(item, 8.0, messages, 1000, None)
-    run = RunResult(Variant("v"), 1, [record], {}, ("bundled", "int8", 1, "ctranslate2"), "tiny",
-                    9.0)
+    run = RunResult(
+        Variant("v"), 1, [record], {}, ("bundled", "int8", 1, "ctranslate2"), "tiny", 9.0
+    )
     ref = [RefWord(w, 0.4 * i, 0.4 * i + 0.3) for i, w in enumerate(ref_words)]
     return run, {"f1": OfflineResult(text, [(0.0, 8.0)], ref)}
 
@@ -212,8 +249,13 @@ def test_lost_phrases_are_listed_per_file_and_counted_in_the_figures() -> None:
     figures, files = run_figures(run, offline, (0, 12), speed=1.0)
     assert figures["lost_phrases"] == 1
     (lost,) = files[0]["lost_phrases"]
-    assert lost == {"words": "the invention of the art", "ref_index": 5, "length": 5,
-                    "start": 2.0, "end": 3.9}
+    assert lost == {
+        "words": "the invention of the art",
+        "ref_index": 5,
+        "length": 5,
+        "start": 2.0,
+        "end": 3.9,
+    }
     whole, _ = _run_of(text, [text])
     assert run_figures(whole, offline, (0, 12), speed=1.0)[0]["lost_phrases"] == 0
 
@@ -227,8 +269,15 @@ def test_a_report_from_before_lost_phrases_is_analysed_again_with_them(tmp_path:
     for file in old_files:
         del file["lost_phrases"]
     report = tmp_path / "old.json"
-    report.write_text(json.dumps({"manifest": "m.jsonl", "speed": 1.0, "runs": [
-        {"figures": old_figures, "files": old_files}]}))
+    report.write_text(
+        json.dumps(
+            {
+                "manifest": "m.jsonl",
+                "speed": 1.0,
+                "runs": [{"figures": old_figures, "files": old_files}],
+            }
+        )
+    )
     (again,), _ = runs_from_report(report, None)
     figures, files = run_figures(again, offline, (0, 12), speed=1.0)
     assert figures["lost_phrases"] == 1
@@ -243,9 +292,22 @@ def test_bench_runs_end_to_end_against_servers_it_starts(
     (tmp_path / "speech.wav").symlink_to(three_sentences.path)
     manifest.write_text(json.dumps({"wav": "speech.wav", "text": three_sentences.text}) + "\n")
     out = tmp_path / "report.json"
-    code = main(["bench", "--manifest", str(manifest), "--speed", "2", "--out", str(out),
-                 "--variant", "base", "--variant", "finals:streaming.interim=false",
-                 "--markdown"])
+    code = main(
+        [
+            "bench",
+            "--manifest",
+            str(manifest),
+            "--speed",
+            "2",
+            "--out",
+            str(out),
+            "--variant",
+            "base",
+            "--variant",
+            "finals:streaming.interim=false",
+            "--markdown",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "| | base ×1 | finals ×1 |" in printed
@@ -267,7 +329,8 @@ def test_bench_runs_end_to_end_against_servers_it_starts(
     servers = [run["server"] for run in report["runs"]]
     assert base["model_steps_per_audio_s"].get("partial", 0) > 0, servers
     assert finals_only["model_steps_per_audio_s"] == {
-        "final": round(finals_only["segments"] / finals_only["audio_s"], 3)}, servers
+        "final": round(finals_only["segments"] / finals_only["audio_s"], 3)
+    }, servers
     assert 0 < finals_only["model_busy_s_per_audio_s"] < base["model_busy_s_per_audio_s"], servers
     assert finals_only["overrides"] == {"WHISPERSTREAM_STREAMING__INTERIM": "false"}
     logged = report["runs"][0]["files"][0]
@@ -306,4 +369,3 @@ def test_the_step_benchmark_times_a_step_of_an_engine() -> None:
     result = time_step(engine, DecodeRequest(audio), repeat=3)
     assert engine.calls == 4  # a warm-up, then three timed
     assert result["cpu_s"] >= 0 and result["wall_s"] >= 0 and result["new_tokens"] >= 1
-

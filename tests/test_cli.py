@@ -20,8 +20,12 @@ def _cli(
     *args: str, env: dict[str, str] | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "server.cli", *args], capture_output=True, text=True,
-        cwd=ROOT, timeout=timeout, env={**os.environ, **(env or {})},
+        [sys.executable, "-m", "server.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -37,8 +41,13 @@ def test_serve_then_stream_prints_timed_final_lines(other_speech: Utterance) -> 
 
 
 def test_stream_to_a_server_that_is_down_says_so(other_speech: Utterance) -> None:
-    result = _cli("stream", str(other_speech.path), "--url",
-                  f"ws://127.0.0.1:{free_port()}/v1/stream", timeout=30)
+    result = _cli(
+        "stream",
+        str(other_speech.path),
+        "--url",
+        f"ws://127.0.0.1:{free_port()}/v1/stream",
+        timeout=30,
+    )
     assert result.returncode == 1
     assert "cannot connect" in result.stderr
 
@@ -77,8 +86,11 @@ def test_serve_refuses_a_public_address_without_keys() -> None:
     assert result.returncode == 2
     assert "auth.api_keys" in result.stderr
     # The compatible APIs' listener is held to the same rule.
-    result = _cli("serve", timeout=30, env={"WHISPERSTREAM_COMPAT__ENABLED": "true",
-                                            "WHISPERSTREAM_COMPAT__HOST": "0.0.0.0"})
+    result = _cli(
+        "serve",
+        timeout=30,
+        env={"WHISPERSTREAM_COMPAT__ENABLED": "true", "WHISPERSTREAM_COMPAT__HOST": "0.0.0.0"},
+    )
     assert result.returncode == 2
     assert "0.0.0.0" in result.stderr and "auth.api_keys" in result.stderr
 
@@ -114,7 +126,9 @@ def test_the_terminal_renderer_prints_each_segment_once(capsys: pytest.CaptureFi
     renderer.show({"type": "partial", "segment": 0, "text": "hello", "start": 0.0, "end": 1.0})
     renderer.show({**final, "segment": 1, "text": "again", "start": 1.5, "end": 2.0})
     assert out.getvalue().splitlines() == [
-        "[00:00.00 → 00:01.50] hello there", "[00:01.50 → 00:02.00] again"]
+        "[00:00.00 → 00:01.50] hello there",
+        "[00:01.50 → 00:02.00] again",
+    ]
     assert "whisperstream: the connection closed (1006); reconnecting" in capsys.readouterr().err
 
 

@@ -59,8 +59,14 @@ def _messages(socket: V1SocketClient) -> tuple[list[dict[str, Any]], threading.T
     return got, thread
 
 
-def _send(socket: V1SocketClient, pcm: np.ndarray, rate: int, speed: float,
-          channels: int = 1, until_s: float | None = None) -> None:
+def _send(
+    socket: V1SocketClient,
+    pcm: np.ndarray,
+    rate: int,
+    speed: float,
+    channels: int = 1,
+    until_s: float | None = None,
+) -> None:
     step = int(rate * CHUNK_S) * channels
     end = len(pcm) if until_s is None else int(until_s * rate) * channels
     started = time.monotonic()
@@ -82,8 +88,9 @@ def _transcript(m: dict[str, Any]) -> str:
 
 @pytest.fixture(scope="module")
 def scripted_server() -> Iterator[LiveServer]:
-    with serving(ScriptedWhisper(), settings_with(compat={"enabled": True},
-                                                  auth={"api_keys": [KEY]})) as live:
+    with serving(
+        ScriptedWhisper(), settings_with(compat={"enabled": True}, auth={"api_keys": [KEY]})
+    ) as live:
         yield live
 
 
@@ -92,11 +99,19 @@ def test_interim_results_then_speech_final_at_each_pause(
     engine: CTranslate2Whisper, three_sentences: Utterance
 ) -> None:
     pcm = _pcm(three_sentences)
-    with serving(engine, settings_with(compat={"enabled": True})) as live, \
-            _client(live, key="any").listen.v1.connect(
-                model="nova-3", encoding="linear16", sample_rate=16000, interim_results="true",
-                endpointing=300, utterance_end_ms=1000, vad_events="true",
-                smart_format="true") as socket:
+    with (
+        serving(engine, settings_with(compat={"enabled": True})) as live,
+        _client(live, key="any").listen.v1.connect(
+            model="nova-3",
+            encoding="linear16",
+            sample_rate=16000,
+            interim_results="true",
+            endpointing=300,
+            utterance_end_ms=1000,
+            vad_events="true",
+            smart_format="true",
+        ) as socket,
+    ):
         messages, reader = _messages(socket)
         _send(socket, pcm, 16_000, speed=1.5)
         socket.send_close_stream()
@@ -114,8 +129,11 @@ def test_interim_results_then_speech_final_at_each_pause(
     for final in finals:
         # Interim results of this utterance came before its final, and while it was spoken.
         index = messages.index(final)
-        before = [m for m in results[: results.index(final)] if not m["is_final"]
-                  and m["start"] >= previous_end - 0.5]
+        before = [
+            m
+            for m in results[: results.index(final)]
+            if not m["is_final"] and m["start"] >= previous_end - 0.5
+        ]
         assert before, f"no interim result before {_transcript(final)!r}"
         assert before[-1]["_at"] < final["_at"]
         words = final["channel"]["alternatives"][0]["words"]
@@ -129,8 +147,10 @@ def test_interim_results_then_speech_final_at_each_pause(
     assert kinds.count("SpeechStarted") == 3
     ends = [m for m in messages if m["type"] == "UtteranceEnd"]
     assert len(ends) >= 2  # after the first two sentences (the third ends with the stream)
-    assert all(m["last_word_end"] <= f["start"] + f["duration"] + 0.01
-               for m, f in zip(ends, finals, strict=False))
+    assert all(
+        m["last_word_end"] <= f["start"] + f["duration"] + 0.01
+        for m, f in zip(ends, finals, strict=False)
+    )
 
 
 def test_finalize_gives_the_open_segments_final_now_and_closestream_ends(
@@ -138,8 +158,8 @@ def test_finalize_gives_the_open_segments_final_now_and_closestream_ends(
 ) -> None:
     pcm = _pcm(other_speech)
     with _client(scripted_server).listen.v1.connect(
-            model="nova-3", encoding="linear16", sample_rate=16000,
-            interim_results="true") as socket:
+        model="nova-3", encoding="linear16", sample_rate=16000, interim_results="true"
+    ) as socket:
         messages, reader = _messages(socket)
         _send(socket, pcm, 16_000, speed=0, until_s=3.0)  # mid-speech
         socket.send_keep_alive()
@@ -160,8 +180,11 @@ def test_finalize_gives_the_open_segments_final_now_and_closestream_ends(
     assert messages[-1]["type"] == "Metadata" and messages[-1]["channels"] == 1
     finals = [m for m in _results(messages) if m["is_final"]]
     assert len(finals) == 2 and not finals[1]["from_finalize"]
-    assert all(not m["is_final"] for m in _results(messages)[: messages.index(finalized[0])]
-               if m is not finalized[0])
+    assert all(
+        not m["is_final"]
+        for m in _results(messages)[: messages.index(finalized[0])]
+        if m is not finalized[0]
+    )
 
 
 def test_interim_results_are_off_by_default_and_stereo_48k_is_averaged(
@@ -169,7 +192,8 @@ def test_interim_results_are_off_by_default_and_stereo_48k_is_averaged(
 ) -> None:
     pcm = _pcm(other_speech, rate=48_000, channels=2)
     with _client(scripted_server).listen.v1.connect(
-            model="nova-3", encoding="linear16", sample_rate=48000, channels=2) as socket:
+        model="nova-3", encoding="linear16", sample_rate=48000, channels=2
+    ) as socket:
         messages, reader = _messages(socket)
         # Frames that end mid-sample are taken: the server keeps the odd bytes.
         raw = pcm.tobytes()
@@ -185,9 +209,12 @@ def test_interim_results_are_off_by_default_and_stereo_48k_is_averaged(
 
 def test_a_wrong_key_is_refused_with_401(scripted_server: LiveServer) -> None:
     # The SDK raises its ApiError, or with websockets 14+ the handshake's InvalidStatus.
-    with pytest.raises((ApiError, websockets.InvalidStatus)) as caught, \
-            _client(scripted_server, key="wrong").listen.v1.connect(
-                model="nova-3", encoding="linear16", sample_rate=16000):
+    with (
+        pytest.raises((ApiError, websockets.InvalidStatus)) as caught,
+        _client(scripted_server, key="wrong").listen.v1.connect(
+            model="nova-3", encoding="linear16", sample_rate=16000
+        ),
+    ):
         pass
     error = caught.value
     if isinstance(error, ApiError):
@@ -214,13 +241,16 @@ def _refusal(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict
     return asyncio.run(connect())
 
 
-@pytest.mark.parametrize(("query", "words"), [
-    ("encoding=opus", "not supported"),
-    ("diarize=true", "'diarize' is not supported"),
-    ("sample_rate=96000", "sample_rate must be"),
-    ("interim_results=maybe", "interim_results must be true or false"),
-    ("language=de", "English only"),
-])
+@pytest.mark.parametrize(
+    ("query", "words"),
+    [
+        ("encoding=opus", "not supported"),
+        ("diarize=true", "'diarize' is not supported"),
+        ("sample_rate=96000", "sample_rate must be"),
+        ("interim_results=maybe", "interim_results must be true or false"),
+        ("language=de", "English only"),
+    ],
+)
 def test_unsupported_parameters_are_refused_with_400_saying_which(
     scripted_server: LiveServer, query: str, words: str
 ) -> None:
@@ -257,8 +287,16 @@ def test_bad_text_messages_get_an_error_and_the_session_goes_on(
 
 def test_parameters_as_deepgram_documents_them() -> None:
     assert parse_query({}) == ListenParams()
-    params = parse_query({"endpointing": "false", "punctuate": "false", "smart_format": "true",
-                          "language": "en-US", "utterance_end_ms": "1000", "tag": "x"})
+    params = parse_query(
+        {
+            "endpointing": "false",
+            "punctuate": "false",
+            "smart_format": "true",
+            "language": "en-US",
+            "utterance_end_ms": "1000",
+            "tag": "x",
+        }
+    )
     assert params.endpointing_ms is None and params.punctuate and params.language == "en"
     assert params.utterance_end_ms == 1000
     check: Callable[[dict[str, str]], object] = parse_query
@@ -268,7 +306,7 @@ def test_parameters_as_deepgram_documents_them() -> None:
 
 
 def test_shutdown_finishes_a_live_session_with_its_finals_and_metadata(
-    other_speech: Utterance
+    other_speech: Utterance,
 ) -> None:
     async def run(live: LiveServer) -> tuple[list[dict[str, Any]], int | None]:
         url = f"{live.compat_url.replace('http', 'ws')}/v1/listen?sample_rate=16000"

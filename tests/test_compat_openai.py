@@ -45,14 +45,14 @@ def model_server(engine: CTranslate2Whisper) -> Iterator[LiveServer]:
 
 @pytest.fixture(scope="module")
 def scripted_server() -> Iterator[LiveServer]:
-    settings = settings_with(compat={"enabled": True, "max_upload_bytes": 400_000},
-                             auth={"api_keys": [KEY]})
+    settings = settings_with(
+        compat={"enabled": True, "max_upload_bytes": 400_000}, auth={"api_keys": [KEY]}
+    )
     with serving(ScriptedWhisper(), settings) as live:
         yield live
 
 
-def _encoded(utterance: Utterance, container: str, codec: str, rate: int,
-             channels: int) -> bytes:
+def _encoded(utterance: Utterance, container: str, codec: str, rate: int, channels: int) -> bytes:
     """The utterance re-encoded with PyAV's FFmpeg, at another rate and channel count."""
     pcm, source_rate = read_pcm(utterance.path)
     audio = soxr.resample(pcm.astype(np.float32) / 32768.0, source_rate, rate)
@@ -83,8 +83,7 @@ def test_every_response_format_transcribes_the_speech(
 
     def create(**kwargs: object) -> object:
         with three_sentences.path.open("rb") as file:
-            return client.audio.transcriptions.create(file=file, model="whisper-1",
-                                                      **kwargs)  # type: ignore[call-overload]
+            return client.audio.transcriptions.create(file=file, model="whisper-1", **kwargs)  # type: ignore[call-overload]
 
     plain = create()
     assert isinstance(plain, openai.types.audio.Transcription)
@@ -120,15 +119,14 @@ def test_every_response_format_transcribes_the_speech(
 
 
 @pytest.mark.model
-def test_stream_true_sends_each_window_as_it_is_decoded_then_done(
-    model_server: LiveServer
-) -> None:
+def test_stream_true_sends_each_window_as_it_is_decoded_then_done(model_server: LiveServer) -> None:
     long = synthesize(LONG_SPEECH)
     assert long.duration_s > 30
     client = _client(model_server)
     with long.path.open("rb") as file:
-        events = list(client.audio.transcriptions.create(
-            file=file, model="gpt-4o-transcribe", stream=True))
+        events = list(
+            client.audio.transcriptions.create(file=file, model="gpt-4o-transcribe", stream=True)
+        )
     kinds = [e.type for e in events]
     assert kinds[-1] == "transcript.text.done" and kinds.count("transcript.text.done") == 1
     deltas = [e.delta for e in events if e.type == "transcript.text.delta"]
@@ -140,19 +138,29 @@ def test_stream_true_sends_each_window_as_it_is_decoded_then_done(
 
 
 @pytest.mark.model
-@pytest.mark.parametrize(("container", "codec", "rate", "channels"), [
-    ("flac", "flac", 22_050, 1), ("ogg", "libopus", 48_000, 2), ("mp3", "libmp3lame", 44_100, 2),
-    ("mp4", "aac", 32_000, 1), ("webm", "libopus", 48_000, 1),
-], ids=["flac", "ogg-opus", "mp3", "m4a-aac", "webm"])
+@pytest.mark.parametrize(
+    ("container", "codec", "rate", "channels"),
+    [
+        ("flac", "flac", 22_050, 1),
+        ("ogg", "libopus", 48_000, 2),
+        ("mp3", "libmp3lame", 44_100, 2),
+        ("mp4", "aac", 32_000, 1),
+        ("webm", "libopus", 48_000, 1),
+    ],
+    ids=["flac", "ogg-opus", "mp3", "m4a-aac", "webm"],
+)
 def test_files_in_the_formats_people_upload(
-    model_server: LiveServer, other_speech: Utterance, container: str, codec: str, rate: int,
+    model_server: LiveServer,
+    other_speech: Utterance,
+    container: str,
+    codec: str,
+    rate: int,
     channels: int,
 ) -> None:
     client = _client(model_server)
     data = _encoded(other_speech, container, codec, rate, channels)
     name = "speech.m4a" if container == "mp4" else f"speech.{container}"
-    result = client.audio.transcriptions.create(file=(name, data), model="whisper-1",
-                                                language="en")
+    result = client.audio.transcriptions.create(file=(name, data), model="whisper-1", language="en")
     # 0.2: given this whole file, tiny.en sometimes drops its last two words ("the
     # morning"), as it does for the WAV itself at 22.05 kHz.
     assert wer(other_speech.text, result.text) <= 0.2, result.text
@@ -179,38 +187,64 @@ def test_a_wrong_key_gets_a_401_in_openais_shape(
     assert response.status_code == 401 and response.headers["WWW-Authenticate"] == "Bearer"
     assert response.json()["error"]["type"] == "invalid_request_error"
     result = _client(scripted_server).audio.transcriptions.create(
-        file=_speech_file(other_speech), model="whisper-1")
+        file=_speech_file(other_speech), model="whisper-1"
+    )
     assert scripted_words(result.text), result.text
 
 
-@pytest.mark.parametrize(("kwargs", "param", "words"), [
-    ({"response_format": "diarized_json"}, "response_format", "supported: json, text"),
-    ({"extra_body": {"speed": "2"}}, "speed", "Unrecognized request argument"),
-    ({"extra_body": {"known_speaker_names[]": "alice"}}, "known_speaker_names", "not supported"),
-    ({"temperature": 7}, "temperature", "from 0 to 1"),
-    ({"timestamp_granularities": ["sentence"]}, "timestamp_granularities", "segment, word"),
-    ({"language": "de"}, "language", "English only"),
-    ({"stream": True, "response_format": "srt"}, "response_format", "json or text"),
-    ({"file": ("notes.txt", b"these are not the sounds you are looking for" * 40)}, "file",
-     "not audio"),
-    ({"file": ("empty.wav", b"")}, "file", "empty"),
-], ids=["format", "unknown-field", "diarizing-field", "temperature", "granularity",
-        "language", "stream-srt", "not-audio", "empty"])
+@pytest.mark.parametrize(
+    ("kwargs", "param", "words"),
+    [
+        ({"response_format": "diarized_json"}, "response_format", "supported: json, text"),
+        ({"extra_body": {"speed": "2"}}, "speed", "Unrecognized request argument"),
+        (
+            {"extra_body": {"known_speaker_names[]": "alice"}},
+            "known_speaker_names",
+            "not supported",
+        ),
+        ({"temperature": 7}, "temperature", "from 0 to 1"),
+        ({"timestamp_granularities": ["sentence"]}, "timestamp_granularities", "segment, word"),
+        ({"language": "de"}, "language", "English only"),
+        ({"stream": True, "response_format": "srt"}, "response_format", "json or text"),
+        (
+            {"file": ("notes.txt", b"these are not the sounds you are looking for" * 40)},
+            "file",
+            "not audio",
+        ),
+        ({"file": ("empty.wav", b"")}, "file", "empty"),
+    ],
+    ids=[
+        "format",
+        "unknown-field",
+        "diarizing-field",
+        "temperature",
+        "granularity",
+        "language",
+        "stream-srt",
+        "not-audio",
+        "empty",
+    ],
+)
 def test_bad_input_gets_a_400_that_says_what_and_the_server_goes_on(
-    scripted_server: LiveServer, other_speech: Utterance, kwargs: dict[str, object],
-    param: str, words: str,
+    scripted_server: LiveServer,
+    other_speech: Utterance,
+    kwargs: dict[str, object],
+    param: str,
+    words: str,
 ) -> None:
     client = _client(scripted_server)
-    arguments: dict[str, object] = {"file": _speech_file(other_speech), "model": "whisper-1",
-                                    **kwargs}
+    arguments: dict[str, object] = {
+        "file": _speech_file(other_speech),
+        "model": "whisper-1",
+        **kwargs,
+    }
     with pytest.raises(openai.BadRequestError) as caught:
         client.audio.transcriptions.create(**arguments)  # type: ignore[call-overload]
     error = caught.value
     assert error.status_code == 400 and error.param == param, error.body
     assert words in error.message, error.message
     assert isinstance(error.body, dict) and error.body["type"] == "invalid_request_error"
-    result = client.audio.transcriptions.create(file=_speech_file(other_speech),
-                                                model="whisper-1")
+    result = client.audio.transcriptions.create(file=_speech_file(other_speech), model="whisper-1")
     assert scripted_words(result.text), result.text
 
 
@@ -228,21 +262,27 @@ def test_an_oversized_upload_is_refused_with_413(
     # Without a Content-Length (chunked), the size is counted as the file arrives.
     def chunked() -> Iterator[bytes]:
         boundary = b"--b0undary"
-        yield (boundary + b'\r\nContent-Disposition: form-data; name="model"\r\n\r\n'
-               b"whisper-1\r\n" + boundary + b'\r\nContent-Disposition: form-data; '
-               b'name="file"; filename="big.wav"\r\nContent-Type: audio/wav\r\n\r\n')
+        yield (
+            boundary + b'\r\nContent-Disposition: form-data; name="model"\r\n\r\n'
+            b"whisper-1\r\n" + boundary + b"\r\nContent-Disposition: form-data; "
+            b'name="file"; filename="big.wav"\r\nContent-Type: audio/wav\r\n\r\n'
+        )
         for _ in range(3):
             yield data
         yield b"\r\n" + boundary + b"--\r\n"
 
-    response = httpx.post(f"{scripted_server.compat_url}/v1/audio/transcriptions",
-                          content=chunked(), timeout=30, headers={
-                              "Authorization": f"Bearer {KEY}",
-                              "Content-Type": "multipart/form-data; boundary=b0undary"})
+    response = httpx.post(
+        f"{scripted_server.compat_url}/v1/audio/transcriptions",
+        content=chunked(),
+        timeout=30,
+        headers={
+            "Authorization": f"Bearer {KEY}",
+            "Content-Type": "multipart/form-data; boundary=b0undary",
+        },
+    )
     assert response.status_code == 413, response.text
     assert response.json()["error"]["code"] == "file_too_large"
-    result = client.audio.transcriptions.create(file=("ok.wav", data[:150_000]),
-                                                model="whisper-1")
+    result = client.audio.transcriptions.create(file=("ok.wav", data[:150_000]), model="whisper-1")
     assert scripted_words(result.text), result.text
 
 
@@ -256,7 +296,8 @@ def test_more_uploads_than_compat_max_uploads_get_429(other_speech: Utterance) -
 
         def upload() -> None:
             first["result"] = client.audio.transcriptions.create(
-                file=_speech_file(other_speech), model="whisper-1")
+                file=_speech_file(other_speech), model="whisper-1"
+            )
 
         thread = threading.Thread(target=upload)
         thread.start()
@@ -265,8 +306,7 @@ def test_more_uploads_than_compat_max_uploads_get_429(other_speech: Utterance) -
             threading.Event().wait(0.05)
             deadline -= 1
         with pytest.raises(openai.RateLimitError) as caught:
-            client.audio.transcriptions.create(file=_speech_file(other_speech),
-                                               model="whisper-1")
+            client.audio.transcriptions.create(file=_speech_file(other_speech), model="whisper-1")
         assert caught.value.code == "rate_limit_exceeded"
         assert "compat.max_uploads" in caught.value.message
         engine.gate.set()
@@ -287,8 +327,7 @@ def test_unknown_models_and_paths_get_404_and_a_foreign_host_421(
     response = httpx.get(f"{scripted_server.compat_url}/v1/secret/../nothing", headers=headers)
     assert response.status_code == 404 and "nothing" not in response.text
     assert response.json()["error"]["code"] == "not_found"
-    response = httpx.get(f"{scripted_server.compat_url}/v1/audio/transcriptions",
-                         headers=headers)
+    response = httpx.get(f"{scripted_server.compat_url}/v1/audio/transcriptions", headers=headers)
     assert response.status_code == 405 and "POST" in response.headers["Allow"]
     with serving(ScriptedWhisper(), settings_with(compat={"enabled": True})) as open_server:
         url = f"{open_server.compat_url}/v1/models"

@@ -39,8 +39,9 @@ def _of_kind(kind: str) -> list[dict[str, Any]]:
     return [d for d in _manifests() if d["kind"] == kind]
 
 
-def _settings_from(env: dict[str, str], monkeypatch: pytest.MonkeyPatch,
-                   tmp_path: Path) -> Settings:
+def _settings_from(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> Settings:
     """The settings a replica with this environment starts with (no config file)."""
     monkeypatch.chdir(tmp_path)
     for name, value in env.items():
@@ -54,7 +55,12 @@ def test_the_kubernetes_manifests_validate(version: str) -> None:
     for doc in docs:
         kubernetes_validate.validate(doc, version, strict=True)
     assert sorted(d["kind"] for d in docs) == [
-        "Deployment", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Service", "Service"]
+        "Deployment",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "Service",
+        "Service",
+    ]
 
 
 def test_the_deployment_probes_readiness_and_liveness_and_drains_within_its_grace(
@@ -65,15 +71,17 @@ def test_the_deployment_probes_readiness_and_liveness_and_drains_within_its_grac
     (container,) = pod["containers"]
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert container["resources"]["requests"]["cpu"] and container["resources"]["requests"][
-        "memory"]
+    assert (
+        container["resources"]["requests"]["cpu"] and container["resources"]["requests"]["memory"]
+    )
     env = {e["name"]: e.get("value", '["a-key-from-the-secret"]') for e in container["env"]}
     settings = _settings_from(env, monkeypatch, tmp_path)
     assert settings.model.workers == int(container["resources"]["requests"]["cpu"])
     pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
-    drain_s = (float(pre_stop[1]) + settings.limits.drain_grace_s
-               + settings.limits.shutdown_timeout_s)
+    drain_s = (
+        float(pre_stop[1]) + settings.limits.drain_grace_s + settings.limits.shutdown_timeout_s
+    )
     assert pod["terminationGracePeriodSeconds"] >= drain_s + FINISH_MARGIN_S, drain_s
     assert pod["securityContext"]["runAsNonRoot"] is True
 
@@ -119,8 +127,12 @@ def test_the_haproxy_config_is_valid() -> None:
     haproxy = shutil.which("haproxy")
     if haproxy is None:
         pytest.skip("haproxy is missing: apt-get install -y haproxy")
-    result = subprocess.run([haproxy, "-c", "-f", str(DEPLOY / "haproxy.cfg")],
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [haproxy, "-c", "-f", str(DEPLOY / "haproxy.cfg")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -151,14 +163,33 @@ def test_the_dockerfile_builds_an_image_that_runs_as_a_user() -> None:
     if unusable is not None:
         pytest.skip(unusable)
     tag = "whisperstream:test-deploy"
-    build = subprocess.run(["docker", "build", "-f", str(DEPLOY / "Dockerfile"), "-t", tag,
-                            str(ROOT)], capture_output=True, text=True, timeout=1800)
+    build = subprocess.run(
+        ["docker", "build", "-f", str(DEPLOY / "Dockerfile"), "-t", tag, str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
-    user = subprocess.run(["docker", "run", "--rm", "--entrypoint", "id", tag, "-u"],
-                          capture_output=True, text=True, timeout=120)
+    user = subprocess.run(
+        ["docker", "run", "--rm", "--entrypoint", "id", tag, "-u"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert user.stdout.strip() == "10001", user
     model = subprocess.run(
-        ["docker", "run", "--rm", "--entrypoint", "python", tag, "-c",
-         "from server.engines.models import resolve_model_path as r; print(r('bundled'))"],
-        capture_output=True, text=True, timeout=120)
+        [
+            "docker",
+            "run",
+            "--rm",
+            "--entrypoint",
+            "python",
+            tag,
+            "-c",
+            "from server.engines.models import resolve_model_path as r; print(r('bundled'))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert model.returncode == 0 and model.stdout.strip(), model

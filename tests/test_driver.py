@@ -56,8 +56,9 @@ def _open(host: SessionHost, outlet: RecordingOutlet) -> SessionDriver:
     return host.open_session("s1", config, outlet)
 
 
-async def _serve(host: SessionHost, driver: SessionDriver,
-                 *io: Any, timeout_s: float = 10.0) -> None:
+async def _serve(
+    host: SessionHost, driver: SessionDriver, *io: Any, timeout_s: float = 10.0
+) -> None:
     host.scheduler.start()
     try:
         async with asyncio.timeout(timeout_s):

@@ -18,7 +18,8 @@ def test_the_bundled_model_states_it_transcribes_english_on_the_cpu(
     engine: WhisperEngine,
 ) -> None:
     assert engine.capabilities == EngineCapabilities(
-        languages=frozenset({"en"}), translation=False, device="cpu")
+        languages=frozenset({"en"}), translation=False, device="cpu"
+    )
     assert engine.capabilities.supports_language("en")
     assert not engine.capabilities.supports_language("fr")
     assert not hasattr(engine, "supports_language")  # callers ask the capabilities
@@ -31,8 +32,11 @@ def test_a_folder_without_model_bin_is_refused_with_the_reason(tmp_path: Path) -
 
 def test_a_name_that_is_neither_a_folder_nor_a_hub_model_is_refused() -> None:
     # Not a known Whisper size and no "owner/name": refused without asking the hub.
-    with pytest.raises(EngineLoadError, match=r"neither a local CTranslate2 folder nor "
-                       r"reachable on the model hub.*use model\.name: bundled, or a local path"):
+    with pytest.raises(
+        EngineLoadError,
+        match=r"neither a local CTranslate2 folder nor "
+        r"reachable on the model hub.*use model\.name: bundled, or a local path",
+    ):
         build_engine(ModelSection(name="no-such-model"))
 
 
@@ -72,4 +76,3 @@ def test_the_torch_engine_without_pytorch_says_how_to_install_it(
         monkeypatch.delitem(sys.modules, name)
     with pytest.raises(EngineLoadError, match=r"needs PyTorch.*pip install -e '\.\[torch\]'"):
         build_engine(ModelSection(engine="torch"))
-

@@ -70,15 +70,17 @@ def test_a_loop_cut_by_the_token_budget_mid_copy_keeps_one_copy() -> None:
 
 
 def test_a_repeat_said_twice_stays() -> None:
-    for text in (" it was very very good", " one two, one two, buckle my shoe",
-                 " the the meeting starts now"):
+    for text in (
+        " it was very very good",
+        " one two, one two, buckle my shoe",
+        " the the meeting starts now",
+    ):
         assert _text(trim_repetition(_tokens(text))) == text
 
 
 def test_a_word_said_three_times_stays() -> None:
     # The decoder moved on after the repeats: a loop never does.
-    for text in (" no, no, no, not that one", " very very very good",
-                 " I said no, no, no."):
+    for text in (" no, no, no, not that one", " very very very good", " I said no, no, no."):
         assert _text(trim_repetition(_tokens(text))) == text
 
 
@@ -95,8 +97,12 @@ def test_a_repeat_the_decoder_ended_itself_is_left_to_the_alignment() -> None:
 
 def test_the_words_of_the_forced_prefix_are_the_ones_kept() -> None:
     # The forced prefix is the promised words' tokens; a word may span several tokens.
-    words = [Word(" Streaming", 0.0, 0.5, 0.9, (1, 2)), Word(" speech", 0.5, 0.9, 0.9, (3,)),
-             Word(" recognition", 0.9, 1.6, 0.9, (4, 5)), Word(" now", 1.6, 1.9, 0.9, (6,))]
+    words = [
+        Word(" Streaming", 0.0, 0.5, 0.9, (1, 2)),
+        Word(" speech", 0.5, 0.9, 0.9, (3,)),
+        Word(" recognition", 0.9, 1.6, 0.9, (4, 5)),
+        Word(" now", 1.6, 1.9, 0.9, (6,)),
+    ]
     assert prefix_words(words, [1, 2, 3]) == words[:2]
     assert prefix_words(words, []) == []  # nothing promised: every word may go
     assert prefix_words(words, [1, 2, 3, 4, 5, 6, 7]) == words  # all promised
@@ -135,24 +141,39 @@ def test_a_restart_of_the_window_text_is_cut() -> None:
     # at the end of the words before it.
     said = _words("streaming speech recognition, spoken words")
     end = said[-1].end_s
-    again = [Word(f" {t}", end, end, 0.5, (20 + i,)) for i, t in
-             enumerate(["streaming", "speech", "recognition,", "spoken", "words", "and", "text"])]
+    again = [
+        Word(f" {t}", end, end, 0.5, (20 + i,))
+        for i, t in enumerate(
+            ["streaming", "speech", "recognition,", "spoken", "words", "and", "text"]
+        )
+    ]
     kept = drop_restart([*said, *again], keep=0)
     assert " ".join(w.text.strip() for w in kept) == "streaming speech recognition, spoken words"
 
 
 def test_a_restart_squeezed_into_a_sliver_of_audio_is_cut() -> None:
     # The second saying gets durations, but a fifth of the first one's pace.
-    said = _timed(("he", 0.0, 0.22), ("was", 0.22, 0.44), ("a", 0.44, 0.54),
-                  ("head", 0.54, 0.78), ("shorter", 0.78, 1.0))
+    said = _timed(
+        ("he", 0.0, 0.22),
+        ("was", 0.22, 0.44),
+        ("a", 0.44, 0.54),
+        ("head", 0.54, 0.78),
+        ("shorter", 0.78, 1.0),
+    )
     again = _timed(("he", 1.0, 1.05), ("was", 1.05, 1.1), ("a", 1.1, 1.15), ("head", 1.15, 1.2))
     assert drop_restart([*said, *again], keep=0) == said
 
 
 def test_a_restart_of_the_first_new_words_is_cut_after_the_promised_ones() -> None:
     promised = _words("well")
-    new = _timed(("we", 0.3, 0.5), ("will", 0.5, 0.8), ("be", 0.8, 1.1),
-                 ("we", 1.1, 1.1), ("will", 1.1, 1.1), ("be", 1.1, 1.1))
+    new = _timed(
+        ("we", 0.3, 0.5),
+        ("will", 0.5, 0.8),
+        ("be", 0.8, 1.1),
+        ("we", 1.1, 1.1),
+        ("will", 1.1, 1.1),
+        ("be", 1.1, 1.1),
+    )
     assert drop_restart([*promised, *new], keep=1) == [*promised, *new[:3]]
 
 
@@ -164,9 +185,17 @@ def test_a_restart_never_cuts_promised_words_and_ordinary_text_stays() -> None:
 
 
 # A phrase really said twice: the second saying has its own audio, later in time.
-SAID_TWICE = _timed(("thank", 0.0, 0.3), ("you", 0.3, 0.5), ("very", 0.5, 0.8),
-                    ("much,", 0.8, 1.2), ("thank", 1.6, 1.9), ("you", 1.9, 2.1),
-                    ("very", 2.1, 2.4), ("much", 2.4, 2.8), ("everyone.", 2.8, 3.4))
+SAID_TWICE = _timed(
+    ("thank", 0.0, 0.3),
+    ("you", 0.3, 0.5),
+    ("very", 0.5, 0.8),
+    ("much,", 0.8, 1.2),
+    ("thank", 1.6, 1.9),
+    ("you", 1.9, 2.1),
+    ("very", 2.1, 2.4),
+    ("much", 2.4, 2.8),
+    ("everyone.", 2.8, 3.4),
+)
 
 
 def test_a_real_repeated_phrase_with_its_own_audio_stays() -> None:
@@ -177,8 +206,10 @@ def test_a_real_repeated_phrase_with_its_own_audio_stays() -> None:
 def test_a_sentence_whose_end_repeats_the_window_start_stays() -> None:
     # Issue 15: the window began with "The invention of"; the speaker ended the sentence
     # with "the invention of the art of printing", each word with its own audio.
-    words = _words("The invention of movable metal letters may justly be considered as "
-                   "the invention of the art of printing.")
+    words = _words(
+        "The invention of movable metal letters may justly be considered as "
+        "the invention of the art of printing."
+    )
     assert drop_restart(words, keep=0) == words
     assert drop_restart(words, keep=11) == words  # "... considered as" promised
 
@@ -187,10 +218,20 @@ def test_a_repetition_is_heard_though_the_first_word_took_in_the_pause_before_it
     # tiny.en on the suite's voice: "We" got the 0.5 s of silence before it, so the first
     # saying of "we will meet" spans twice the time of the second; word for word, the
     # second saying's pace is the first one's.
-    words = _timed(("We", 0.0, 0.68), ("will", 0.68, 0.84), ("meet", 0.84, 1.02),
-                   ("again", 1.02, 1.32), ("tomorrow,", 1.32, 2.0), ("and", 2.0, 2.18),
-                   ("we", 2.18, 2.32), ("will", 2.32, 2.48), ("meet", 2.48, 2.68),
-                   ("again", 2.68, 2.92), ("next", 2.92, 3.22), ("week.", 3.22, 4.54))
+    words = _timed(
+        ("We", 0.0, 0.68),
+        ("will", 0.68, 0.84),
+        ("meet", 0.84, 1.02),
+        ("again", 1.02, 1.32),
+        ("tomorrow,", 1.32, 2.0),
+        ("and", 2.0, 2.18),
+        ("we", 2.18, 2.32),
+        ("will", 2.32, 2.48),
+        ("meet", 2.48, 2.68),
+        ("again", 2.68, 2.92),
+        ("next", 2.92, 3.22),
+        ("week.", 3.22, 4.54),
+    )
     assert drop_restart(words, keep=0) == words
 
 
@@ -207,10 +248,23 @@ def test_a_repetition_said_faster_still_counts_as_heard() -> None:
 def test_a_loop_stacked_at_one_instant_is_cut_where_it_starts() -> None:
     # Measured on a real recording (earnings22): the window ended after "next year" and
     # tiny.en looped; the alignment put the invented words, zero-length, at 3.8 s.
-    heard = [("We", 0.0, 0.38), ("already", 0.38, 0.74), ("on", 0.74, 0.96),
-             ("Zoom", 0.96, 1.24), ("next", 2.4, 3.38), ("year,", 3.38, 3.8)]
-    looped = [("we'll", 3.8, 3.8), ("be", 3.8, 3.8), ("on", 3.8, 3.8), ("Zoom", 3.8, 3.8),
-              ("next", 3.8, 3.8), ("year,", 3.8, 4.04), ("we'll", 4.04, 4.24)]
+    heard = [
+        ("We", 0.0, 0.38),
+        ("already", 0.38, 0.74),
+        ("on", 0.74, 0.96),
+        ("Zoom", 0.96, 1.24),
+        ("next", 2.4, 3.38),
+        ("year,", 3.38, 3.8),
+    ]
+    looped = [
+        ("we'll", 3.8, 3.8),
+        ("be", 3.8, 3.8),
+        ("on", 3.8, 3.8),
+        ("Zoom", 3.8, 3.8),
+        ("next", 3.8, 3.8),
+        ("year,", 3.8, 4.04),
+        ("we'll", 4.04, 4.24),
+    ]
     words = _timed(*heard, *looped)
     assert texts(drop_stacked_words(words, keep=0)) == texts(_timed(*heard))
     assert drop_stacked_words(words, keep=4) == words[:6]  # the cut is after promised words
@@ -218,14 +272,24 @@ def test_a_loop_stacked_at_one_instant_is_cut_where_it_starts() -> None:
 
 def test_three_short_words_that_move_on_in_time_stay() -> None:
     # Fast speech: the alignment gives each 40 ms, but they follow one another.
-    words = _timed(("it", 0.0, 0.3), ("is", 0.3, 0.34), ("a", 0.34, 0.38), ("of", 0.38, 0.42),
-                   ("cat", 0.42, 0.8))
+    words = _timed(
+        ("it", 0.0, 0.3),
+        ("is", 0.3, 0.34),
+        ("a", 0.34, 0.38),
+        ("of", 0.38, 0.42),
+        ("cat", 0.42, 0.8),
+    )
     assert drop_stacked_words(words, keep=0) == words
 
 
 def test_short_words_that_are_not_three_in_a_row_stay() -> None:
-    words = _timed(("a", 0.0, 0.02), ("b", 0.02, 0.04), ("cat", 0.04, 0.4),
-                   ("a", 0.4, 0.42), ("dog", 0.42, 0.8))
+    words = _timed(
+        ("a", 0.0, 0.02),
+        ("b", 0.02, 0.04),
+        ("cat", 0.04, 0.4),
+        ("a", 0.4, 0.42),
+        ("dog", 0.42, 0.8),
+    )
     assert drop_stacked_words(words, keep=0) == words
     promised = _timed(("x", 1.0, 1.0), ("y", 1.0, 1.0), ("z", 1.0, 1.0), ("end", 1.0, 1.5))
     assert drop_stacked_words(promised, keep=3) == promised  # promised words are never cut
@@ -236,11 +300,20 @@ def test_short_words_that_are_not_three_in_a_row_stay() -> None:
 
 def test_the_guards_together_cut_a_stacked_restart_and_keep_a_heard_repeat() -> None:
     # tiny.en on cathy_arctic_a0013 at 2.4 s: the window's text said again at 1.86 s.
-    heard = _timed(("He", 0.0, 0.22), ("was", 0.22, 0.44), ("a", 0.44, 0.54),
-                   ("head", 0.54, 0.78), ("shorter", 0.78, 1.0), ("than", 1.0, 1.26),
-                   ("his", 1.26, 1.58), ("companion.", 1.58, 1.86))
-    restart = [Word(f" {t}", 1.86, 1.86, 0.4, (30 + i,)) for i, t in
-               enumerate(["He", "was", "a", "head", "shorter", "than", "his"])]
+    heard = _timed(
+        ("He", 0.0, 0.22),
+        ("was", 0.22, 0.44),
+        ("a", 0.44, 0.54),
+        ("head", 0.54, 0.78),
+        ("shorter", 0.78, 1.0),
+        ("than", 1.0, 1.26),
+        ("his", 1.26, 1.58),
+        ("companion.", 1.58, 1.86),
+    )
+    restart = [
+        Word(f" {t}", 1.86, 1.86, 0.4, (30 + i,))
+        for i, t in enumerate(["He", "was", "a", "head", "shorter", "than", "his"])
+    ]
     restart.append(Word(" companion.", 1.86, 2.38, 0.4, (40,)))
     assert clean_tail([*heard, *restart], prefix=[], duration_s=2.4) == heard
     # The same words said twice, each with its own audio, stay through every guard.

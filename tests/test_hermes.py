@@ -34,8 +34,10 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
 
 
 def _settings(port: int, **hermes: Any) -> Settings:
-    return Settings(mqtt=MqttSection(port=port, reconnect_max_s=0.5),
-                    hermes=HermesSection(enabled=True, **hermes))
+    return Settings(
+        mqtt=MqttSection(port=port, reconnect_max_s=0.5),
+        hermes=HermesSection(enabled=True, **hermes),
+    )
 
 
 def wav_chunks(path: Path) -> tuple[list[bytes], float]:
@@ -72,10 +74,12 @@ async def _wait_until_listening(port: int, sub: Subscriber) -> None:
     async with aiomqtt.Client("127.0.0.1", port) as client:
         for attempt in range(100):
             probe = f"probe-{attempt}"
-            await client.publish("hermes/asr/startListening",
-                                 json.dumps({"siteId": "probe", "sessionId": probe}))
-            await client.publish("hermes/asr/stopListening",
-                                 json.dumps({"siteId": "probe", "sessionId": probe}))
+            await client.publish(
+                "hermes/asr/startListening", json.dumps({"siteId": "probe", "sessionId": probe})
+            )
+            await client.publish(
+                "hermes/asr/stopListening", json.dumps({"siteId": "probe", "sessionId": probe})
+            )
             await asyncio.sleep(0.1)
             if _for(sub, "hermes/asr/textCaptured", probe):
                 return
@@ -89,14 +93,24 @@ def test_a_hermes_session_from_start_listening_to_text_captured_gives_the_spoken
         async with Subscriber(broker.port, ["hermes/asr/#", "hermes/error/#"]) as sub:
             await _wait_until_listening(broker.port, sub)
             async with aiomqtt.Client("127.0.0.1", broker.port) as client:
-                await client.publish("hermes/asr/startListening", json.dumps({
-                    "siteId": "kitchen", "sessionId": "s-1", "stopOnSilence": False,
-                    "wakewordId": "porcupine", "lang": "en-US"}))
+                await client.publish(
+                    "hermes/asr/startListening",
+                    json.dumps(
+                        {
+                            "siteId": "kitchen",
+                            "sessionId": "s-1",
+                            "stopOnSilence": False,
+                            "wakewordId": "porcupine",
+                            "lang": "en-US",
+                        }
+                    ),
+                )
                 await _send_audio(client, "kitchen", three_sentences.path, speed=2.0)
-                await client.publish("hermes/asr/stopListening",
-                                     json.dumps({"siteId": "kitchen", "sessionId": "s-1"}))
-            await sub.wait_for(lambda: bool(_for(sub, "/textCaptured", "s-1")), 60,
-                               "textCaptured")
+                await client.publish(
+                    "hermes/asr/stopListening",
+                    json.dumps({"siteId": "kitchen", "sessionId": "s-1"}),
+                )
+            await sub.wait_for(lambda: bool(_for(sub, "/textCaptured", "s-1")), 60, "textCaptured")
             await asyncio.sleep(0.5)  # nothing more may follow
             return sub
 
@@ -122,8 +136,11 @@ def test_a_hermes_session_from_start_listening_to_text_captured_gives_the_spoken
     assert any(len(p["text"].split()) >= 3 for p in partials)
     assert not sub.on("hermes/error/asr")
     # On the bus, the partials come first, then the one textCaptured.
-    kinds = [m.topic for m in sub.messages
-             if m.topic.endswith("extCaptured") and m.json().get("sessionId") == "s-1"]
+    kinds = [
+        m.topic
+        for m in sub.messages
+        if m.topic.endswith("extCaptured") and m.json().get("sessionId") == "s-1"
+    ]
     assert kinds[-1] == "hermes/asr/textCaptured" and kinds.count(kinds[-1]) == 1
 
 
@@ -134,14 +151,17 @@ def test_stop_on_silence_ends_the_voice_command_at_the_first_pause(
         async with Subscriber(broker.port, ["hermes/asr/textCaptured"]) as sub:
             await _wait_until_listening(broker.port, sub)
             async with aiomqtt.Client("127.0.0.1", broker.port) as client:
-                await client.publish("hermes/asr/startListening",
-                                     json.dumps({"siteId": "hall", "sessionId": "cmd"}))
+                await client.publish(
+                    "hermes/asr/startListening", json.dumps({"siteId": "hall", "sessionId": "cmd"})
+                )
                 await _send_audio(client, "hall", three_sentences.path, speed=0)
                 # No stopListening: the pause after the first sentence ends the command.
-                await sub.wait_for(lambda: bool(_for(sub, "/textCaptured", "cmd")), 60,
-                                   "textCaptured")
-                await client.publish("hermes/asr/stopListening",
-                                     json.dumps({"siteId": "hall", "sessionId": "cmd"}))
+                await sub.wait_for(
+                    lambda: bool(_for(sub, "/textCaptured", "cmd")), 60, "textCaptured"
+                )
+                await client.publish(
+                    "hermes/asr/stopListening", json.dumps({"siteId": "hall", "sessionId": "cmd"})
+                )
                 await asyncio.sleep(1.0)
             return sub
 
@@ -171,23 +191,31 @@ def test_other_sites_unknown_languages_and_bad_frames_get_no_transcript(
                     if sub.on("/textCaptured"):
                         break
                 # A site that is not ours.
-                await client.publish("hermes/asr/startListening",
-                                     json.dumps({"siteId": "garage", "sessionId": "g"}))
+                await client.publish(
+                    "hermes/asr/startListening", json.dumps({"siteId": "garage", "sessionId": "g"})
+                )
                 await _send_audio(client, "garage", other_speech.path, speed=0)
-                await client.publish("hermes/asr/stopListening",
-                                     json.dumps({"siteId": "garage", "sessionId": "g"}))
+                await client.publish(
+                    "hermes/asr/stopListening", json.dumps({"siteId": "garage", "sessionId": "g"})
+                )
                 # A language the model does not know.
-                await client.publish("hermes/asr/startListening", json.dumps(
-                    {"siteId": "kitchen", "sessionId": "de", "lang": "de-DE"}))
+                await client.publish(
+                    "hermes/asr/startListening",
+                    json.dumps({"siteId": "kitchen", "sessionId": "de", "lang": "de-DE"}),
+                )
                 # Frames that are not WAV, then a real command on the same site.
-                await client.publish("hermes/asr/startListening", json.dumps(
-                    {"siteId": "kitchen", "sessionId": "k", "stopOnSilence": False}))
+                await client.publish(
+                    "hermes/asr/startListening",
+                    json.dumps({"siteId": "kitchen", "sessionId": "k", "stopOnSilence": False}),
+                )
                 await client.publish("hermes/audioServer/kitchen/audioFrame", b"not a wav")
                 await _send_audio(client, "kitchen", other_speech.path, speed=0)
-                await client.publish("hermes/asr/stopListening",
-                                     json.dumps({"siteId": "kitchen", "sessionId": "k"}))
-                await sub.wait_for(lambda: bool(_for(sub, "/textCaptured", "k")), 60,
-                                   "textCaptured")
+                await client.publish(
+                    "hermes/asr/stopListening", json.dumps({"siteId": "kitchen", "sessionId": "k"})
+                )
+                await sub.wait_for(
+                    lambda: bool(_for(sub, "/textCaptured", "k")), 60, "textCaptured"
+                )
                 await asyncio.sleep(0.5)
             return sub
 
@@ -213,15 +241,32 @@ def rhasspy_hermes_python() -> Path:
     if marker.exists():
         return python
     try:
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True,
-                       capture_output=True, timeout=300)
-        subprocess.run([str(python), "-m", "pip", "install", "--quiet",
-                        "--disable-pip-version-check", RHASSPY_HERMES],
-                       check=True, capture_output=True, timeout=600)
+        subprocess.run(
+            [sys.executable, "-m", "venv", "--clear", str(venv)],
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+        subprocess.run(
+            [
+                str(python),
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                RHASSPY_HERMES,
+            ],
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
         output = getattr(exc, "stderr", b"") or b""
-        need(f"{RHASSPY_HERMES} in a virtualenv ({output.decode(errors='replace')[-800:]})",
-             f"python -m venv {venv} && {python} -m pip install {RHASSPY_HERMES}")
+        need(
+            f"{RHASSPY_HERMES} in a virtualenv ({output.decode(errors='replace')[-800:]})",
+            f"python -m venv {venv} && {python} -m pip install {RHASSPY_HERMES}",
+        )
     marker.touch()
     return python
 
@@ -236,9 +281,18 @@ def test_the_rhasspy_hermes_command_line_transcribes_a_wav_through_us(
     with serving(engine, _settings(broker.port)):  # type: ignore[arg-type]
         asyncio.run(ready())
         result = subprocess.run(
-            [str(rhasspy_hermes_python), "-m", "rhasspyhermes", "--port", str(broker.port),
-             "transcribe-wav", str(other_speech.path)],
-            capture_output=True, text=True, timeout=120,
+            [
+                str(rhasspy_hermes_python),
+                "-m",
+                "rhasspyhermes",
+                "--port",
+                str(broker.port),
+                "transcribe-wav",
+                str(other_speech.path),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
     assert result.returncode == 0, result.stderr[-2000:]
     printed = json.loads(result.stdout.strip().splitlines()[-1])

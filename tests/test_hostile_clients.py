@@ -96,17 +96,24 @@ def _read_until_closed(sock: socket.socket, timeout: float = 10.0) -> bytes:
     return data
 
 
-def _upgrade(port: int, *, host: str | None = None, headers: tuple[str, ...] = (),
-             rcvbuf: int | None = None) -> tuple[socket.socket, bytes, bytes]:
+def _upgrade(
+    port: int, *, host: str | None = None, headers: tuple[str, ...] = (), rcvbuf: int | None = None
+) -> tuple[socket.socket, bytes, bytes]:
     """A WebSocket handshake by hand: (socket, the response head, bytes already after it)."""
     sock = socket.socket()
     if rcvbuf is not None:  # fixed and small: no autotuning, the client's window stays shut
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     sock.connect(("127.0.0.1", port))
     key = base64.b64encode(os.urandom(16)).decode()
-    lines = ["GET /v1/stream HTTP/1.1", f"Host: {host or f'127.0.0.1:{port}'}",
-             "Upgrade: websocket", "Connection: Upgrade", f"Sec-WebSocket-Key: {key}",
-             "Sec-WebSocket-Version: 13", *headers]
+    lines = [
+        "GET /v1/stream HTTP/1.1",
+        f"Host: {host or f'127.0.0.1:{port}'}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Key: {key}",
+        "Sec-WebSocket-Version: 13",
+        *headers,
+    ]
     sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
     sock.settimeout(10)
     data = b""
@@ -133,8 +140,9 @@ def _body(answer: bytes) -> bytes:
     return answer.partition(b"\r\n\r\n")[2]
 
 
-def _get(port: int, path: str, *headers: str, method: str = "GET",
-         host: str | None = None) -> bytes:
+def _get(
+    port: int, path: str, *headers: str, method: str = "GET", host: str | None = None
+) -> bytes:
     lines = [f"{method} {path} HTTP/1.1", f"Host: {host or f'127.0.0.1:{port}'}", *headers]
     return _http(port, ("\r\n".join(lines) + "\r\n\r\n").encode())
 
@@ -209,8 +217,9 @@ class Watch:
             thread.join(10)
 
 
-def _beside(live: LiveServer, attack: Callable[[], T], speech: Utterance,
-            speed: float = 2.0) -> tuple[T, Watch, Transcript]:
+def _beside(
+    live: LiveServer, attack: Callable[[], T], speech: Utterance, speed: float = 2.0
+) -> tuple[T, Watch, Transcript]:
     """Run `attack` while a good session streams `speech`, watching the server."""
     url = f"{live.url}/v1/stream"
     with Watch(live.http_url).running() as watch, ThreadPoolExecutor(2) as pool:
@@ -222,8 +231,11 @@ def _beside(live: LiveServer, attack: Callable[[], T], speech: Utterance,
 
 
 def _good(transcript: Transcript) -> bool:
-    return (transcript.close_code == 1000 and transcript.messages[-1]["type"] == "done"
-            and scripted_words(transcript.text))
+    return (
+        transcript.close_code == 1000
+        and transcript.messages[-1]["type"] == "done"
+        and scripted_words(transcript.text)
+    )
 
 
 # Finding 2: compression ----------------------------------------------------------------
@@ -231,6 +243,7 @@ def _good(transcript: Transcript) -> bool:
 
 def test_a_client_offering_deflate_gets_no_compression(scripted: ScriptedWhisper) -> None:
     with serving(scripted) as live:
+
         async def offer() -> tuple[str | None, list[Any]]:
             async with websockets.connect(f"{live.url}/v1/stream", compression="deflate") as ws:
                 assert ws.response is not None
@@ -254,9 +267,12 @@ def test_a_deflate_bomb_is_refused_and_the_server_stays_responsive(
     issue 18 saw /healthz take 8-14 s and a good session beside lose its transcript."""
     bomb = _frame(BINARY, _deflated_zeros(1 << 20), rsv1=True)
     with serving(scripted) as live:
+
         def attack() -> tuple[bytes, tuple[int, str] | None]:
-            sock, head, rest = _upgrade(_port(live), headers=(
-                "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits",))
+            sock, head, rest = _upgrade(
+                _port(live),
+                headers=("Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits",),
+            )
             with sock:
                 with contextlib.suppress(OSError):  # the server may close before the end
                     sock.sendall(bomb * 200)
@@ -303,7 +319,8 @@ def test_a_client_that_pings_and_never_reads_is_dropped_and_memory_stays_bounded
     """Issue 18: pongs piled up without flow control, RSS 291 -> 1,141 MB in 70 s."""
     with serving(ScriptedWhisper()) as live:
         (connections, dropped), watch, good = _beside(
-            live, lambda: _ping_flood(_port(live), 10.0), other_speech, speed=1.0)
+            live, lambda: _ping_flood(_port(live), 10.0), other_speech, speed=1.0
+        )
         freed = _wait_for(lambda: live.app.active_sessions == 0, 10)
         admitted = _admitted(live)
     assert dropped >= 1 and dropped >= connections - 1, (connections, dropped)
@@ -376,8 +393,10 @@ def test_a_trusted_proxy_forwards_each_clients_address_for_the_limits(
 ) -> None:
     """The test is the proxy: it connects from 127.0.0.1, which is trusted."""
     caplog.set_level(logging.INFO)
-    settings = settings_with(server={"trusted_proxies": ["127.0.0.0/8", "10.1.0.0/16"]},
-                             limits={"max_sessions_per_client": 1})
+    settings = settings_with(
+        server={"trusted_proxies": ["127.0.0.0/8", "10.1.0.0/16"]},
+        limits={"max_sessions_per_client": 1},
+    )
     with serving(scripted, settings) as live:
         attempts = [
             ("X-Forwarded-For: 203.0.113.7",),
@@ -397,16 +416,21 @@ def test_a_trusted_proxy_forwards_each_clients_address_for_the_limits(
     assert b"too many sessions from 203.0.113.8 " in refusals[1]
     opened_from = [r.getMessage() for r in caplog.records if ": opened from " in r.getMessage()]
     assert [line.split(" from ")[1].split(" ")[0] for line in opened_from] == [
-        "203.0.113.7", "203.0.113.8", "2001:db8::17"]
+        "203.0.113.7",
+        "203.0.113.8",
+        "2001:db8::17",
+    ]
 
 
 def test_an_untrusted_peer_cannot_choose_its_address(scripted: ScriptedWhisper) -> None:
-    settings = settings_with(server={"trusted_proxies": ["10.0.0.0/8"]},
-                             limits={"max_sessions_per_client": 1})
+    settings = settings_with(
+        server={"trusted_proxies": ["10.0.0.0/8"]}, limits={"max_sessions_per_client": 1}
+    )
     with serving(scripted, settings) as live:
         first, status1, _ = _through_proxy(live, "X-Forwarded-For: 203.0.113.7")
-        second, status2, refusal = _through_proxy(live, "X-Forwarded-For: 203.0.113.8",
-                                                  "Forwarded: for=203.0.113.9")
+        second, status2, refusal = _through_proxy(
+            live, "X-Forwarded-For: 203.0.113.8", "Forwarded: for=203.0.113.9"
+        )
         first.close()
         second.close()
     assert (status1, status2) == (101, 429)
@@ -431,15 +455,17 @@ def test_host_names_other_than_loopback_are_refused_without_keys(
         port = _port(live)
 
         async def handshakes() -> list[tuple[int, str]]:
-            return list(await asyncio.gather(
-                _as_host(port, f"evil.example:{port}", origin=f"http://evil.example:{port}"),
-                _as_host(port, f"evil.example:{port}"),
-                _as_host(port, f"localhost:{port}"),
-                _as_host(port, f"[::1]:{port}"),
-                _as_host(port, f"127.0.0.2:{port}"),
-                _as_host(port, f"captions.lan:{port}", origin=f"http://captions.lan:{port}"),
-                _as_host(port, f"127.0.0.1:{port}", origin=f"http://evil.example:{port}"),
-            ))
+            return list(
+                await asyncio.gather(
+                    _as_host(port, f"evil.example:{port}", origin=f"http://evil.example:{port}"),
+                    _as_host(port, f"evil.example:{port}"),
+                    _as_host(port, f"localhost:{port}"),
+                    _as_host(port, f"[::1]:{port}"),
+                    _as_host(port, f"127.0.0.2:{port}"),
+                    _as_host(port, f"captions.lan:{port}", origin=f"http://captions.lan:{port}"),
+                    _as_host(port, f"127.0.0.1:{port}", origin=f"http://evil.example:{port}"),
+                )
+            )
 
         results = asyncio.run(handshakes())
         page = _get(port, "/", host=f"evil.example:{port}")
@@ -447,17 +473,27 @@ def test_host_names_other_than_loopback_are_refused_without_keys(
         health = _get(port, "/healthz", host=f"evil.example:{port}")
         own_page = _get(port, "/")
     assert [status for status, _ in results] == [421, 421, 101, 101, 101, 101, 403]
-    assert results[0][1] == ("this server does not answer to the host name evil.example "
-                             "(server.allowed_hosts)\n")
+    assert results[0][1] == (
+        "this server does not answer to the host name evil.example (server.allowed_hosts)\n"
+    )
     assert (_status(page), _status(metrics), _status(health), _status(own_page)) == (
-        421, 421, 200, 200)
+        421,
+        421,
+        200,
+        200,
+    )
 
 
 def test_with_keys_any_host_name_may_connect_with_the_key(scripted: ScriptedWhisper) -> None:
     with serving(scripted, settings_with(auth={"api_keys": [KEY]})) as live:
         port = _port(live)
-        statuses = asyncio.run(_as_host(port, f"captions.example.org:{port}",
-                                        additional_headers={"Authorization": f"Bearer {KEY}"}))
+        statuses = asyncio.run(
+            _as_host(
+                port,
+                f"captions.example.org:{port}",
+                additional_headers={"Authorization": f"Bearer {KEY}"},
+            )
+        )
     assert statuses == (101, "")
 
 
@@ -469,27 +505,46 @@ def test_with_keys_any_host_name_may_connect_with_the_key(scripted: ScriptedWhis
     [
         (b"GET /he\x00althz HTTP/1.1\r\nHost: 127.0.0.1\r\n", b"control character"),
         (b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n", b"2048 characters"),
-        (b"GET /v1/stream?" + b"a" * 3000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n",
-         b"2048 characters"),
+        (
+            b"GET /v1/stream?" + b"a" * 3000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n",
+            b"2048 characters",
+        ),
         (b"GET //[ HTTP/1.1\r\nHost: 127.0.0.1\r\n", b"malformed"),
-        (b"GET /v1/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer a\r\n"
-         b"Authorization: Bearer b\r\n", b"more than one Authorization header"),
-        (b"GET /v1/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: evil\r\nOrigin: http://evil\r\n",
-         b"more than one Host header"),
-        (b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: http://a\r\nOrigin: http://b\r\n",
-         b"more than one Origin header"),
+        (
+            b"GET /v1/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer a\r\n"
+            b"Authorization: Bearer b\r\n",
+            b"more than one Authorization header",
+        ),
+        (
+            b"GET /v1/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: evil\r\nOrigin: http://evil\r\n",
+            b"more than one Host header",
+        ),
+        (
+            b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: http://a\r\nOrigin: http://b\r\n",
+            b"more than one Origin header",
+        ),
     ],
-    ids=["nul", "long-path", "long-query", "malformed", "two-authorization", "two-host",
-         "two-origin"],
+    ids=[
+        "nul",
+        "long-path",
+        "long-query",
+        "malformed",
+        "two-authorization",
+        "two-host",
+        "two-origin",
+    ],
 )
 def test_bad_requests_get_400_with_a_reason_and_no_traceback(
     scripted_url: str, caplog: pytest.LogCaptureFixture, request_head: bytes, reason: bytes
 ) -> None:
     caplog.set_level(logging.DEBUG)
     port = int(scripted_url.rsplit(":", 1)[1])
-    answer = _http(port, request_head + b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                   b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                   b"Sec-WebSocket-Version: 13\r\n\r\n")
+    answer = _http(
+        port,
+        request_head + b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 13\r\n\r\n",
+    )
     assert _status(answer) == 400 and reason in _body(answer), answer
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
 
@@ -518,10 +573,17 @@ def test_pipelined_requests_get_one_answer_and_a_clean_close(
 ) -> None:
     caplog.set_level(logging.INFO)
     port = int(scripted_url.rsplit(":", 1)[1])
-    answers = [_http(port, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-                     b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n") for _ in range(20)]
-    assert all(a.count(b"HTTP/1.1 ") == 1 and _status(a) == 200 and _body(a) == b"ok\n"
-               for a in answers), answers
+    answers = [
+        _http(
+            port,
+            b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+            b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        )
+        for _ in range(20)
+    ]
+    assert all(
+        a.count(b"HTTP/1.1 ") == 1 and _status(a) == 200 and _body(a) == b"ok\n" for a in answers
+    ), answers
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
 
 
@@ -553,9 +615,17 @@ def test_keys_in_encoded_query_names_and_other_auth_headers_are_never_logged(
         statuses = [
             asyncio.run(_handshake_status(f"{url}?tok%65n={KEY}"))[0],
             asyncio.run(_handshake_status(f"{url}?%74oken={KEY}&x=1"))[0],
-            asyncio.run(_handshake_status(url, additional_headers={
-                "X-Api-Key": KEY, "Cookie": f"key={KEY}", "Proxy-Authorization": KEY,
-                "Authorization": f"Basic {KEY}"}))[0],
+            asyncio.run(
+                _handshake_status(
+                    url,
+                    additional_headers={
+                        "X-Api-Key": KEY,
+                        "Cookie": f"key={KEY}",
+                        "Proxy-Authorization": KEY,
+                        "Authorization": f"Basic {KEY}",
+                    },
+                )
+            )[0],
         ]
     assert statuses == [101, 101, 401]
     server_records = [r for r in caplog.records if not r.name.startswith("websockets.client")]

@@ -18,8 +18,9 @@ from streaming.vad import FrameClassifier
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner,
-                                                                 max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 
@@ -34,8 +35,14 @@ def test_any_text_frame_parses_or_raises_a_protocol_error(text: str) -> None:
         assert isinstance(message, Start | Flush | Stop)
 
 
-@given(st.dictionaries(st.sampled_from(["type", "sample_rate", "encoding", "language",
-                                        "interim", "source", "labels"]), json_values))
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            ["type", "sample_rate", "encoding", "language", "interim", "source", "labels"]
+        ),
+        json_values,
+    )
+)
 def test_any_json_object_parses_or_raises_a_protocol_error(obj: dict[str, object]) -> None:
     try:
         parse_client_text(json.dumps(obj))
@@ -44,12 +51,11 @@ def test_any_json_object_parses_or_raises_a_protocol_error(obj: dict[str, object
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.integers(1, 60_000), st.sampled_from(["[", "{\"a\":", "[{\"b\":"]),
-       st.booleans())
+@given(st.integers(1, 60_000), st.sampled_from(["[", '{"a":', '[{"b":']), st.booleans())
 def test_any_nesting_depth_is_parsed_or_refused_never_a_crash(
     depth: int, opener: str, closed: bool
 ) -> None:
-    closer = {"[": "]", "{\"a\":": "}", "[{\"b\":": "}]"}[opener]
+    closer = {"[": "]", '{"a":': "}", '[{"b":': "}]"}[opener]
     inner = "0" + closer * depth if closed else ""
     text = '{"type": "flush", "x": ' + opener * depth + inner + "}"
     try:
@@ -60,8 +66,11 @@ def test_any_nesting_depth_is_parsed_or_refused_never_a_crash(
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.integers(1, 20_000), st.sampled_from(["", "-", "0.", "1e"]),
-       st.sampled_from(["sample_rate", "x"]))
+@given(
+    st.integers(1, 20_000),
+    st.sampled_from(["", "-", "0.", "1e"]),
+    st.sampled_from(["sample_rate", "x"]),
+)
 def test_any_number_length_is_parsed_or_refused_never_a_crash(
     digits: int, sign: str, field: str
 ) -> None:
@@ -83,8 +92,9 @@ def test_only_ascii_digits_make_a_sample_rate(digits: str) -> None:
 
 
 @given(st.binary(max_size=4096), st.sampled_from(["pcm_s16le", "f32le"]))
-def test_any_binary_frame_decodes_to_finite_samples_or_is_refused(data: bytes,
-                                                                  encoding: str) -> None:
+def test_any_binary_frame_decodes_to_finite_samples_or_is_refused(
+    data: bytes, encoding: str
+) -> None:
     try:
         samples = decode_frame(data, AudioFormat(16_000, encoding))  # type: ignore[arg-type]
     except AudioFormatError as exc:
@@ -96,8 +106,9 @@ def test_any_binary_frame_decodes_to_finite_samples_or_is_refused(data: bytes,
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    st.lists(st.binary(max_size=3000) | st.sampled_from(['{"type":"flush"}', "{", "[]"]),
-             max_size=30),
+    st.lists(
+        st.binary(max_size=3000) | st.sampled_from(['{"type":"flush"}', "{", "[]"]), max_size=30
+    ),
     st.sampled_from([8_000, 16_000, 22_050, 44_100, 48_000]),
     st.sampled_from(["pcm_s16le", "f32le"]),
 )

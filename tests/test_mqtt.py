@@ -56,8 +56,9 @@ def _settings(port: int, limits: dict[str, Any] | None = None, **mqtt: Any) -> S
     )
 
 
-async def _chunks(path: Path, speed: float, start: dict[str, Any] | None = None
-                  ) -> AsyncIterator[bytes | str]:
+async def _chunks(
+    path: Path, speed: float, start: dict[str, Any] | None = None
+) -> AsyncIterator[bytes | str]:
     """An optional `start` message, then the WAV's PCM in 100 ms frames at `speed`."""
     pcm, rate = read_pcm(path)
     if start is not None:
@@ -93,11 +94,13 @@ def test_finals_partials_and_vad_events_reach_their_topics_with_the_client_label
 
     async def scenario(url: str) -> tuple[Transcript, Subscriber]:
         async with Subscriber(broker.port, [f"{PREFIX}/#"]) as sub:
-            await sub.wait_for(lambda: any(m.payload == b"online" for m in sub.on("/status")),
-                               10, "status online")
+            await sub.wait_for(
+                lambda: any(m.payload == b"online" for m in sub.on("/status")), 10, "status online"
+            )
             transcript = await run_session(
                 stream_url(f"{url}/v1/stream", source="meeting"),
-                _chunks(three_sentences.path, 2.0, {"labels": labels}))  # type: ignore[arg-type]
+                _chunks(three_sentences.path, 2.0, {"labels": labels}),
+            )  # type: ignore[arg-type]
             session = transcript.messages[0]["session"]
             await sub.wait_for(lambda: bool(sub.on(f"/sessions/{session}/done")), 30, "done")
             return transcript, sub
@@ -123,16 +126,21 @@ def test_finals_partials_and_vad_events_reach_their_topics_with_the_client_label
     done = [m.json() for m in sub.on(f"/sessions/{session}/done")]
     assert len(done) == 1 and done[0]["segments"] == 3
     partials = [m.json() for m in sub.on(f"/sessions/{session}/partial")]
-    assert partials and all(p["type"] == "partial" and p["labels"]["speaker"] == "alice"
-                            for p in partials)
+    assert partials and all(
+        p["type"] == "partial" and p["labels"]["speaker"] == "alice" for p in partials
+    )
     vad = [m.json()["type"] for m in sub.on(f"/sessions/{session}/vad")]
     assert vad.count("speech_start") == vad.count("speech_end") == 3
     # Topics in order of the session: a segment's partials come before its final.
-    order = [(m.topic.rsplit("/", 1)[1], m.json().get("segment")) for m in sub.messages
-             if f"/sessions/{session}/" in m.topic]
+    order = [
+        (m.topic.rsplit("/", 1)[1], m.json().get("segment"))
+        for m in sub.messages
+        if f"/sessions/{session}/" in m.topic
+    ]
     for k in range(3):
         assert order.index(("final", k)) > max(
-            (i for i, item in enumerate(order) if item == ("partial", k)), default=-1)
+            (i for i, item in enumerate(order) if item == ("partial", k)), default=-1
+        )
     # Status: retained, and `offline` once the server has shut down.
     assert asyncio.run(retained(broker.port, f"{PREFIX}/status")) == b"offline"
 
@@ -186,15 +194,20 @@ def test_a_broker_restart_mid_stream_loses_no_final_and_keeps_their_order(
     async def scenario(url: str, live: Any) -> tuple[Transcript, Subscriber, int]:
         # A persistent subscriber: the broker keeps its queue across the restart.
         async with Subscriber(broker.port, [f"{PREFIX}/#"], client_id="restart-test") as sub:
-            stream = asyncio.create_task(run_session(
-                stream_url(f"{url}/v1/stream", sample_rate=six_sentences.sample_rate),
-                _chunks(six_sentences.path, 1.5), on_message))  # type: ignore[arg-type]
+            stream = asyncio.create_task(
+                run_session(
+                    stream_url(f"{url}/v1/stream", sample_rate=six_sentences.sample_rate),
+                    _chunks(six_sentences.path, 1.5),
+                    on_message,
+                )
+            )  # type: ignore[arg-type]
             await sub.wait_for(lambda: len(sub.on("/final")) >= 1, 60, "a first final")
             await asyncio.to_thread(broker.stop)
             stopped_at = time.monotonic()
             # Transcription goes on without the broker; finals wait in the outbox.
-            await asyncio.wait_for(_until(lambda: sum(t > stopped_at for t in ws_finals_at)
-                                          >= 2), 60)
+            await asyncio.wait_for(
+                _until(lambda: sum(t > stopped_at for t in ws_finals_at) >= 2), 60
+            )
             queued_in_outage = cast(SessionPublisher, live.app.sinks[0]).link.queued
             await asyncio.to_thread(broker.start)
             transcript = await stream
@@ -216,7 +229,8 @@ def test_a_broker_restart_mid_stream_loses_no_final_and_keeps_their_order(
     assert segments == sorted(segments), f"finals out of order: {segments}"
     once = _in_order_once(bus_finals)
     assert [(f["segment"], f["text"]) for f in once] == [
-        (f["segment"], f["text"]) for f in ws_finals]
+        (f["segment"], f["text"]) for f in ws_finals
+    ]
     assert asyncio.run(retained(broker.port, f"{PREFIX}/status")) == b"offline"
 
 
@@ -229,13 +243,20 @@ def test_with_no_broker_transcription_goes_on_and_finals_wait_in_the_outbox(
     engine: object, other_speech: Utterance, caplog: pytest.LogCaptureFixture
 ) -> None:
     settings = _settings(free_port())  # nothing listens there
-    with caplog.at_level(logging.WARNING, logger="server.mqtt"), serving(
-        engine, settings  # type: ignore[arg-type]
-    ) as live:
+    with (
+        caplog.at_level(logging.WARNING, logger="server.mqtt"),
+        serving(
+            engine,
+            settings,  # type: ignore[arg-type]
+        ) as live,
+    ):
         began = time.monotonic()
-        transcript = asyncio.run(run_session(
-            stream_url(f"{live.url}/v1/stream", sample_rate=other_speech.sample_rate),
-            _chunks(other_speech.path, 0)))  # type: ignore[arg-type]
+        transcript = asyncio.run(
+            run_session(
+                stream_url(f"{live.url}/v1/stream", sample_rate=other_speech.sample_rate),
+                _chunks(other_speech.path, 0),
+            )
+        )  # type: ignore[arg-type]
         took_s = time.monotonic() - began
         publisher = cast(SessionPublisher, live.app.sinks[0])
         queued = publisher.link.queued
@@ -253,15 +274,17 @@ def test_a_full_outbox_drops_finals_counted_in_a_metric_and_logged(
 ) -> None:
     async def scenario() -> SessionPublisher:
         registry = CollectorRegistry()
-        publisher = SessionPublisher(MqttSection(enabled=True, port=free_port(), queue_size=2,
-                                                 publish_partials=True), registry)
+        publisher = SessionPublisher(
+            MqttSection(enabled=True, port=free_port(), queue_size=2, publish_partials=True),
+            registry,
+        )
         for k in range(5):
             publisher.publish("s1", {"speaker": "x"}, Final(k, f"text {k}", k, k + 1.0))
         publisher.publish("s1", {}, Partial(5, "live", 5.0, 5.5))  # broker away: dropped
-        assert registry.get_sample_value("whisperstream_mqtt_dropped_total",
-                                         {"kind": "final"}) == 3
-        assert registry.get_sample_value("whisperstream_mqtt_dropped_total",
-                                         {"kind": "interim"}) == 1
+        assert registry.get_sample_value("whisperstream_mqtt_dropped_total", {"kind": "final"}) == 3
+        assert (
+            registry.get_sample_value("whisperstream_mqtt_dropped_total", {"kind": "interim"}) == 1
+        )
         assert registry.get_sample_value("whisperstream_mqtt_queued") == 2
         return publisher
 
@@ -283,12 +306,14 @@ def test_the_outbox_keeps_order_and_delivers_once_the_broker_is_up(tmp_path: Pat
             pass
 
     async def scenario() -> list[Received]:
-        link = MqttLink(MqttSection(port=broker.port, reconnect_max_s=0.2), name="t",
-                        queue_size=100)
+        link = MqttLink(
+            MqttSection(port=broker.port, reconnect_max_s=0.2), name="t", queue_size=100
+        )
         async with link.running():
             for k in range(20):
-                link.send(Outgoing(f"t/{k % 3}", str(k).encode(), qos=1), essential=True,
-                          what=str(k))
+                link.send(
+                    Outgoing(f"t/{k % 3}", str(k).encode(), qos=1), essential=True, what=str(k)
+                )
             await asyncio.sleep(0.5)  # a few failed attempts
             assert link.queued == 20 and not link.stats.connected
             await asyncio.to_thread(broker.start)
@@ -322,8 +347,9 @@ def test_the_last_will_says_offline_when_the_server_dies(broker: Broker) -> None
         "asyncio.run(main())\n"
     )
     root = Path(__file__).resolve().parent.parent
-    process = subprocess.Popen([sys.executable, "-c", script], cwd=root, text=True,
-                               stdout=subprocess.PIPE)
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=root, text=True, stdout=subprocess.PIPE
+    )
     try:
         assert process.stdout is not None and process.stdout.readline().strip() == "connected"
 

@@ -116,8 +116,7 @@ def test_agreed_words_are_the_current_hypothesis_words() -> None:
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"step_s": 0.05}, {"step_s": 11.0}, {"holdback_s": -0.1},
-               {"alignatt_edge_s": -0.1}]
+    "kwargs", [{"step_s": 0.05}, {"step_s": 11.0}, {"holdback_s": -0.1}, {"alignatt_edge_s": -0.1}]
 )
 def test_policy_options_reject_invalid_values(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
@@ -153,8 +152,16 @@ def test_a_confidently_heard_thank_you_is_kept() -> None:
 
 @pytest.mark.parametrize(
     "phrase",
-    [" Thank you.", " thank you", " Thanks for watching!", " Thank you for watching.",
-     " Please subscribe.", " you", " Bye.", " ..."],
+    [
+        " Thank you.",
+        " thank you",
+        " Thanks for watching!",
+        " Thank you for watching.",
+        " Please subscribe.",
+        " you",
+        " Bye.",
+        " ...",
+    ],
 )
 def test_known_subtitle_inventions_on_silence_are_dropped(phrase: str) -> None:
     words = sentence(*(" " + w for w in phrase.split()), step_s=0.2)
@@ -198,8 +205,13 @@ def _echoed(text: str, echo: str, at_s: float | None = None, each_s: float = 0.0
     the end of the heard words), or `each_s` apiece from there."""
     heard = _words(text)
     at = heard[-1].end_s if at_s is None else at_s
-    return [*heard, *(Word(f" {t}", at + i * each_s, at + (i + 1) * each_s, 0.5, (50 + i,))
-                      for i, t in enumerate(echo.split()))]
+    return [
+        *heard,
+        *(
+            Word(f" {t}", at + i * each_s, at + (i + 1) * each_s, 0.5, (50 + i,))
+            for i, t in enumerate(echo.split())
+        ),
+    ]
 
 
 def test_a_trailing_echo_of_three_words_or_more_is_cut() -> None:
@@ -207,8 +219,9 @@ def test_a_trailing_echo_of_three_words_or_more_is_cut() -> None:
     kept = drop_trailing_echo(words, keep=0)
     assert " ".join(w.text.strip() for w in kept) == "calling to each other across the water."
     # Squeezed after the first saying (a tenth of its time) it is no more heard.
-    squeezed = _echoed("calling to each other across the water.", "Other across the water",
-                       each_s=0.03)
+    squeezed = _echoed(
+        "calling to each other across the water.", "Other across the water", each_s=0.03
+    )
     assert len(drop_trailing_echo(squeezed, keep=0)) == 7
 
 
@@ -221,9 +234,11 @@ def test_a_near_echo_after_a_sentence_end_is_cut() -> None:
 
 def test_a_phrase_really_said_twice_at_the_end_stays() -> None:
     # The same text as the echoes above, but the second saying has its own audio.
-    for text in ("calling to each other across the water. Other across the water",
-                 "near the river early in the morning. Earlier in the morning.",
-                 "thank you very much, thank you very much"):
+    for text in (
+        "calling to each other across the water. Other across the water",
+        "near the river early in the morning. Earlier in the morning.",
+        "thank you very much, thank you very much",
+    ):
         words = _words(text)
         assert drop_trailing_echo(words, keep=0) == words
 
@@ -310,8 +325,7 @@ ALIGNATT = PolicyOptions(policy="alignatt", alignatt_edge_s=0.5)
 def test_alignatt_promises_heard_words_from_one_hypothesis() -> None:
     current = sentence(" the", " quick", " brown", " fox", " jumps")  # ends at 2.5 s
     # Words ending by 3.0 - 0.5 s, but never the last word: no earlier hypothesis needed.
-    assert texts(attended_prefix(current, 3.0, ALIGNATT)) == [" the", " quick", " brown",
-                                                                " fox"]
+    assert texts(attended_prefix(current, 3.0, ALIGNATT)) == [" the", " quick", " brown", " fox"]
     assert texts(attended_prefix(current, 2.4, ALIGNATT)) == [" the", " quick", " brown"]
     assert texts(promised_prefix([], current, 3.0, ALIGNATT)) == texts(current[:-1])
     assert promised_prefix([], current, 3.0, OPTIONS) == []  # LocalAgreement: two needed
@@ -327,4 +341,3 @@ def test_alignatt_early_on_promises_only_words_the_model_is_sure_of() -> None:
 def test_alignatt_of_nothing_is_nothing() -> None:
     assert attended_prefix([], 5.0, ALIGNATT) == []
     assert attended_prefix(sentence(" one"), 5.0, ALIGNATT) == []
-

@@ -46,8 +46,15 @@ def refused(text: str) -> ProtocolError:
 
 
 def test_start_with_every_parameter() -> None:
-    text = start(sample_rate=48000, encoding="f32le", language="de", interim=False,
-                 source="mic", speaker="alice", labels={"room": "1", "seat": 2})
+    text = start(
+        sample_rate=48000,
+        encoding="f32le",
+        language="de",
+        interim=False,
+        source="mic",
+        speaker="alice",
+        labels={"room": "1", "seat": 2},
+    )
 
     assert parse_client_text(text) == Start(
         StreamParams(
@@ -89,8 +96,16 @@ def test_sample_rate_of_another_type_is_refused_naming_the_field(value: Any) -> 
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [(True, True), (False, False), ("true", True), ("FALSE", False), ("1", True), ("0", False),
-     ("yes", True), ("No", False)],
+    [
+        (True, True),
+        (False, False),
+        ("true", True),
+        ("FALSE", False),
+        ("1", True),
+        ("0", False),
+        ("yes", True),
+        ("No", False),
+    ],
 )
 def test_interim_may_be_a_bool_or_a_boolean_string(value: Any, expected: bool) -> None:
     message = parse_client_text(start(interim=value))
@@ -115,8 +130,13 @@ def test_encoding_and_language_must_be_strings(field: str, value: Any) -> None:
 
 @pytest.mark.parametrize(
     ("offset", "first", "expected"),
-    [(12.5, 3, (12.5, 3)), ("12.5", "3", (12.5, 3)), (0, 0, (0.0, 0)), (" 7 ", " 0 ", (7.0, 0)),
-     (1e7, 10**9, (1e7, 10**9))],
+    [
+        (12.5, 3, (12.5, 3)),
+        ("12.5", "3", (12.5, 3)),
+        (0, 0, (0.0, 0)),
+        (" 7 ", " 0 ", (7.0, 0)),
+        (1e7, 10**9, (1e7, 10**9)),
+    ],
 )
 def test_a_resumed_stream_gives_its_offset_and_first_segment(
     offset: Any, first: Any, expected: tuple[float, int]
@@ -141,8 +161,9 @@ def test_an_offset_of_infinity_or_nan_in_json_is_refused() -> None:
         assert "offset_s must be a number of seconds" in refused(text).message
 
 
-@pytest.mark.parametrize("value", [-1, "-1", 1.5, "1.0", True, None, "", "²", 10**9 + 1, "3 "
-                                   "segments"])
+@pytest.mark.parametrize(
+    "value", [-1, "-1", 1.5, "1.0", True, None, "", "²", 10**9 + 1, "3 segments"]
+)
 def test_a_first_segment_that_is_no_whole_number_is_refused(value: Any) -> None:
     error = refused(start(first_segment=value))
 
@@ -165,8 +186,12 @@ def test_json_that_is_not_an_object_is_refused(text: str) -> None:
 
 @pytest.mark.parametrize(
     ("text", "shown"),
-    [('{"type": "pause"}', "'pause'"), ("{}", "None"), ('{"type": 3}', "3"),
-     ('{"type": "START"}', "'START'")],
+    [
+        ('{"type": "pause"}', "'pause'"),
+        ("{}", "None"),
+        ('{"type": 3}', "3"),
+        ('{"type": "START"}', "'START'"),
+    ],
 )
 def test_unknown_message_types_are_refused_listing_the_known_ones(text: str, shown: str) -> None:
     message = refused(text).message
@@ -191,21 +216,47 @@ def roundtrip(message: ServerMessage) -> dict[str, Any]:
 
 
 def test_ready_round_trips_with_the_protocol_version() -> None:
-    ready = Ready(session="s1", sample_rate=16000, encoding="pcm_s16le", model="tiny.en",
-                  language="en", interim=True)
+    ready = Ready(
+        session="s1",
+        sample_rate=16000,
+        encoding="pcm_s16le",
+        model="tiny.en",
+        language="en",
+        interim=True,
+    )
 
     assert roundtrip(ready) == {
-        "type": "ready", "session": "s1", "sample_rate": 16000, "encoding": "pcm_s16le",
-        "model": "tiny.en", "language": "en", "interim": True, "protocol": PROTOCOL_VERSION,
+        "type": "ready",
+        "session": "s1",
+        "sample_rate": 16000,
+        "encoding": "pcm_s16le",
+        "model": "tiny.en",
+        "language": "en",
+        "interim": True,
+        "protocol": PROTOCOL_VERSION,
     }
     assert PROTOCOL_VERSION == 1
 
 
 def test_ready_confirms_a_resumed_stream_and_says_nothing_of_it_otherwise() -> None:
-    fresh = Ready(session="s1", sample_rate=16000, encoding="pcm_s16le", model="tiny.en",
-                  language="en", interim=True)
-    resumed = Ready(session="s2", sample_rate=16000, encoding="pcm_s16le", model="tiny.en",
-                    language="en", interim=True, offset_s=0.0, first_segment=4)
+    fresh = Ready(
+        session="s1",
+        sample_rate=16000,
+        encoding="pcm_s16le",
+        model="tiny.en",
+        language="en",
+        interim=True,
+    )
+    resumed = Ready(
+        session="s2",
+        sample_rate=16000,
+        encoding="pcm_s16le",
+        model="tiny.en",
+        language="en",
+        interim=True,
+        offset_s=0.0,
+        first_segment=4,
+    )
 
     assert "offset_s" not in roundtrip(fresh) and "first_segment" not in roundtrip(fresh)
     assert roundtrip(resumed)["offset_s"] == 0.0 and roundtrip(resumed)["first_segment"] == 4
@@ -214,18 +265,37 @@ def test_ready_confirms_a_resumed_stream_and_says_nothing_of_it_otherwise() -> N
 @pytest.mark.parametrize(
     ("message", "expected"),
     [
-        (Started(sample_rate=8000, encoding="f32le", language="fr", interim=False),
-         {"type": "started", "sample_rate": 8000, "encoding": "f32le", "language": "fr",
-          "interim": False}),
-        (Partial(segment=2, text="hello wor", start=1.5, end=2.25, stable="hello"),
-         {"type": "partial", "segment": 2, "text": "hello wor", "start": 1.5, "end": 2.25,
-          "stable": "hello"}),
+        (
+            Started(sample_rate=8000, encoding="f32le", language="fr", interim=False),
+            {
+                "type": "started",
+                "sample_rate": 8000,
+                "encoding": "f32le",
+                "language": "fr",
+                "interim": False,
+            },
+        ),
+        (
+            Partial(segment=2, text="hello wor", start=1.5, end=2.25, stable="hello"),
+            {
+                "type": "partial",
+                "segment": 2,
+                "text": "hello wor",
+                "start": 1.5,
+                "end": 2.25,
+                "stable": "hello",
+            },
+        ),
         (SpeechStart(t=0.27), {"type": "speech_start", "t": 0.27}),
         (SpeechEnd(t=3.0), {"type": "speech_end", "t": 3.0}),
-        (Error(code="bad_audio", message="odd frame"),
-         {"type": "error", "code": "bad_audio", "message": "odd frame"}),
-        (Done(audio_seconds=12.5, segments=3),
-         {"type": "done", "audio_seconds": 12.5, "segments": 3}),
+        (
+            Error(code="bad_audio", message="odd frame"),
+            {"type": "error", "code": "bad_audio", "message": "odd frame"},
+        ),
+        (
+            Done(audio_seconds=12.5, segments=3),
+            {"type": "done", "audio_seconds": 12.5, "segments": 3},
+        ),
     ],
 )
 def test_server_messages_round_trip_through_json(
@@ -236,7 +306,10 @@ def test_server_messages_round_trip_through_json(
 
 def test_final_words_serialise_as_a_list_of_word_dicts() -> None:
     final = Final(
-        segment=0, text="hello world", start=0.0, end=1.2,
+        segment=0,
+        text="hello world",
+        start=0.0,
+        end=1.2,
         words=(WordTiming("hello", 0.1, 0.5, 0.98), WordTiming("world", 0.5, 1.1, 0.8765)),
     )
 
@@ -251,8 +324,14 @@ def test_final_words_serialise_as_a_list_of_word_dicts() -> None:
 
 def test_falsy_values_are_kept_only_none_is_omitted() -> None:
     decoded = roundtrip(Partial(segment=0, text="", start=0.0, end=0.0))
-    assert decoded == {"type": "partial", "segment": 0, "text": "", "start": 0.0, "end": 0.0,
-                       "stable": ""}
+    assert decoded == {
+        "type": "partial",
+        "segment": 0,
+        "text": "",
+        "start": 0.0,
+        "end": 0.0,
+        "stable": "",
+    }
     assert roundtrip(Final(segment=0, text="", start=0.0, end=0.0))["words"] == []
 
 
@@ -266,7 +345,9 @@ class _Optional(ServerMessage):
 def test_none_fields_are_omitted() -> None:
     assert roundtrip(_Optional(present=0)) == {"type": "probe", "present": 0}
     assert roundtrip(_Optional(present=1, absent="x")) == {
-        "type": "probe", "present": 1, "absent": "x",
+        "type": "probe",
+        "present": 1,
+        "absent": "x",
     }
 
 

@@ -41,8 +41,12 @@ REPEATS = [
 # decode of the whole sentence too. Streaming must lose nothing that decode has.
 MODEL_DROPS_REPEAT = "I think, I think we should go home now."
 
-DIGITS = {str(i): w for i, w in enumerate(
-    ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"])}
+DIGITS = {
+    str(i): w
+    for i, w in enumerate(
+        ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+    )
+}
 
 
 def spoken_words(text: str) -> list[str]:
@@ -74,18 +78,24 @@ def sentence_finals(transcript: Transcript, utterance: Utterance) -> list[str]:
 
 
 def test_every_word_of_a_repeated_phrase_reaches_the_finals(
-    streamed: Transcript, repeated: Utterance,
+    streamed: Transcript,
+    repeated: Utterance,
 ) -> None:
     check_invariants(streamed.messages)
     assert streamed.close_code == 1000
     finals = sentence_finals(streamed, repeated)
-    missed = [(reference, final) for reference, final in zip(REPEATS, finals, strict=False)
-              if recall(reference, final) < 1.0]
+    missed = [
+        (reference, final)
+        for reference, final in zip(REPEATS, finals, strict=False)
+        if recall(reference, final) < 1.0
+    ]
     assert not missed, missed
 
 
 def test_streaming_loses_no_word_that_one_decode_of_the_sentence_hears(
-    streamed: Transcript, repeated: Utterance, engine: CTranslate2Whisper,
+    streamed: Transcript,
+    repeated: Utterance,
+    engine: CTranslate2Whisper,
 ) -> None:
     final = sentence_finals(streamed, repeated)[-1]
     audio = synthesize([MODEL_DROPS_REPEAT])
@@ -93,9 +103,7 @@ def test_streaming_loses_no_word_that_one_decode_of_the_sentence_hears(
     samples = soxr.resample(pcm.astype(np.float32) / 32768, rate, 16_000).astype(np.float32)
     offline = engine.transcribe([DecodeRequest(samples)])[0].text
     ref = spoken_words(MODEL_DROPS_REPEAT)
-    heard = {i for i, (kind, _) in enumerate(align(ref, spoken_words(offline)))
-             if kind == "equal"}
-    shown = {i for i, (kind, _) in enumerate(align(ref, spoken_words(final)))
-             if kind == "equal"}
+    heard = {i for i, (kind, _) in enumerate(align(ref, spoken_words(offline))) if kind == "equal"}
+    shown = {i for i, (kind, _) in enumerate(align(ref, spoken_words(final))) if kind == "equal"}
     assert heard <= shown, (offline, final)
     assert recall(MODEL_DROPS_REPEAT, final) >= 0.75, final  # all but the repeat

@@ -133,13 +133,19 @@ class Balancer:
         """HAProxy's view of each replica: UP, DOWN, ..."""
         _, text = _get(f"http://127.0.0.1:{self.stats_port}/stats;csv")
         rows = csv.DictReader(io.StringIO(text.lstrip("# ")))
-        return {r["svname"]: r["status"] for r in rows if r["pxname"] == "replicas"
-                and r["svname"] not in ("BACKEND", "FRONTEND")}
+        return {
+            r["svname"]: r["status"]
+            for r in rows
+            if r["pxname"] == "replicas" and r["svname"] not in ("BACKEND", "FRONTEND")
+        }
 
     def wait_status(self, name: str, status: str, timeout_s: float = 10) -> float:
         began = time.monotonic()
-        _wait(lambda: self.status().get(name, "").startswith(status), timeout_s,
-              f"HAProxy to mark {name} {status} (it says {self.status()})")
+        _wait(
+            lambda: self.status().get(name, "").startswith(status),
+            timeout_s,
+            f"HAProxy to mark {name} {status} (it says {self.status()})",
+        )
         return time.monotonic() - began
 
     def replica_of(self, session_id: str) -> str:
@@ -150,8 +156,10 @@ class Balancer:
 def haproxy_config(port: int, stats_port: int, replicas: list[Replica]) -> str:
     """deploy/haproxy.cfg with the test's addresses: its binds and its servers."""
     text = CONFIG.read_text()
-    for shipped, here in (("bind :8765", f"bind 127.0.0.1:{port}"),
-                          ("bind :8404", f"bind 127.0.0.1:{stats_port}")):
+    for shipped, here in (
+        ("bind :8765", f"bind 127.0.0.1:{port}"),
+        ("bind :8404", f"bind 127.0.0.1:{stats_port}"),
+    ):
         assert text.count(shipped) == 1, shipped
         text = text.replace(shipped, here)
     servers = "\n".join(f"    server {r.name} 127.0.0.1:{r.port}" for r in replicas)
@@ -171,8 +179,12 @@ def cluster(tmp_path: Path, *envs: dict[str, str]) -> Iterator[Balancer]:
             with open(log_path, "wb") as log:
                 process = subprocess.Popen(
                     [sys.executable, "-m", "server.cli", "serve", "--port", str(port)],
-                    cwd=ROOT, env={**os.environ, **REPLICA_ENV, **env}, stdout=log,
-                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                    cwd=ROOT,
+                    env={**os.environ, **REPLICA_ENV, **env},
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                )
             stack.callback(_end, process)
             replicas.append(Replica(f"r{i}", port, process, log_path))
         for replica in replicas:
@@ -181,8 +193,12 @@ def cluster(tmp_path: Path, *envs: dict[str, str]) -> Iterator[Balancer]:
         config, log_path = tmp_path / "haproxy.cfg", tmp_path / "haproxy.log"
         config.write_text(haproxy_config(port, stats_port, replicas))
         with open(log_path, "wb") as log:
-            process = subprocess.Popen([haproxy, "-db", "-f", str(config)], stdout=log,
-                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            process = subprocess.Popen(
+                [haproxy, "-db", "-f", str(config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         stack.callback(_end, process)
         balancer = Balancer(port, stats_port, process, log_path, replicas)
         _wait(lambda: _stats_up(balancer), 20, "HAProxy to see every replica UP")
@@ -302,8 +318,22 @@ def _span(times: str) -> tuple[float, float]:
 
 def _stream_cli(url: str, wav: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "stream", str(wav), "--speed", str(SPEED),
-         "--url", url], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "stream",
+            str(wav),
+            "--speed",
+            str(SPEED),
+            "--url",
+            url,
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def lost_phrases(reference: str, hypothesis: str, words: int = 2) -> list[str]:
@@ -312,8 +342,11 @@ def lost_phrases(reference: str, hypothesis: str, words: int = 2) -> list[str]:
     ref, hyp = normalize(reference), normalize(hypothesis)
     out = jiwer.process_words(ref, hyp)
     ref_words = ref.split()
-    return [" ".join(ref_words[c.ref_start_idx:c.ref_end_idx]) for c in out.alignments[0]
-            if c.type == "delete" and c.ref_end_idx - c.ref_start_idx >= words]
+    return [
+        " ".join(ref_words[c.ref_start_idx : c.ref_end_idx])
+        for c in out.alignments[0]
+        if c.type == "delete" and c.ref_end_idx - c.ref_start_idx >= words
+    ]
 
 
 def test_kill_9_of_the_replica_serving_a_stream_mid_sentence_loses_no_word(
@@ -331,16 +364,21 @@ def test_kill_9_of_the_replica_serving_a_stream_mid_sentence_loses_no_word(
         client = _stream_cli(lb.url, speech.path)
         _wait(lambda: sum(r.active for r in lb.replicas) == 1, 30, "the session to start")
         (serving,) = [r for r in lb.replicas if r.active == 1]
-        _wait(lambda: serving.metric("whisperstream_audio_seconds_total") >= kill_at_s, 60,
-              "the stream to reach the middle of the second sentence")
+        _wait(
+            lambda: serving.metric("whisperstream_audio_seconds_total") >= kill_at_s,
+            60,
+            "the stream to reach the middle of the second sentence",
+        )
         heard_s = serving.metric("whisperstream_audio_seconds_total")
         serving.process.send_signal(signal.SIGKILL)
         killed_out, killed_err = client.communicate(timeout=120)
         (other,) = [r for r in lb.replicas if r is not serving]
         resumed = re.findall(r"resuming a stream at ([\d.]+) s, segment (\d+)", other.log())
     cut = _finals_from_lines(killed_out)
-    print("\nuninterrupted run                            | kill -9 of "
-          f"{serving.name} at {heard_s:.1f} s of audio")
+    print(
+        "\nuninterrupted run                            | kill -9 of "
+        f"{serving.name} at {heard_s:.1f} s of audio"
+    )
     for i in range(max(len(uninterrupted), len(cut))):
         left = " ".join(uninterrupted[i]) if i < len(uninterrupted) else ""
         right = " ".join(cut[i]) if i < len(cut) else ""
@@ -366,8 +404,10 @@ def test_sigterm_drains_a_replica_its_sessions_finish_and_new_ones_land_on_the_o
     its live sessions stream on to their end (finals, `done`); a session started in the
     grace is admitted wherever it lands; those started once HAProxy has taken r1 out
     land on r2; no client sees a refusal it does not get past."""
-    drain = {"WHISPERSTREAM_LIMITS__DRAIN_GRACE_S": "2",
-             "WHISPERSTREAM_LIMITS__SHUTDOWN_TIMEOUT_S": "30"}
+    drain = {
+        "WHISPERSTREAM_LIMITS__DRAIN_GRACE_S": "2",
+        "WHISPERSTREAM_LIMITS__SHUTDOWN_TIMEOUT_S": "30",
+    }
     with cluster(tmp_path, drain, drain) as lb:
         r1, r2 = lb.replicas
 
@@ -375,8 +415,9 @@ def test_sigterm_drains_a_replica_its_sessions_finish_and_new_ones_land_on_the_o
             got: dict[str, Any] = {"notices": []}
 
             def stream() -> asyncio.Task[Transcript]:
-                return asyncio.create_task(stream_file(
-                    speech.path, lb.url, speed=SPEED, on_notice=got["notices"].append))
+                return asyncio.create_task(
+                    stream_file(speech.path, lb.url, speed=SPEED, on_notice=got["notices"].append)
+                )
 
             live = [stream() for _ in range(2)]
             await asyncio.to_thread(_wait, lambda: r1.active + r2.active == 2, 30, "2 sessions")
@@ -397,20 +438,31 @@ def test_sigterm_drains_a_replica_its_sessions_finish_and_new_ones_land_on_the_o
             return got
 
         got = asyncio.run(run())
-        where = {name: [lb.replica_of(t.messages[0]["session"]) for t in
-                        (got[name] if isinstance(got[name], list) else [got[name]])]
-                 for name in ("live", "in_grace", "during")}
+        where = {
+            name: [
+                lb.replica_of(t.messages[0]["session"])
+                for t in (got[name] if isinstance(got[name], list) else [got[name]])
+            ]
+            for name in ("live", "in_grace", "during")
+        }
         r1_log = r1.log()
-    drain_lines = [line.split(" ", 3)[-1] for line in r1_log.splitlines()
-                   if "drain" in line or "shutting down" in line or "closed after" in line]
+    drain_lines = [
+        line.split(" ", 3)[-1]
+        for line in r1_log.splitlines()
+        if "drain" in line or "shutting down" in line or "closed after" in line
+    ]
     print("\nr1 (SIGTERM) log:\n  " + "\n  ".join(drain_lines))
-    print(f"HAProxy took r1 out {got['out_after_s']:.2f} s after SIGTERM; r1 exited "
-          f"{got['r1_exit']} {got['r1_exit_after_s']:.1f} s after it")
+    print(
+        f"HAProxy took r1 out {got['out_after_s']:.2f} s after SIGTERM; r1 exited "
+        f"{got['r1_exit']} {got['r1_exit_after_s']:.1f} s after it"
+    )
     for name in ("live", "in_grace", "during"):
         transcripts = got[name] if isinstance(got[name], list) else [got[name]]
         for transcript, replica in zip(transcripts, where[name], strict=True):
-            print(f"{name:>8} on {replica}: {transcript.connections} connection(s), "
-                  f"done={bool(transcript.of_type('done'))}: {transcript.text}")
+            print(
+                f"{name:>8} on {replica}: {transcript.connections} connection(s), "
+                f"done={bool(transcript.of_type('done'))}: {transcript.text}"
+            )
     print(f"client notices: {got['notices']}")
     assert sorted(where["live"]) == ["r1", "r2"]
     assert got["r1_exit"] == 0

@@ -128,9 +128,10 @@ def test_background_windows_leave_a_worker_free_for_live_steps() -> None:
     assert scheduler.max_background == 1
 
     async def scenario() -> None:
-        uploads = [asyncio.create_task(scheduler.transcribe(_request(20.0 + k),
-                                                            priority=BACKGROUND))
-                   for k in range(3)]
+        uploads = [
+            asyncio.create_task(scheduler.transcribe(_request(20.0 + k), priority=BACKGROUND))
+            for k in range(3)
+        ]
         await asyncio.sleep(0.1)  # one upload window holds a worker; the others wait
         assert running == [20.0]
         live = asyncio.create_task(scheduler.transcribe(_request(1.0)))
@@ -223,8 +224,11 @@ def test_freed_memory_is_given_back_at_most_once_an_interval() -> None:
 
     async def run(interval_s: float) -> None:
         scheduler = InferenceScheduler(
-            engine, max_batch_size=1, release_memory_every_s=interval_s,
-            release_memory=lambda: released.append(threading.current_thread().name))
+            engine,
+            max_batch_size=1,
+            release_memory_every_s=interval_s,
+            release_memory=lambda: released.append(threading.current_thread().name),
+        )
         for _ in range(3):
             await scheduler.transcribe(_request(1.0))
             await asyncio.sleep(0.01)  # the release follows the result

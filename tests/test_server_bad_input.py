@@ -44,13 +44,22 @@ def _errors(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         (["{not json"], "bad_request", "not valid JSON"),
         (['["a", "list"]'], "bad_request", "JSON object"),
         (['{"type": "dance"}'], "bad_request", "unknown message type"),
-        ([b"\x00\x00" * 800, '{"type": "start", "sample_rate": 16000}'], "bad_request",
-         "before any audio"),
+        (
+            [b"\x00\x00" * 800, '{"type": "start", "sample_rate": 16000}'],
+            "bad_request",
+            "before any audio",
+        ),
         ([b"\x00\x01\x02"], "bad_audio", "whole number"),
         (['{"type": "start", "sample_rate": "fast"}'], "bad_request", "sample_rate"),
     ],
-    ids=["malformed-json", "not-an-object", "unknown-type", "start-after-audio",
-         "odd-bytes", "bad-start-rate"],
+    ids=[
+        "malformed-json",
+        "not-an-object",
+        "unknown-type",
+        "start-after-audio",
+        "odd-bytes",
+        "bad-start-rate",
+    ],
 )
 def test_recoverable_bad_input_gets_an_error_and_the_session_goes_on(
     scripted_url: str, frames: list[str | bytes], code: str, words: str
@@ -64,8 +73,12 @@ def test_recoverable_bad_input_gets_an_error_and_the_session_goes_on(
 
 @pytest.mark.parametrize(
     ("query", "words"),
-    [("sample_rate=96000", "48000, not 96000"), ("sample_rate=4000", "8000 to 48000"),
-     ("encoding=mp3", "unsupported encoding 'mp3'"), ("language=fr", "English only")],
+    [
+        ("sample_rate=96000", "48000, not 96000"),
+        ("sample_rate=4000", "8000 to 48000"),
+        ("encoding=mp3", "unsupported encoding 'mp3'"),
+        ("language=fr", "English only"),
+    ],
 )
 def test_unsupported_stream_parameters_are_refused_with_a_reason(
     scripted_url: str, query: str, words: str
@@ -77,8 +90,9 @@ def test_unsupported_stream_parameters_are_refused_with_a_reason(
 
 
 def test_start_with_unsupported_encoding_ends_the_session_clearly(scripted_url: str) -> None:
-    messages, close_code = asyncio.run(_exchange(
-        f"{scripted_url}/v1/stream", ['{"type": "start", "encoding": "opus"}']))
+    messages, close_code = asyncio.run(
+        _exchange(f"{scripted_url}/v1/stream", ['{"type": "start", "encoding": "opus"}'])
+    )
     assert messages[0]["type"] == "ready"
     assert _errors(messages)[0]["code"] == "bad_request"
     assert "opus" in _errors(messages)[0]["message"]
@@ -100,9 +114,7 @@ def test_audio_after_stop_is_refused_and_nothing_follows_done(scripted_url: str)
     check_invariants(messages)
 
 
-def test_bad_sessions_do_not_disturb_a_good_one(
-    scripted_url: str, other_speech: Utterance
-) -> None:
+def test_bad_sessions_do_not_disturb_a_good_one(scripted_url: str, other_speech: Utterance) -> None:
     async def run() -> Any:
         good = asyncio.create_task(
             stream_file(other_speech.path, f"{scripted_url}/v1/stream", speed=2.0)

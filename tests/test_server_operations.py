@@ -111,8 +111,9 @@ def test_sessions_past_the_maximum_are_refused_with_503(
                 refused = ""
             # The client's default: try again after Retry-After, until the first is done.
             notices: list[str] = []
-            waited = await stream_file(other_speech.path, f"{live.url}/v1/stream", speed=0,
-                                       on_notice=notices.append)
+            waited = await stream_file(
+                other_speech.path, f"{live.url}/v1/stream", speed=0, on_notice=notices.append
+            )
             return await first, refused, waited, notices
 
         transcript, refused, waited, notices = asyncio.run(run())
@@ -123,8 +124,11 @@ def test_sessions_past_the_maximum_are_refused_with_503(
     # Retry-After (1 s) at least, then doubling.
     assert notices and all("HTTP 503" in n and "reconnecting in" in n for n in notices)
     assert "reconnecting in 1.0 s" in notices[0], notices
-    refusals = [line for line in metrics.splitlines()
-                if line.startswith('whisperstream_refused_sessions_total{reason="max_sessions"}')]
+    refusals = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith('whisperstream_refused_sessions_total{reason="max_sessions"}')
+    ]
     assert float(refusals[0].split()[-1]) == 1 + len(notices)
 
 
@@ -136,8 +140,9 @@ def test_readyz_is_503_with_the_reason_while_full_and_healthz_stays_200(
     with serving(scripted, settings_with(limits={"max_sessions": 1})) as live:
         stream = f"{live.url}/v1/stream"
 
-        async def run() -> tuple[tuple[int, str, dict[str, str]], tuple[int, str, str | None],
-                                 tuple[int, str]]:
+        async def run() -> tuple[
+            tuple[int, str, dict[str, str]], tuple[int, str, str | None], tuple[int, str]
+        ]:
             async with websockets.connect(stream) as ws:
                 assert json.loads(await ws.recv())["type"] == "ready"
                 full = await asyncio.to_thread(_get_with_headers, f"{live.http_url}/readyz")
@@ -331,8 +336,9 @@ def test_shutdown_finishes_live_sessions_with_their_finals_and_done(
                 await asyncio.sleep(60)  # the client would go on; the server ends it
 
             task = asyncio.create_task(
-                run_session(stream_url(f"{live.url}/v1/stream", sample_rate=rate), chunks(),
-                            reconnect=None)
+                run_session(
+                    stream_url(f"{live.url}/v1/stream", sample_rate=rate), chunks(), reconnect=None
+                )
             )
             await sent.wait()
             live.stop()
@@ -371,8 +377,7 @@ def test_sigterm_stops_the_command_cleanly_after_finishing_sessions(
                 await asyncio.sleep(60)
 
             transcript = await asyncio.wait_for(
-                run_session(stream_url(server.url, sample_rate=rate), chunks(), reconnect=None),
-                60
+                run_session(stream_url(server.url, sample_rate=rate), chunks(), reconnect=None), 60
             )
             return transcript, time.monotonic() - signalled[0]
 
@@ -442,7 +447,8 @@ def test_a_drain_stops_readiness_at_once_admits_for_the_grace_then_refuses_while
             await asyncio.sleep(max(0.0, began + 1.3 - loop.time()))
             got["refused"] = await _refusal(stream)
             got["running_on"], got["endless"] = await asyncio.wait_for(
-                asyncio.gather(running_on, endless), 15)
+                asyncio.gather(running_on, endless), 15
+            )
             got["endless_done_after_s"] = loop.time() - began
             return got
 
@@ -493,9 +499,13 @@ def test_the_client_reconnects_after_a_drop_and_resends_the_audio_since_the_last
                     if message["type"] == "final" and message["segment"] == 0:
                         loop.call_later(0.6, proxy.cut)  # in the second sentence
 
-                cut = await stream_file(three_sentences.path, f"{proxy.url}/v1/stream",
-                                        speed=4.0, on_message=on_message,
-                                        on_notice=notices.append)
+                cut = await stream_file(
+                    three_sentences.path,
+                    f"{proxy.url}/v1/stream",
+                    speed=4.0,
+                    on_message=on_message,
+                    on_notice=notices.append,
+                )
                 return whole, cut, notices, proxy.connections
 
         whole, cut, notices, connections = asyncio.run(run())
@@ -521,13 +531,15 @@ def test_a_session_the_server_finishes_early_goes_on_in_a_new_one(
     (its finals, `done`) and the client goes on from `done`'s audio_seconds."""
     with serving(scripted, settings_with(limits={"max_session_s": 2.0})) as live:
         notices: list[str] = []
-        transcript = asyncio.run(stream_file(three_sentences.path, f"{live.url}/v1/stream",
-                                             speed=0, on_notice=notices.append))
+        transcript = asyncio.run(
+            stream_file(
+                three_sentences.path, f"{live.url}/v1/stream", speed=0, on_notice=notices.append
+            )
+        )
     assert transcript.complete
     assert transcript.connections >= three_sentences.duration_s / 2.0
     assert len(notices) == transcript.connections - 1
-    assert all("the server ended the session before the end of the audio" in n
-               for n in notices)
+    assert all("the server ended the session before the end of the audio" in n for n in notices)
     _continuous(transcript)
     dones = transcript.of_type("done")
     assert len(dones) == transcript.connections
@@ -561,9 +573,14 @@ def test_the_client_backs_off_and_gives_up_when_the_server_stays_away(
 
                 began = time.monotonic()
                 try:
-                    await stream_file(three_sentences.path, f"{proxy.url}/v1/stream",
-                                      speed=4.0, on_message=on_message,
-                                      on_notice=notices.append, reconnect=policy)
+                    await stream_file(
+                        three_sentences.path,
+                        f"{proxy.url}/v1/stream",
+                        speed=4.0,
+                        on_message=on_message,
+                        on_notice=notices.append,
+                        reconnect=policy,
+                    )
                 except ClientError as exc:
                     return str(exc), notices, finals, time.monotonic() - began
             raise AssertionError("the client did not give up")

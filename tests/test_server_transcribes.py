@@ -49,10 +49,12 @@ def test_two_sessions_at_once_each_get_their_own_transcript(
     server_url: str, three_sentences: Utterance, other_speech: Utterance
 ) -> None:
     async def both() -> list[Transcript]:
-        return list(await asyncio.gather(
-            stream_file(three_sentences.path, f"{server_url}/v1/stream", speed=2.0),
-            stream_file(other_speech.path, f"{server_url}/v1/stream", speed=2.0),
-        ))
+        return list(
+            await asyncio.gather(
+                stream_file(three_sentences.path, f"{server_url}/v1/stream", speed=2.0),
+                stream_file(other_speech.path, f"{server_url}/v1/stream", speed=2.0),
+            )
+        )
 
     first, second = asyncio.run(both())
     for transcript, utterance in ((first, three_sentences), (second, other_speech)):
@@ -93,8 +95,16 @@ def test_start_message_sets_the_format_and_interim_false_sends_no_partials(
 
         transcript = Transcript()
         async with websockets.connect(f"{server_url}/v1/stream") as ws:
-            await ws.send(json.dumps({"type": "start", "sample_rate": rate,
-                                      "encoding": "pcm_s16le", "interim": False}))
+            await ws.send(
+                json.dumps(
+                    {
+                        "type": "start",
+                        "sample_rate": rate,
+                        "encoding": "pcm_s16le",
+                        "interim": False,
+                    }
+                )
+            )
             for offset in range(0, len(pcm), rate // 5):
                 await ws.send(pcm[offset : offset + rate // 5].tobytes())
             await ws.send(json.dumps({"type": "stop"}))

@@ -39,8 +39,11 @@ SR = MODEL_SAMPLE_RATE_HZ
 WORD_S = 0.25
 GAP_S = 0.15
 CHUNK = 480  # 30 ms of 16 kHz audio per binary frame
-CONFIG = SessionConfig(audio=AudioFormat(SR, "pcm_s16le"), vad=VadOptions(),
-                       policy=PolicyOptions(step_s=0.5, holdback_s=0.5))
+CONFIG = SessionConfig(
+    audio=AudioFormat(SR, "pcm_s16le"),
+    vad=VadOptions(),
+    policy=PolicyOptions(step_s=0.5, holdback_s=0.5),
+)
 # Every closed segment decoded once more for its final (no reuse of the endpoint step).
 DECODE_FINALS = replace(CONFIG, policy=replace(CONFIG.policy, endpoint_silence_s=0.0))
 
@@ -223,8 +226,11 @@ def assert_promises_kept(run: Run) -> None:
         if stables:
             assert words_of(final)[: len(stables[-1])] == stables[-1]
         final_at = run.messages.index(final)
-        assert all(i < final_at for i, m in enumerate(run.messages)
-                   if isinstance(m, Partial) and m.segment == final.segment)
+        assert all(
+            i < final_at
+            for i, m in enumerate(run.messages)
+            if isinstance(m, Partial) and m.segment == final.segment
+        )
 
 
 # Three utterances: 0.5 s silence, 5 words, 1 s, 3 words, 1 s, 4 words, 0.3 s, stop.
@@ -313,8 +319,11 @@ def test_stable_text_is_never_retracted_by_later_partials_or_the_final(three: Ru
 def test_each_final_comes_after_every_partial_of_its_segment(three: Run) -> None:
     for final in three.finals:
         final_at = three.messages.index(final)
-        partials_at = [i for i, m in enumerate(three.messages)
-                       if isinstance(m, Partial) and m.segment == final.segment]
+        partials_at = [
+            i
+            for i, m in enumerate(three.messages)
+            if isinstance(m, Partial) and m.segment == final.segment
+        ]
         assert partials_at and max(partials_at) < final_at
 
 
@@ -363,8 +372,9 @@ def test_a_final_after_silence_is_the_step_that_heard_it_with_no_decode_after_th
     margin = int(CONFIG.policy.endpoint_silence_s * SR)
     ends = [j.start_sample + len(j.request.audio) for j in three.jobs]
     for spoken_end in (THREE_SPOKEN[4].end, THREE_SPOKEN[7].end, THREE_SPOKEN[11].end):
-        assert any(spoken_end + margin <= end <= spoken_end + margin + 2 * CHUNK
-                   for end in ends), spoken_end
+        assert any(spoken_end + margin <= end <= spoken_end + margin + 2 * CHUNK for end in ends), (
+            spoken_end
+        )
 
 
 def test_a_segment_closed_by_stop_is_decoded_again_not_taken_from_the_endpoint_step() -> None:
@@ -377,8 +387,9 @@ def test_a_segment_closed_by_stop_is_decoded_again_not_taken_from_the_endpoint_s
 
 
 def test_prompt_chars_gives_later_decodes_the_end_of_earlier_finals() -> None:
-    config = replace(DECODE_FINALS, language="de",
-                     policy=replace(DECODE_FINALS.policy, prompt_chars=8))
+    config = replace(
+        DECODE_FINALS, language="de", policy=replace(DECODE_FINALS.policy, prompt_chars=8)
+    )
 
     run = run_session(THREE, config=config)
 
@@ -605,8 +616,10 @@ def thank_you(job: Job, hypothesis: Hypothesis) -> Hypothesis:
         return hypothesis
     promised = hypothesis.words[: len(job.request.prefix_tokens)]
     end = job.audio_seconds
-    invented = (Word(" Thank", end - 0.4, end - 0.2, 0.4, (50,)),
-                Word(" you.", end - 0.2, end, 0.4, (51,)))
+    invented = (
+        Word(" Thank", end - 0.4, end - 0.2, 0.4, (50,)),
+        Word(" you.", end - 0.2, end, 0.4, (51,)),
+    )
     return Hypothesis(promised + invented, no_speech_prob=0.9, avg_logprob=-1.5)
 
 
@@ -690,9 +703,13 @@ def test_long_speech_is_cut_into_segments_without_losing_or_repeating_words(
 def test_stop_right_after_a_cut_at_the_last_frame_finishes_cleanly() -> None:
     # One sound over frames 10 to 67; the segment (from frame 2, with 240 ms of padding)
     # reaches 67 frames with the silent frame 68, the quietest, and the stream stops there.
-    audio = np.concatenate([np.zeros(10 * CHUNK, np.float32),
-                            np.full(58 * CHUNK, level(3), np.float32),
-                            np.zeros(CHUNK, np.float32)])
+    audio = np.concatenate(
+        [
+            np.zeros(10 * CHUNK, np.float32),
+            np.full(58 * CHUNK, level(3), np.float32),
+            np.zeros(CHUNK, np.float32),
+        ]
+    )
 
     run = run_session(audio, config=replace(CUT_CONFIG, interim=False))
 
@@ -708,21 +725,29 @@ def test_stop_right_after_a_cut_at_the_last_frame_finishes_cleanly() -> None:
 
 def _shifted(message: ServerMessage, offset_s: float, first: int) -> ServerMessage:
     """What the same message says in a stream resumed at `offset_s`, segment `first`."""
+
     def t(x: float) -> float:
         return round(x + offset_s, 3)
 
     if isinstance(message, SpeechStart | SpeechEnd):
         return replace(message, t=t(message.t))
     if isinstance(message, Partial):
-        return replace(message, segment=message.segment + first, start=t(message.start),
-                       end=t(message.end))
+        return replace(
+            message, segment=message.segment + first, start=t(message.start), end=t(message.end)
+        )
     if isinstance(message, Final):
         words = tuple(replace(w, start=t(w.start), end=t(w.end)) for w in message.words)
-        return replace(message, segment=message.segment + first, start=t(message.start),
-                       end=t(message.end), words=words)
+        return replace(
+            message,
+            segment=message.segment + first,
+            start=t(message.start),
+            end=t(message.end),
+            words=words,
+        )
     if isinstance(message, Done):
-        return replace(message, audio_seconds=t(message.audio_seconds),
-                       segments=message.segments + first)
+        return replace(
+            message, audio_seconds=t(message.audio_seconds), segments=message.segments + first
+        )
     return message
 
 
@@ -743,8 +768,10 @@ def test_resuming_from_the_end_of_a_final_gives_the_rest_of_the_transcript(three
     first = three.finals[0]
     resume_at = round(first.end * SR)
 
-    resumed = run_session(THREE[resume_at:], config=replace(
-        CONFIG, offset_s=resume_at / SR, first_segment=first.segment + 1))
+    resumed = run_session(
+        THREE[resume_at:],
+        config=replace(CONFIG, offset_s=resume_at / SR, first_segment=first.segment + 1),
+    )
 
     finals = [first, *resumed.finals]
     assert [f.segment for f in finals] == [0, 1, 2]

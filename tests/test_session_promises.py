@@ -16,8 +16,15 @@ from streaming.session import Session, SessionConfig
 # Token ids: 1 " streaming", 2 " speech", 3 " recognition", 4 ",", 5 " spoken", 6 " words",
 # 7 " turns". The engine first hears "streaming speech recognition turns", then revises
 # to "streaming speech recognition, spoken words".
-TEXT = {1: " streaming", 2: " speech", 3: " recognition", 4: ",", 5: " spoken", 6: " words",
-        7: " turns"}
+TEXT = {
+    1: " streaming",
+    2: " speech",
+    3: " recognition",
+    4: ",",
+    5: " spoken",
+    6: " words",
+    7: " turns",
+}
 SCRIPT = [[1], [1, 2, 3, 7], [1, 2, 3, 7], [1, 2, 3, 4, 5, 6]]
 
 
@@ -40,15 +47,18 @@ class RegroupingEngine:
         self.step += 1
         prefix = list(request.prefix_tokens)
         groups: list[list[int]] = []
-        for part in (prefix, script[len(prefix):]):
+        for part in (prefix, script[len(prefix) :]):
             for i, t in enumerate(part):
                 if TEXT[t].startswith(" ") or i == 0:
                     groups.append([t])
                 else:
                     groups[-1].append(t)
-        return Hypothesis(tuple(
-            Word("".join(TEXT[t] for t in g), i * 0.3, i * 0.3 + 0.25, 0.9, tuple(g))
-            for i, g in enumerate(groups)))
+        return Hypothesis(
+            tuple(
+                Word("".join(TEXT[t] for t in g), i * 0.3, i * 0.3 + 0.25, 0.9, tuple(g))
+                for i, g in enumerate(groups)
+            )
+        )
 
 
 def test_promised_words_are_never_repeated_when_the_engine_regroups_them() -> None:
@@ -104,21 +114,29 @@ class FickleEngine:
         self.calls += 1
         prefix = list(request.prefix_tokens)
         heard = int(len(request.audio) / 16_000 / 0.5)
-        return Hypothesis(tuple(
-            Word(f" w{i}", i * 0.5, i * 0.5 + 0.4, 0.9,
-                 (prefix[i],) if i < len(prefix) else (10**6 * self.calls + i,))
-            for i in range(max(heard, len(prefix)))))
+        return Hypothesis(
+            tuple(
+                Word(
+                    f" w{i}",
+                    i * 0.5,
+                    i * 0.5 + 0.4,
+                    0.9,
+                    (prefix[i],) if i < len(prefix) else (10**6 * self.calls + i,),
+                )
+                for i in range(max(heard, len(prefix)))
+            )
+        )
 
 
-def test_alignatt_promises_from_one_hypothesis_and_asks_partials_to_stop_at_the_edge(
-) -> None:
+def test_alignatt_promises_from_one_hypothesis_and_asks_partials_to_stop_at_the_edge() -> None:
     audio = (np.ones(16_000 * 4) * 0.3 * 32767).astype("<i2")
     stable: dict[str, str] = {}
     for name in ("local_agreement", "alignatt"):
         config = SessionConfig(policy=PolicyOptions(policy=name))
         messages, jobs = _run(Session("s", config, EnergyClassifier()), FickleEngine(), audio)
-        stable[name] = max((m.stable for m in messages if isinstance(m, Partial)), key=len,
-                           default="")
+        stable[name] = max(
+            (m.stable for m in messages if isinstance(m, Partial)), key=len, default=""
+        )
         edges = {job.final: job.request.stop_edge_s for job in jobs}
         # A final hears its segment out; only AlignAtt's partial steps may stop early.
         assert edges == {False: 0.5 if name == "alignatt" else 0.0, True: 0.0}

@@ -86,12 +86,17 @@ def scrambled_prefix(job: Job, hypothesis: Hypothesis) -> Hypothesis:
     return Hypothesis(tuple(words), 0.01, -0.2)
 
 
-@pytest.mark.parametrize("rewrite", [promised_only, nothing_at_all, other_words, invented,
-                                     scrambled_prefix])
-@pytest.mark.parametrize("config", [CONFIG, SHOWING, DECODE_FINALS],
-                         ids=["endpoint step", "shown, not promised", "decoded"])
+@pytest.mark.parametrize(
+    "rewrite", [promised_only, nothing_at_all, other_words, invented, scrambled_prefix]
+)
+@pytest.mark.parametrize(
+    "config",
+    [CONFIG, SHOWING, DECODE_FINALS],
+    ids=["endpoint step", "shown, not promised", "decoded"],
+)
 def test_the_final_keeps_every_word_the_last_partial_showed_as_stable(
-    rewrite: Rewrite, config: SessionConfig,
+    rewrite: Rewrite,
+    config: SessionConfig,
 ) -> None:
     run = run_session(AUDIO, config=config, rewrite=rewrite)
 
@@ -101,15 +106,23 @@ def test_the_final_keeps_every_word_the_last_partial_showed_as_stable(
     assert words_of(final)[: len(stable)] == stable
 
 
-@pytest.mark.parametrize(("rewrite", "reason"), [
-    (promised_only, "the final's decode ended before them"),
-    (nothing_at_all, "the final's decode ended before them"),
-    (other_words, "the final's decode heard 'w40 w41 w42' there instead"),
-    (invented, "the hallucination filter took the final's unpromised words for invented "
-               "text (no_speech_prob 0.90, avg_logprob -1.50)"),
-])
+@pytest.mark.parametrize(
+    ("rewrite", "reason"),
+    [
+        (promised_only, "the final's decode ended before them"),
+        (nothing_at_all, "the final's decode ended before them"),
+        (other_words, "the final's decode heard 'w40 w41 w42' there instead"),
+        (
+            invented,
+            "the hallucination filter took the final's unpromised words for invented "
+            "text (no_speech_prob 0.90, avg_logprob -1.50)",
+        ),
+    ],
+)
 def test_a_word_shown_twice_that_the_final_lacks_is_logged_with_the_reason(
-    rewrite: Rewrite, reason: str, caplog: pytest.LogCaptureFixture,
+    rewrite: Rewrite,
+    reason: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="streaming.session")
 
@@ -117,7 +130,7 @@ def test_a_word_shown_twice_that_the_final_lacks_is_logged_with_the_reason(
 
     (final,) = run.finals
     seen = shown_twice(run)
-    missing = [w for w in seen[len(last_stable(run)):] if w not in words_of(final)]
+    missing = [w for w in seen[len(last_stable(run)) :] if w not in words_of(final)]
     assert missing, f"the scenario must show words the final lacks: {seen} / {final.text}"
     lines = [r.getMessage() for r in caplog.records if "showed two steps in a row" in r.message]
     assert len(lines) == 1, lines
@@ -125,8 +138,9 @@ def test_a_word_shown_twice_that_the_final_lacks_is_logged_with_the_reason(
     assert line.startswith("session s1: the final of segment 0 lacks ")
     assert all(w in line for w in missing)
     assert f"in a row: {reason}" in line
-    assert all(r.levelno == logging.DEBUG for r in caplog.records
-               if "showed two steps" in r.message)
+    assert all(
+        r.levelno == logging.DEBUG for r in caplog.records if "showed two steps" in r.message
+    )
 
 
 def test_no_line_when_the_final_has_every_shown_word(caplog: pytest.LogCaptureFixture) -> None:

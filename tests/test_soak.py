@@ -28,24 +28,38 @@ def soak(*argv: str) -> int:
 
 def test_rss_figures_start_after_warm_up_and_end_inside_the_window() -> None:
     mb = 2**20
-    samples = [(0.0, 100 * mb), (5.0, 200 * mb), (10.0, 210 * mb), (15.0, 220 * mb),
-               (20.0, 230 * mb), (25.0, 150 * mb)]
-    f = rss_figures(samples, window_s=20.0, warmup_s=5.0, idle=90 * mb, after=150 * mb,
-                    peak=240 * mb)
+    samples = [
+        (0.0, 100 * mb),
+        (5.0, 200 * mb),
+        (10.0, 210 * mb),
+        (15.0, 220 * mb),
+        (20.0, 230 * mb),
+        (25.0, 150 * mb),
+    ]
+    f = rss_figures(
+        samples, window_s=20.0, warmup_s=5.0, idle=90 * mb, after=150 * mb, peak=240 * mb
+    )
     assert (f["idle_mb"], f["start_mb"], f["end_mb"], f["max_mb"], f["after_mb"]) == (
-        90.0, 200.0, 230.0, 240.0, 150.0)
+        90.0,
+        200.0,
+        230.0,
+        240.0,
+        150.0,
+    )
     assert (f["start_at_s"], f["end_at_s"]) == (5.0, 20.0)
     assert f["growth_mb"] == 30.0 and f["growth_pct"] == 15.0
     assert f["growth_last_third_mb"] == 10.0 and f["last_third_from_s"] == 15.0
     assert f["slope_mb_per_min"] == pytest.approx(120.0)  # 2 MB/s after the warm-up
 
 
-def test_soak_refuses_addresses_that_are_not_loopback(tmp_path: Path,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_soak_refuses_addresses_that_are_not_loopback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("")
-    code = soak("--manifest", str(manifest), "--minutes", "1",
-                "--url", "ws://192.0.2.1:8765/v1/stream")
+    code = soak(
+        "--manifest", str(manifest), "--minutes", "1", "--url", "ws://192.0.2.1:8765/v1/stream"
+    )
     assert code == 2
     assert "loopback" in capsys.readouterr().err
 
@@ -60,8 +74,20 @@ def test_a_short_soak_gets_every_final_and_reports_memory_and_lag(
     manifest.write_text("".join(json.dumps({"wav": w}) + "\n" for w in ("a.wav", "b.wav")))
     out = tmp_path / "soak.json"
     began = time.monotonic()
-    code = soak("--manifest", str(manifest), "--streams", "2", "--minutes", "0.3",
-                "--leave-fraction", "0.5", "--sample-every", "1", "--out", str(out))
+    code = soak(
+        "--manifest",
+        str(manifest),
+        "--streams",
+        "2",
+        "--minutes",
+        "0.3",
+        "--leave-fraction",
+        "0.5",
+        "--sample-every",
+        "1",
+        "--out",
+        str(out),
+    )
     took = time.monotonic() - began
     printed = capsys.readouterr().out
     assert code == 0, printed

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip(
-    "torch", reason="the torch engine needs PyTorch: pip install -e '.[torch]' (make test "
-    "installs it)")
+    "torch",
+    reason="the torch engine needs PyTorch: pip install -e '.[torch]' (make test installs it)",
+)
 
 from speech import Utterance, read_pcm, wer  # noqa: E402
 
@@ -90,7 +91,7 @@ def _windows(audio: np.ndarray) -> list[np.ndarray]:
     out = []
     for a, b in _sentence_spans(audio):
         out.append(audio[a:b])
-        out.append(audio[a: a + (b - a) * 3 // 5])
+        out.append(audio[a : a + (b - a) * 3 // 5])
     return out
 
 
@@ -99,7 +100,9 @@ def _text(hypotheses: list[Hypothesis]) -> str:
 
 
 def test_both_engines_hear_the_same_words_at_the_same_times(
-    engine: WhisperEngine, torch_engine: WhisperEngine, speech_16k: np.ndarray,
+    engine: WhisperEngine,
+    torch_engine: WhisperEngine,
+    speech_16k: np.ndarray,
     three_sentences: Utterance,
 ) -> None:
     windows = _windows(speech_16k)
@@ -111,8 +114,10 @@ def test_both_engines_hear_the_same_words_at_the_same_times(
     # The same words (as the guards left them) at the same times, on most words.
     offsets, matched = [], 0
     for a, b in zip(ct2, pt, strict=True):
-        left, right = [w.text.strip().lower() for w in a.words], [
-            w.text.strip().lower() for w in b.words]
+        left, right = (
+            [w.text.strip().lower() for w in a.words],
+            [w.text.strip().lower() for w in b.words],
+        )
         for block in SequenceMatcher(a=left, b=right, autojunk=False).get_matching_blocks():
             for k in range(block.size):
                 wa, wb = a.words[block.a + k], b.words[block.b + k]
@@ -128,7 +133,9 @@ def test_both_engines_hear_the_same_words_at_the_same_times(
 
 
 def test_both_engines_time_a_known_transcript_alike(
-    engine: WhisperEngine, torch_engine: WhisperEngine, speech_16k: np.ndarray,
+    engine: WhisperEngine,
+    torch_engine: WhisperEngine,
+    speech_16k: np.ndarray,
     three_sentences: Utterance,
 ) -> None:
     a, b = _sentence_spans(speech_16k)[1]
@@ -136,21 +143,24 @@ def test_both_engines_time_a_known_transcript_alike(
     ct2 = engine.align_words(speech_16k[a:b], words)
     pt = torch_engine.align_words(speech_16k[a:b], words)
     assert [w.text for w in pt] == [" " + w for w in words]
-    close = [abs(x.start_s - y.start_s) <= 0.1 and abs(x.end_s - y.end_s) <= 0.1
-             for x, y in zip(ct2, pt, strict=True)]
-    assert sum(close) >= 0.9 * len(words), [(x.start_s, y.start_s) for x, y in zip(
-        ct2, pt, strict=True)]
+    close = [
+        abs(x.start_s - y.start_s) <= 0.1 and abs(x.end_s - y.end_s) <= 0.1
+        for x, y in zip(ct2, pt, strict=True)
+    ]
+    assert sum(close) >= 0.9 * len(words), [
+        (x.start_s, y.start_s) for x, y in zip(ct2, pt, strict=True)
+    ]
 
 
 def test_the_forced_prefix_is_kept_and_split_at_its_own_word_boundaries(
-    torch_engine: TorchWhisper, speech_16k: np.ndarray,
+    torch_engine: TorchWhisper,
+    speech_16k: np.ndarray,
 ) -> None:
     a, b = _sentence_spans(speech_16k)[0]
     tokenizer = torch_engine._tokenizers.get("en")
     # Ends inside a word: " rec" "og", which the model goes on with ("nition").
     prefix = tuple(tokenizer.encode(" Streaming speech recog"))
-    hypothesis = torch_engine.transcribe([DecodeRequest(speech_16k[a:b],
-                                                        prefix_tokens=prefix)])[0]
+    hypothesis = torch_engine.transcribe([DecodeRequest(speech_16k[a:b], prefix_tokens=prefix)])[0]
     assert hypothesis.tokens[: len(prefix)] == prefix
     promised = [w.tokens for w in hypothesis.words[:3]]
     assert [t for group in promised for t in group] == list(prefix)
@@ -164,17 +174,19 @@ def _batch_requests(audio: np.ndarray, engine: TorchWhisper) -> list[DecodeReque
     (a0, b0), (a1, b1) = spans[0], spans[1]
     whole = engine.transcribe([DecodeRequest(audio[a0:b0])])[0]
     return [
-        DecodeRequest(audio[a0: a0 + 3 * RATE]),
+        DecodeRequest(audio[a0 : a0 + 3 * RATE]),
         DecodeRequest(audio[a0:b0], prefix_tokens=whole.tokens[:6]),
         DecodeRequest(audio[a1:b1], prompt=whole.text),
-        DecodeRequest(audio[a1: a1 + 2 * RATE], prefix_tokens=whole.tokens[:2]),
+        DecodeRequest(audio[a1 : a1 + 2 * RATE], prefix_tokens=whole.tokens[:2]),
         DecodeRequest(audio[:100]),  # too short to hold a word
     ]
 
 
 @pytest.mark.parametrize("which", ["torch_engine", "torch_float32"])
 def test_a_batch_decodes_each_window_exactly_as_alone(
-    which: str, request: pytest.FixtureRequest, speech_16k: np.ndarray,
+    which: str,
+    request: pytest.FixtureRequest,
+    speech_16k: np.ndarray,
 ) -> None:
     # Windows of different lengths, prefixes and prompts. Attention runs request by
     # request and int8 scales each row by itself, so even int8 gives the same numbers.
@@ -204,7 +216,9 @@ def _decoder_calls(engine: TorchWhisper) -> tuple[list[int], Callable[[], None]]
 
 
 def test_a_40_token_prefix_is_read_in_one_decoder_pass(
-    torch_engine: TorchWhisper, speech_16k: np.ndarray, other_speech: Utterance,
+    torch_engine: TorchWhisper,
+    speech_16k: np.ndarray,
+    other_speech: Utterance,
 ) -> None:
     audio = np.concatenate([speech_16k, _read_16k(other_speech)])[: int(MAX_WINDOW_S * RATE)]
     spoken = torch_engine.transcribe([DecodeRequest(audio)])[0].tokens
@@ -225,10 +239,11 @@ def test_a_40_token_prefix_is_read_in_one_decoder_pass(
 
 
 def test_alignatt_stops_decoding_where_attention_reaches_the_live_edge(
-    torch_engine: TorchWhisper, speech_16k: np.ndarray,
+    torch_engine: TorchWhisper,
+    speech_16k: np.ndarray,
 ) -> None:
     a, b = _sentence_spans(speech_16k)[0]
-    window = speech_16k[a: a + (b - a) * 3 // 5]  # cut mid-sentence: a live window
+    window = speech_16k[a : a + (b - a) * 3 // 5]  # cut mid-sentence: a live window
     window_s = len(window) / RATE
     lengths, remove = _decoder_calls(torch_engine)
     try:
@@ -246,7 +261,8 @@ def test_alignatt_stops_decoding_where_attention_reaches_the_live_edge(
 
 
 def test_weights_convert_from_model_bin_and_the_conversion_is_cached(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     from server.engines.torch_whisper import weights
@@ -255,8 +271,7 @@ def test_weights_convert_from_model_bin_and_the_conversion_is_cached(
     cached = list((tmp_path / "cache" / "whisperstream" / "torch").glob("ct2-*.pt"))
     assert len(cached) == 1
     assert first.dims.n_vocab == 51864 and first.dims.n_text_layer == 4
-    assert first.alignment_heads == [(1, 0), (2, 0), (2, 5), (3, 0), (3, 1), (3, 2), (3, 3),
-                                     (3, 4)]
+    assert first.alignment_heads == [(1, 0), (2, 0), (2, 5), (3, 0), (3, 1), (3, 2), (3, 3), (3, 4)]
 
     def no_conversion(*_: object) -> None:
         raise AssertionError("converted again despite the cache")
@@ -282,8 +297,9 @@ def test_dtw_finds_the_path_openai_whisper_finds() -> None:
         for j in range(1, m + 1):
             for i in range(1, n + 1):
                 c0, c1, c2 = cost[i - 1, j - 1], cost[i - 1, j], cost[i, j - 1]
-                c, t = (c0, 0) if c0 < c1 and c0 < c2 else (c1, 1) if c1 < c0 and c1 < c2 \
-                    else (c2, 2)
+                c, t = (
+                    (c0, 0) if c0 < c1 and c0 < c2 else (c1, 1) if c1 < c0 and c1 < c2 else (c2, 2)
+                )
                 cost[i, j], trace[i, j] = x[i - 1, j - 1] + c, t
         trace[0, :], trace[:, 0] = 2, 1
         i, j, path = n, m, []
@@ -302,6 +318,7 @@ def test_dtw_finds_the_path_openai_whisper_finds() -> None:
 
 # --- the other weight formats, written from the bundled model --------------------------
 
+
 def _openai_state(state: dict[str, Any], n_enc: int, n_dec: int) -> dict[str, Any]:
     """openai-whisper's names and separate projections, from the converted state."""
     out: dict[str, Any] = {}
@@ -311,44 +328,68 @@ def _openai_state(state: dict[str, Any], n_enc: int, n_dec: int) -> dict[str, An
             p = f"{part}.blocks.{i}"
             q, k, v = state[f"{p}.attn.qkv.weight"].split(d)
             qb, _, vb = state[f"{p}.attn.qkv.bias"].split(d)
-            out |= {f"{p}.attn.query.weight": q, f"{p}.attn.query.bias": qb,
-                    f"{p}.attn.key.weight": k, f"{p}.attn.value.weight": v,
-                    f"{p}.attn.value.bias": vb}
-            for name, src in (("attn.out", "attn.out"), ("attn_ln", "attn_ln"),
-                              ("mlp_ln", "mlp_ln"), ("mlp.0", "mlp.fc1"), ("mlp.2", "mlp.fc2"),
-                              ("cross_attn.query", "cross.query"),
-                              ("cross_attn.out", "cross.out"), ("cross_attn_ln", "cross_ln")):
+            out |= {
+                f"{p}.attn.query.weight": q,
+                f"{p}.attn.query.bias": qb,
+                f"{p}.attn.key.weight": k,
+                f"{p}.attn.value.weight": v,
+                f"{p}.attn.value.bias": vb,
+            }
+            for name, src in (
+                ("attn.out", "attn.out"),
+                ("attn_ln", "attn_ln"),
+                ("mlp_ln", "mlp_ln"),
+                ("mlp.0", "mlp.fc1"),
+                ("mlp.2", "mlp.fc2"),
+                ("cross_attn.query", "cross.query"),
+                ("cross_attn.out", "cross.out"),
+                ("cross_attn_ln", "cross_ln"),
+            ):
                 for suffix in ("weight", "bias"):
                     if f"{p}.{src}.{suffix}" in state:
                         out[f"{p}.{name}.{suffix}"] = state[f"{p}.{src}.{suffix}"]
             if part == "decoder":
                 ck, cv = state[f"{p}.cross.kv.weight"].split(d)
                 _, cvb = state[f"{p}.cross.kv.bias"].split(d)
-                out |= {f"{p}.cross_attn.key.weight": ck, f"{p}.cross_attn.value.weight": cv,
-                        f"{p}.cross_attn.value.bias": cvb}
+                out |= {
+                    f"{p}.cross_attn.key.weight": ck,
+                    f"{p}.cross_attn.value.weight": cv,
+                    f"{p}.cross_attn.value.bias": cvb,
+                }
     for key in ("encoder.conv1", "encoder.conv2", "encoder.ln_post", "decoder.ln"):
         out[f"{key}.weight"], out[f"{key}.bias"] = state[f"{key}.weight"], state[f"{key}.bias"]
-    for key in ("encoder.positional_embedding", "decoder.positional_embedding",
-                "decoder.token_embedding.weight"):
+    for key in (
+        "encoder.positional_embedding",
+        "decoder.positional_embedding",
+        "decoder.token_embedding.weight",
+    ):
         out[key] = state[key]
     return out
 
 
 def _hf_state(openai: dict[str, Any]) -> dict[str, Any]:
     """Hugging Face's names, from openai-whisper's."""
-    renames = [("blocks.", "layers."), (".attn.query", ".self_attn.q_proj"),
-               (".attn.key", ".self_attn.k_proj"), (".attn.value", ".self_attn.v_proj"),
-               (".attn.out", ".self_attn.out_proj"), (".attn_ln", ".self_attn_layer_norm"),
-               (".cross_attn.query", ".encoder_attn.q_proj"),
-               (".cross_attn.key", ".encoder_attn.k_proj"),
-               (".cross_attn.value", ".encoder_attn.v_proj"),
-               (".cross_attn.out", ".encoder_attn.out_proj"),
-               (".cross_attn_ln", ".encoder_attn_layer_norm"), (".mlp.0", ".fc1"),
-               (".mlp.2", ".fc2"), (".mlp_ln", ".final_layer_norm"),
-               ("encoder.ln_post", "encoder.layer_norm"), ("decoder.ln.", "decoder.layer_norm."),
-               ("encoder.positional_embedding", "encoder.embed_positions.weight"),
-               ("decoder.positional_embedding", "decoder.embed_positions.weight"),
-               ("decoder.token_embedding", "decoder.embed_tokens")]
+    renames = [
+        ("blocks.", "layers."),
+        (".attn.query", ".self_attn.q_proj"),
+        (".attn.key", ".self_attn.k_proj"),
+        (".attn.value", ".self_attn.v_proj"),
+        (".attn.out", ".self_attn.out_proj"),
+        (".attn_ln", ".self_attn_layer_norm"),
+        (".cross_attn.query", ".encoder_attn.q_proj"),
+        (".cross_attn.key", ".encoder_attn.k_proj"),
+        (".cross_attn.value", ".encoder_attn.v_proj"),
+        (".cross_attn.out", ".encoder_attn.out_proj"),
+        (".cross_attn_ln", ".encoder_attn_layer_norm"),
+        (".mlp.0", ".fc1"),
+        (".mlp.2", ".fc2"),
+        (".mlp_ln", ".final_layer_norm"),
+        ("encoder.ln_post", "encoder.layer_norm"),
+        ("decoder.ln.", "decoder.layer_norm."),
+        ("encoder.positional_embedding", "encoder.embed_positions.weight"),
+        ("decoder.positional_embedding", "decoder.embed_positions.weight"),
+        ("decoder.token_embedding", "decoder.embed_tokens"),
+    ]
     out = {}
     for key, value in openai.items():
         for old, new in renames:
@@ -362,8 +403,11 @@ def _write_safetensors(file: Path, tensors: dict[str, Any]) -> None:
     blobs, at = [], 0
     for key, value in tensors.items():
         raw = value.contiguous().numpy().astype(np.float16).tobytes()
-        header[key] = {"dtype": "F16", "shape": list(value.shape),
-                       "data_offsets": [at, at + len(raw)]}
+        header[key] = {
+            "dtype": "F16",
+            "shape": list(value.shape),
+            "data_offsets": [at, at + len(raw)],
+        }
         blobs.append(raw)
         at += len(raw)
     text = json.dumps(header).encode()
@@ -372,8 +416,7 @@ def _write_safetensors(file: Path, tensors: dict[str, Any]) -> None:
 
 @pytest.fixture(scope="module")
 def converted() -> Iterator[tuple[Any, dict[str, Any]]]:
-    dims, state = convert_ct2(read_ct2_variables(Path(resolve_model_path("bundled"))
-                                                 / "model.bin"))
+    dims, state = convert_ct2(read_ct2_variables(Path(resolve_model_path("bundled")) / "model.bin"))
     yield dims, state
 
 
@@ -385,14 +428,20 @@ def _same_as_bundled(engine: TorchWhisper, reference: TorchWhisper, audio: np.nd
 
 
 def test_an_openai_whisper_checkpoint_loads_and_decodes_as_the_bundled_model(
-    tmp_path: Path, converted: tuple[Any, dict[str, Any]], torch_float32: TorchWhisper,
+    tmp_path: Path,
+    converted: tuple[Any, dict[str, Any]],
+    torch_float32: TorchWhisper,
     speech_16k: np.ndarray,
 ) -> None:
     dims, state = converted
     file = tmp_path / "tiny.en.pt"  # the name gives the alignment heads
-    torch.save({"dims": dims.__dict__,
-                "model_state_dict": _openai_state(state, dims.n_audio_layer,
-                                                  dims.n_text_layer)}, file)
+    torch.save(
+        {
+            "dims": dims.__dict__,
+            "model_state_dict": _openai_state(state, dims.n_audio_layer, dims.n_text_layer),
+        },
+        file,
+    )
     engine = TorchWhisper(str(file), compute_type="float32", cpu_threads=1)
     assert engine.model.decoder.alignment_heads == torch_float32.model.decoder.alignment_heads
     a, b = _sentence_spans(speech_16k)[0]
@@ -400,18 +449,32 @@ def test_an_openai_whisper_checkpoint_loads_and_decodes_as_the_bundled_model(
 
 
 def test_a_hugging_face_folder_loads_and_decodes_as_the_bundled_model(
-    tmp_path: Path, converted: tuple[Any, dict[str, Any]], torch_float32: TorchWhisper,
+    tmp_path: Path,
+    converted: tuple[Any, dict[str, Any]],
+    torch_float32: TorchWhisper,
     speech_16k: np.ndarray,
 ) -> None:
     dims, state = converted
-    _write_safetensors(tmp_path / "model.safetensors",
-                       _hf_state(_openai_state(state, dims.n_audio_layer, dims.n_text_layer)))
-    (tmp_path / "config.json").write_text(json.dumps({
-        "model_type": "whisper", "num_mel_bins": dims.n_mels,
-        "max_source_positions": dims.n_audio_ctx, "d_model": dims.n_audio_state,
-        "encoder_attention_heads": dims.n_audio_head, "encoder_layers": dims.n_audio_layer,
-        "vocab_size": dims.n_vocab, "max_target_positions": dims.n_text_ctx,
-        "decoder_attention_heads": dims.n_text_head, "decoder_layers": dims.n_text_layer}))
+    _write_safetensors(
+        tmp_path / "model.safetensors",
+        _hf_state(_openai_state(state, dims.n_audio_layer, dims.n_text_layer)),
+    )
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "whisper",
+                "num_mel_bins": dims.n_mels,
+                "max_source_positions": dims.n_audio_ctx,
+                "d_model": dims.n_audio_state,
+                "encoder_attention_heads": dims.n_audio_head,
+                "encoder_layers": dims.n_audio_layer,
+                "vocab_size": dims.n_vocab,
+                "max_target_positions": dims.n_text_ctx,
+                "decoder_attention_heads": dims.n_text_head,
+                "decoder_layers": dims.n_text_layer,
+            }
+        )
+    )
     bundled = Path(resolve_model_path("bundled"))
     heads = json.loads((bundled / "config.json").read_text())["alignment_heads"]
     (tmp_path / "generation_config.json").write_text(json.dumps({"alignment_heads": heads}))

@@ -66,8 +66,14 @@ def describe(events: Sequence[VadEvent]) -> list[tuple[Any, ...]]:
             out.append(("started", e.sample, e.segment_start_sample))
         else:
             out.append(
-                ("closed", e.start_sample, e.end_sample, e.speech_ended, e.speech_end_sample,
-                 e.audio.astype(np.float32).tobytes())
+                (
+                    "closed",
+                    e.start_sample,
+                    e.end_sample,
+                    e.speech_ended,
+                    e.speech_end_sample,
+                    e.audio.astype(np.float32).tobytes(),
+                )
             )
     return out
 
@@ -85,8 +91,14 @@ def test_options_convert_durations_to_whole_frames() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"aggressiveness": 4}, {"frame_ms": 25}, {"start_ms": -1}, {"pad_ms": -30},
-     {"max_segment_s": 1.0}, {"max_segment_s": 29.0}],
+    [
+        {"aggressiveness": 4},
+        {"frame_ms": 25},
+        {"start_ms": -1},
+        {"pad_ms": -30},
+        {"max_segment_s": 1.0},
+        {"max_segment_s": 29.0},
+    ],
 )
 def test_options_reject_invalid_values(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
@@ -98,8 +110,15 @@ def test_options_reject_invalid_values(kwargs: dict[str, Any]) -> None:
 
 def test_speech_blips_shorter_than_start_ms_open_no_segment() -> None:
     vad = segmenter()
-    signal = frames_signal([SILENCE] * 10 + [SPEECH] * 2 + [SILENCE] * 20 + [SPEECH] * 2
-                           + [SILENCE] * 5 + [SPEECH] + [SILENCE] * 5)
+    signal = frames_signal(
+        [SILENCE] * 10
+        + [SPEECH] * 2
+        + [SILENCE] * 20
+        + [SPEECH] * 2
+        + [SILENCE] * 5
+        + [SPEECH]
+        + [SILENCE] * 5
+    )
 
     assert vad.push(signal) == []
     assert not vad.in_speech
@@ -164,15 +183,18 @@ def test_segment_closes_after_end_ms_of_silence_keeping_padding_after() -> None:
 
 def test_pauses_shorter_than_end_ms_keep_the_segment_open() -> None:
     vad = segmenter()
-    signal = frames_signal([SILENCE] * 10 + [SPEECH] * 10 + [SILENCE] * 9 + [SPEECH] * 10
-                           + [SILENCE] * 12)
+    signal = frames_signal(
+        [SILENCE] * 10 + [SPEECH] * 10 + [SILENCE] * 9 + [SPEECH] * 10 + [SILENCE] * 12
+    )
 
     events = vad.push(signal)
 
     assert [type(e) for e in events] == [SpeechStarted, SegmentClosed]
     segment = closed(events)[0]
     assert (segment.start_sample, segment.speech_end_sample, segment.end_sample) == (
-        8 * F, 39 * F, 41 * F,
+        8 * F,
+        39 * F,
+        41 * F,
     )
 
 
@@ -194,8 +216,9 @@ def test_consecutive_segments_never_overlap_even_when_padding_exceeds_the_pause(
 
 def test_second_segment_gets_its_own_speech_started_and_padding() -> None:
     vad = segmenter()
-    signal = frames_signal([SILENCE] * 10 + [SPEECH] * 10 + [SILENCE] * 12 + [SPEECH] * 10
-                           + [SILENCE] * 12)
+    signal = frames_signal(
+        [SILENCE] * 10 + [SPEECH] * 10 + [SILENCE] * 12 + [SPEECH] * 10 + [SILENCE] * 12
+    )
 
     events = vad.push(signal)
 
@@ -318,7 +341,9 @@ def test_after_a_cut_the_rest_continues_as_an_open_segment() -> None:
     (rest,) = closed(events)
     assert rest.speech_ended
     assert (rest.start_sample, rest.speech_end_sample, rest.end_sample) == (
-        51 * F, 90 * F, 92 * F,
+        51 * F,
+        90 * F,
+        92 * F,
     )
 
 
@@ -388,9 +413,15 @@ def test_cut_segments_tile_the_speech_without_gaps() -> None:
 # Chunking ------------------------------------------------------------------------------
 
 MIXED = frames_signal(
-    [SILENCE] * 5 + [SPEECH] * 2 + [SILENCE] * 8  # a blip
-    + [SPEECH] * 20 + [SILENCE] * 15  # an utterance
-    + [SPEECH] * 40 + [0.05] + [SPEECH] * 40 + [SILENCE] * 3  # a long one, cut once
+    [SILENCE] * 5
+    + [SPEECH] * 2
+    + [SILENCE] * 8  # a blip
+    + [SPEECH] * 20
+    + [SILENCE] * 15  # an utterance
+    + [SPEECH] * 40
+    + [0.05]
+    + [SPEECH] * 40
+    + [SILENCE] * 3  # a long one, cut once
 )[:-123]  # end on a partial frame
 
 
@@ -409,8 +440,13 @@ REFERENCE = run_in_chunks(MIXED, [])
 
 def test_reference_run_holds_every_kind_of_event() -> None:
     kinds = [(e[0], e[3]) if e[0] == "closed" else (e[0],) for e in REFERENCE]
-    assert kinds == [("started",), ("closed", True), ("started",), ("closed", False),
-                     ("closed", True)]
+    assert kinds == [
+        ("started",),
+        ("closed", True),
+        ("started",),
+        ("closed", False),
+        ("closed", True),
+    ]
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 160, 479, 480, 481, 4000])

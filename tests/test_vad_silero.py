@@ -65,13 +65,15 @@ def noisy(snr_db: float, kind: str) -> tuple[np.ndarray, float, float]:
     return mix, LEAD_S + loud[0] * hop / SR, LEAD_S + (loud[-1] + 1) * hop / SR
 
 
-def segments(classifier: FrameClassifier, audio: np.ndarray,
-             options: VadOptions | None = None) -> list[tuple[float, float]]:
+def segments(
+    classifier: FrameClassifier, audio: np.ndarray, options: VadOptions | None = None
+) -> list[tuple[float, float]]:
     """The audio of each segment (padding included: what the model transcribes), in s."""
     vad = VadSegmenter(options or VadOptions(), classifier)
     events = vad.push(audio) + vad.flush(final=True)
-    return [(e.start_sample / SR, e.end_sample / SR)
-            for e in events if isinstance(e, SegmentClosed)]
+    return [
+        (e.start_sample / SR, e.end_sample / SR) for e in events if isinstance(e, SegmentClosed)
+    ]
 
 
 def covers(found: list[tuple[float, float]], start: float, end: float) -> bool:
@@ -109,8 +111,10 @@ def test_silero_reads_whole_windows_whatever_the_frame_size(frame_ms: int) -> No
     # probabilities in any framing, so the segments do not depend on it either.
     audio, start, end = noisy(20.0, "pink")
     reference = SileroClassifier()
-    expected = [_probability_after(reference, audio[i : i + WINDOW_SAMPLES])
-                for i in range(0, len(audio) - WINDOW_SAMPLES + 1, WINDOW_SAMPLES)]
+    expected = [
+        _probability_after(reference, audio[i : i + WINDOW_SAMPLES])
+        for i in range(0, len(audio) - WINDOW_SAMPLES + 1, WINDOW_SAMPLES)
+    ]
     classifier = SileroClassifier()
     runs: list[float] = []
     frame = SR * frame_ms // 1000
@@ -154,8 +158,10 @@ def test_a_missing_model_is_a_config_error_that_says_how_to_install_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     def missing() -> Path:
-        raise SileroUnavailable("vad.detector: silero needs the silero-vad package's ONNX "
-                                "model: pip install --no-deps silero-vad==6.2.3")
+        raise SileroUnavailable(
+            "vad.detector: silero needs the silero-vad package's ONNX "
+            "model: pip install --no-deps silero-vad==6.2.3"
+        )
 
     monkeypatch.setattr(vad_silero, "model_path", missing)
     with pytest.raises(ConfigError, match="pip install --no-deps silero-vad"):

@@ -107,8 +107,14 @@ async def describe(port: int) -> Info:
 
 
 async def command_on(
-    client: AsyncTcpClient, pcm: bytes, *, rate: int = SR, channels: int = 1,
-    speed: float = 4.0, language: str | None = "en", until: str = "transcript-stop",
+    client: AsyncTcpClient,
+    pcm: bytes,
+    *,
+    rate: int = SR,
+    channels: int = 1,
+    speed: float = 4.0,
+    language: str | None = "en",
+    until: str = "transcript-stop",
     after: int = 0,
 ) -> Heard:
     """One voice command on a connection, as Home Assistant sends it (transcribe,
@@ -142,10 +148,14 @@ async def command_on(
                 extra += 1
                 if extra > after:
                     break
-            await client.write_event(AudioChunk(rate=rate, width=2, channels=channels,
-                                                audio=pcm[offset : offset + step]).event())
-            await asyncio.sleep(max(0.0, began + (i + 1) * CHUNK_SAMPLES / rate / speed
-                                    - time.monotonic()))
+            await client.write_event(
+                AudioChunk(
+                    rate=rate, width=2, channels=channels, audio=pcm[offset : offset + step]
+                ).event()
+            )
+            await asyncio.sleep(
+                max(0.0, began + (i + 1) * CHUNK_SAMPLES / rate / speed - time.monotonic())
+            )
         if not heard.of("error"):
             heard.stop_sent = time.monotonic()
             await client.write_event(AudioStop().event())
@@ -193,8 +203,10 @@ def test_transcript_chunks_come_before_audio_stop_and_add_up_to_the_transcript()
     assert heard.stop_sent is not None
     early = [t for t, _ in heard.of("transcript-chunk") if t < heard.stop_sent]
     assert early, f"no transcript-chunk before audio-stop: {types}"
-    assert heard.transcript.startswith(heard.chunks) and heard.chunks, (heard.chunks,
-                                                                       heard.transcript)
+    assert heard.transcript.startswith(heard.chunks) and heard.chunks, (
+        heard.chunks,
+        heard.transcript,
+    )
     assert live.app.active_sessions == 0
 
 
@@ -208,8 +220,11 @@ def test_home_assistants_exact_flow_reading_only_after_audio_stop() -> None:
             await client.write_event(AudioStart(rate=SR, width=2, channels=1).event())
             step = CHUNK_SAMPLES * 2
             for offset in range(0, len(pcm), step):
-                await client.write_event(AudioChunk(rate=SR, width=2, channels=1,
-                                                    audio=pcm[offset : offset + step]).event())
+                await client.write_event(
+                    AudioChunk(
+                        rate=SR, width=2, channels=1, audio=pcm[offset : offset + step]
+                    ).event()
+                )
                 await asyncio.sleep(0.01)
             await client.write_event(AudioStop().event())
             while True:
@@ -252,9 +267,11 @@ def test_a_client_that_disconnects_mid_command_frees_its_session() -> None:
         await client.write_event(Transcribe(language="en").event())
         await client.write_event(AudioStart(rate=SR, width=2, channels=1).event())
         for offset in range(0, len(pcm) // 2, CHUNK_SAMPLES * 2):
-            await client.write_event(AudioChunk(
-                rate=SR, width=2, channels=1,
-                audio=pcm[offset : offset + CHUNK_SAMPLES * 2]).event())
+            await client.write_event(
+                AudioChunk(
+                    rate=SR, width=2, channels=1, audio=pcm[offset : offset + CHUNK_SAMPLES * 2]
+                ).event()
+            )
         await asyncio.sleep(0.3)
         await client.disconnect()  # no audio-stop
 
@@ -282,13 +299,17 @@ async def _raw(port: int, data: bytes) -> Event | None:
         writer.close()
 
 
-@pytest.mark.parametrize("data", [
-    b"this is not json\n",
-    b'{"data": {"text": "no type"}}\n',
-    b'{"type": "audio-chunk", "payload_length": 99999999999}\n',
-    b'{"type": "audio-start", "data_length": "many"}\n',
-    b'{"type": "' + b"x" * 70_000 + b'"}\n',
-], ids=["not-json", "no-type", "huge-payload", "bad-length", "long-line"])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"this is not json\n",
+        b'{"data": {"text": "no type"}}\n',
+        b'{"type": "audio-chunk", "payload_length": 99999999999}\n',
+        b'{"type": "audio-start", "data_length": "many"}\n',
+        b'{"type": "' + b"x" * 70_000 + b'"}\n',
+    ],
+    ids=["not-json", "no-type", "huge-payload", "bad-length", "long-line"],
+)
 def test_a_malformed_header_gets_an_error_event_and_the_server_serves_on(data: bytes) -> None:
     with wyoming_server() as (live, port):
         event = asyncio.run(_raw(port, data))
@@ -300,11 +321,14 @@ def test_a_malformed_header_gets_an_error_event_and_the_server_serves_on(data: b
         assert live.app.active_sessions == 0
 
 
-@pytest.mark.parametrize(("start", "code", "says"), [
-    (AudioStart(rate=SR, width=1, channels=1), "bad_audio", "16-bit"),
-    (AudioStart(rate=SR, width=2, channels=6), "bad_audio", "1 or 2"),
-    (AudioStart(rate=96_000, width=2, channels=1), "bad_audio", "48000"),
-])
+@pytest.mark.parametrize(
+    ("start", "code", "says"),
+    [
+        (AudioStart(rate=SR, width=1, channels=1), "bad_audio", "16-bit"),
+        (AudioStart(rate=SR, width=2, channels=6), "bad_audio", "1 or 2"),
+        (AudioStart(rate=96_000, width=2, channels=1), "bad_audio", "48000"),
+    ],
+)
 def test_an_audio_format_it_cannot_take_gets_an_error_event(
     start: AudioStart, code: str, says: str
 ) -> None:
@@ -329,8 +353,9 @@ def test_an_unknown_language_and_a_full_server_are_refused_with_error_events() -
     async def scenario(port: int) -> tuple[Heard, Heard]:
         german = await voice_command(port, pcm16(speech_like(1.0)), language="de")
         # One command holds the only slot while another asks for one.
-        holder = asyncio.create_task(voice_command(port, pcm16(speech_like(4.0, bursts=1)),
-                                                   speed=1.0))
+        holder = asyncio.create_task(
+            voice_command(port, pcm16(speech_like(4.0, bursts=1)), speed=1.0)
+        )
         await asyncio.sleep(1.0)
         refused = await voice_command(port, pcm16(speech_like(1.0)))
         held = await holder
@@ -352,8 +377,7 @@ def test_stop_on_silence_sends_the_transcript_at_the_first_pause() -> None:
 
     async def two_commands(port: int) -> tuple[Heard, Heard]:
         async with AsyncTcpClient("127.0.0.1", port, read_timeout=TIMEOUT_S) as client:
-            first = await command_on(client, pcm16(speech_like(8.0, bursts=2)), speed=2.0,
-                                   after=5)
+            first = await command_on(client, pcm16(speech_like(8.0, bursts=2)), speed=2.0, after=5)
             second = await command_on(client, pcm16(speech_like(3.0, bursts=1)))
         return first, second
 
@@ -375,11 +399,20 @@ def test_stop_on_silence_sends_the_transcript_at_the_first_pause() -> None:
 
 def test_serve_refuses_wyoming_on_a_public_address_unless_allowed() -> None:
     """Wyoming has no authentication: API keys do not protect it."""
-    env = {**os.environ, "WHISPERSTREAM_WYOMING__ENABLED": "true",
-           "WHISPERSTREAM_WYOMING__HOST": "0.0.0.0", "WHISPERSTREAM_AUTH__API_KEYS": '["k"]'}
-    result = subprocess.run([sys.executable, "-m", "server.cli", "serve"], env=env,
-                            capture_output=True, text=True, timeout=60,
-                            cwd=Path(__file__).resolve().parent.parent)
+    env = {
+        **os.environ,
+        "WHISPERSTREAM_WYOMING__ENABLED": "true",
+        "WHISPERSTREAM_WYOMING__HOST": "0.0.0.0",
+        "WHISPERSTREAM_AUTH__API_KEYS": '["k"]',
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "server.cli", "serve"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     assert result.returncode == 2, result.stderr
     assert "allow_public_without_auth" in result.stderr
 
@@ -405,8 +438,20 @@ def test_the_wyoming_bench_cuts_audio_as_a_satellite_and_measures_a_server(
     manifest.write_text(json.dumps({"id": "c", "wav": "command.wav", "text": "w1 w2 w3"}) + "\n")
     report = tmp_path / "r.json"
     with wyoming_server() as (_, port):
-        code = main(["bench", "--wyoming", "--url", f"tcp://127.0.0.1:{port}", "--manifest",
-                     str(manifest), "--speed", "4", "--out", str(report)])
+        code = main(
+            [
+                "bench",
+                "--wyoming",
+                "--url",
+                f"tcp://127.0.0.1:{port}",
+                "--manifest",
+                str(manifest),
+                "--speed",
+                "4",
+                "--out",
+                str(report),
+            ]
+        )
     assert code == 0
     [server] = json.loads(report.read_text())["servers"]
     assert server["files"] == 1 and server["failed"] == 0 and server["streaming"]

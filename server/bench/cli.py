@@ -82,47 +82,96 @@ if TYPE_CHECKING:
 def add_subcommand(sub: Any) -> None:
     """`whisperstream bench ...`, for server.cli's parser."""
     p = sub.add_parser(
-        "bench", help="stream a manifest of recordings through a server and measure it",
+        "bench",
+        help="stream a manifest of recordings through a server and measure it",
         description="Streams each file of a manifest at real-time pace through a server and "
         "prints WER (streamed and offline, same model), word latencies, revisions, and the "
         "server's CPU and memory. Definitions: the docstring of server/bench/cli.py.",
     )
-    p.add_argument("--manifest", type=Path, action="append", default=None,
-                   help="JSON lines with 'wav' (relative to the manifest) and 'text'; "
-                        "repeatable (a file listed twice is streamed once)")
-    p.add_argument("--concurrency", default="1",
-                   help="streams at once; a comma-separated list runs each (e.g. 1,4); "
-                        "with more streams than files, files are streamed again")
+    p.add_argument(
+        "--manifest",
+        type=Path,
+        action="append",
+        default=None,
+        help="JSON lines with 'wav' (relative to the manifest) and 'text'; "
+        "repeatable (a file listed twice is streamed once)",
+    )
+    p.add_argument(
+        "--concurrency",
+        default="1",
+        help="streams at once; a comma-separated list runs each (e.g. 1,4); "
+        "with more streams than files, files are streamed again",
+    )
     p.add_argument("--speed", type=float, default=1.0, help="pace relative to real time")
     p.add_argument("--out", type=Path, default=None, help="write figures and raw log as JSON")
     p.add_argument("--limit", type=int, default=None, help="only the first K files")
-    p.add_argument("--url", default=None,
-                   help="a running server (default: start one per variant on a free port)")
-    p.add_argument("--server-pid", type=int, default=None,
-                   help="with --url: the server's process, for its CPU and memory")
+    p.add_argument(
+        "--url",
+        default=None,
+        help="a running server (default: start one per variant on a free port)",
+    )
+    p.add_argument(
+        "--server-pid",
+        type=int,
+        default=None,
+        help="with --url: the server's process, for its CPU and memory",
+    )
     p.add_argument("--api-key", default=None, help="with --url: the server's API key")
-    p.add_argument("--config", type=Path, default=None,
-                   help="config file for the started server and the offline model")
-    p.add_argument("--variant", action="append", default=[], metavar="NAME[:KEY=VAL,...]",
-                   help="a server configuration to run, one after another; KEY is a config "
-                   "key (streaming.step_s) or a WHISPERSTREAM_ variable; repeatable")
-    p.add_argument("--from", dest="from_report", type=Path, default=None, metavar="R.json",
-                   help="no streaming: analyse again the message log of an earlier --out")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="config file for the started server and the offline model",
+    )
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME[:KEY=VAL,...]",
+        help="a server configuration to run, one after another; KEY is a config "
+        "key (streaming.step_s) or a WHISPERSTREAM_ variable; repeatable",
+    )
+    p.add_argument(
+        "--from",
+        dest="from_report",
+        type=Path,
+        default=None,
+        metavar="R.json",
+        help="no streaming: analyse again the message log of an earlier --out",
+    )
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     w = p.add_argument_group(
-        "Wyoming", "--wyoming: each file as one Home Assistant voice command over Wyoming, "
-        "whisperstream and each --peer in turn; definitions: server/bench/wyoming.py")
-    w.add_argument("--wyoming", action="store_true",
-                   help="measure Wyoming speech to text (with --url: tcp://HOST:PORT)")
-    w.add_argument("--peer", action="append", default=[], metavar="NAME=COMMAND",
-                   help="another Wyoming server to measure, started from COMMAND with "
-                   "{port} in it; repeatable")
-    w.add_argument("--stop-silence-s", type=float, default=0.7,
-                   help="audio-stop this long after the last speech, as a satellite's VAD "
-                   "sends it; 0: the whole file (default 0.7, Home Assistant's)")
-    p.add_argument("--api", choices=("native", "openai-realtime"), default="native",
-                   help="stream through the native protocol (/v1/stream) or OpenAI's Realtime "
-                   "transcription API (compat listener; with --url, its ws:// base)")
+        "Wyoming",
+        "--wyoming: each file as one Home Assistant voice command over Wyoming, "
+        "whisperstream and each --peer in turn; definitions: server/bench/wyoming.py",
+    )
+    w.add_argument(
+        "--wyoming",
+        action="store_true",
+        help="measure Wyoming speech to text (with --url: tcp://HOST:PORT)",
+    )
+    w.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        metavar="NAME=COMMAND",
+        help="another Wyoming server to measure, started from COMMAND with "
+        "{port} in it; repeatable",
+    )
+    w.add_argument(
+        "--stop-silence-s",
+        type=float,
+        default=0.7,
+        help="audio-stop this long after the last speech, as a satellite's VAD "
+        "sends it; 0: the whole file (default 0.7, Home Assistant's)",
+    )
+    p.add_argument(
+        "--api",
+        choices=("native", "openai-realtime"),
+        default="native",
+        help="stream through the native protocol (/v1/stream) or OpenAI's Realtime "
+        "transcription API (compat listener; with --url, its ws:// base)",
+    )
     p.set_defaults(func=cmd_bench)
 
 
@@ -144,8 +193,9 @@ def _bench(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     if (args.manifest is None) == (args.from_report is None):
-        raise BenchError("give --manifest M.jsonl (to stream) or --from R.json (to analyse "
-                         "an earlier run again)")
+        raise BenchError(
+            "give --manifest M.jsonl (to stream) or --from R.json (to analyse an earlier run again)"
+        )
     if args.speed <= 0:
         raise BenchError("--speed must be above 0: latency needs real-time pacing")
     try:
@@ -163,8 +213,10 @@ def _bench(args: argparse.Namespace) -> int:
         raise BenchError("--server-pid goes with --url")
 
     console = Console(stderr=True)
-    with progress_display(console) as progress, \
-            tempfile.TemporaryDirectory(prefix="whisperstream-bench-") as tmp:
+    with (
+        progress_display(console) as progress,
+        tempfile.TemporaryDirectory(prefix="whisperstream-bench-") as tmp,
+    ):
         if args.from_report is not None:
             runs, earlier = runs_from_report(args.from_report, args.config)
             manifest, speed = str(earlier.get("manifest")), float(earlier.get("speed", 1.0))
@@ -176,9 +228,20 @@ def _bench(args: argparse.Namespace) -> int:
             manifest, speed = ", ".join(str(m) for m in args.manifest), args.speed
             code, command = code_version(), sys.argv
             settings = {v.name: variant_settings(args.config, v) for v in variants}
-            runs = stream_runs(items, variants, levels, settings, args.speed, progress,
-                               Path(tmp), url=args.url, server_pid=args.server_pid,
-                               api_key=args.api_key, config=args.config, api=args.api)
+            runs = stream_runs(
+                items,
+                variants,
+                levels,
+                settings,
+                args.speed,
+                progress,
+                Path(tmp),
+                url=args.url,
+                server_pid=args.server_pid,
+                api_key=args.api_key,
+                config=args.config,
+                api=args.api,
+            )
         # After the servers have stopped, so that it does not compete with them.
         offline_models: dict[ModelKey, ModelSection] = {}
         for run in runs:  # each model once, in the order of the runs
@@ -188,8 +251,10 @@ def _bench(args: argparse.Namespace) -> int:
     per_run = []
     for run in runs:
         results = offline[run.model_key]
-        counted = [(word_errors(normalize(i.text), normalize(results[i.id].text)),
-                    len(normalize(i.text))) for i in items]
+        counted = [
+            (word_errors(normalize(i.text), normalize(results[i.id].text)), len(normalize(i.text)))
+            for i in items
+        ]
         totals = (sum(e for e, _ in counted), sum(n for _, n in counted))
         figures, files = run_figures(run, results, totals, speed)
         per_run.append((run, figures, files))
@@ -208,9 +273,15 @@ def _bench(args: argparse.Namespace) -> int:
     print_table(figures_list, caption, args.markdown)
     if args.out is not None:
         report = bench_results(
-            per_run, offline, command=command,
+            per_run,
+            offline,
+            command=command,
             analysed_by=sys.argv if args.from_report is not None else None,
-            manifest=manifest, speed=speed, code=code, definitions=__doc__)
+            manifest=manifest,
+            speed=speed,
+            code=code,
+            definitions=__doc__,
+        )
         write_json(args.out, report, ensure_ascii=False)
         console.print(f"wrote {args.out}")
     return 1 if any(f["failed_sessions"] for f in figures_list) else 0

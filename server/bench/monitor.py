@@ -68,8 +68,12 @@ class ProcessMonitor:
             found = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
             if found:  # the kernel's own high-water mark, since the process started
                 peak, source = int(found.group(1)) * 1024, "VmHWM"
-        return {"cpu_s": cpu, "peak_rss_bytes": peak, "rss_source": source,
-                "sampled_peak_rss_bytes": self._peak}
+        return {
+            "cpu_s": cpu,
+            "peak_rss_bytes": peak,
+            "rss_source": source,
+            "sampled_peak_rss_bytes": self._peak,
+        }
 
 
 def model_counters(url: str, api_key: str | None) -> dict[str, float] | None:

@@ -12,8 +12,15 @@ from server.bench.manifest import Item, read_audio_16k
 from server.bench.scoring import RefWord, align, normalize
 from streaming.longform import METHOD, quiet_cuts, window_request
 
-__all__ = ["OFFLINE_METHOD", "OfflineResult", "offline_pass", "offline_transcribe",
-           "quiet_cuts", "reference_times", "trim_to_sound"]
+__all__ = [
+    "OFFLINE_METHOD",
+    "OfflineResult",
+    "offline_pass",
+    "offline_transcribe",
+    "quiet_cuts",
+    "reference_times",
+    "trim_to_sound",
+]
 
 if TYPE_CHECKING:
     import numpy as np
@@ -72,8 +79,10 @@ def reference_times(
             continue
         offset = start / 16_000
         aligned = engine.align_words(audio[start:end], group)
-        out.extend(RefWord(word, offset + a.start_s, offset + a.end_s)
-                   for word, a in zip(group, aligned, strict=True))
+        out.extend(
+            RefWord(word, offset + a.start_s, offset + a.end_s)
+            for word, a in zip(group, aligned, strict=True)
+        )
     return trim_to_sound(out, audio)
 
 
@@ -102,17 +111,20 @@ def trim_to_sound(words: list[RefWord], audio: np.ndarray, rate: int = 16_000) -
         span = db[a:b]
         loud = np.nonzero(span >= max(float(span.max()) - TRIM_DROP_DB, floor + TRIM_FLOOR_DB))[0]
         if len(loud):
-            spans.append((max(w.start, (a + loud[0]) / 100),
-                          min(w.end, (a + loud[-1] + 1) / 100)))
+            spans.append((max(w.start, (a + loud[0]) / 100), min(w.end, (a + loud[-1] + 1) / 100)))
         else:
             spans.append((w.start, w.end))
     longest = 2 * min(float(np.median([e - s for s, e in spans])), 0.7)
-    return [RefWord(w.word, s, max(s, min(e, s + longest)))
-            for w, (s, e) in zip(words, spans, strict=True)]
+    return [
+        RefWord(w.word, s, max(s, min(e, s + longest)))
+        for w, (s, e) in zip(words, spans, strict=True)
+    ]
 
 
 def offline_pass(
-    models: dict[ModelKey, ModelSection], items: Sequence[Item], progress: Any,
+    models: dict[ModelKey, ModelSection],
+    items: Sequence[Item],
+    progress: Any,
 ) -> dict[ModelKey, dict[str, OfflineResult]]:
     """Offline transcripts per model (in the order given), and the reference times (from
     the first model)."""
@@ -127,11 +139,14 @@ def offline_pass(
         for item in items:
             audio = read_audio_16k(item.wav)
             windows, texts = offline_transcribe(engine, audio)
-            ref = (first[item.id].ref if first is not None else
-                   reference_times(engine, audio, normalize(item.text), windows, texts))
+            ref = (
+                first[item.id].ref
+                if first is not None
+                else reference_times(engine, audio, normalize(item.text), windows, texts)
+            )
             results[item.id] = OfflineResult(
-                " ".join(t for t in texts if t),
-                [(a / 16_000, b / 16_000) for a, b in windows], ref)
+                " ".join(t for t in texts if t), [(a / 16_000, b / 16_000) for a, b in windows], ref
+            )
             progress.advance(task)
         offline[key] = results
     return offline

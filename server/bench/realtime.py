@@ -27,10 +27,16 @@ from server.bench.records import StreamRecord
 RATE_HZ = 24_000
 FINISH_TIMEOUT_S = 60.0  # after the last audio, for the last items to complete
 MARKER = "bench-end"
-SESSION = {"type": "transcription", "audio": {"input": {
-    "format": {"type": "audio/pcm", "rate": RATE_HZ},
-    "transcription": {"model": "whisper-1", "language": "en"},
-    "turn_detection": {"type": "server_vad"}}}}
+SESSION = {
+    "type": "transcription",
+    "audio": {
+        "input": {
+            "format": {"type": "audio/pcm", "rate": RATE_HZ},
+            "transcription": {"model": "whisper-1", "language": "en"},
+            "turn_detection": {"type": "server_vad"},
+        }
+    },
+}
 
 
 def realtime_url(url: str) -> str:
@@ -49,26 +55,48 @@ def as_native(events: list[tuple[float, dict[str, Any]]]) -> list[tuple[float, d
         kind = event.get("type", "")
         item = str(event.get("item_id", ""))
         if kind == "input_audio_buffer.speech_started" or (
-                item and item not in segment and kind.startswith("conversation.item")):
+            item and item not in segment and kind.startswith("conversation.item")
+        ):
             segment.setdefault(item, len(segment))
         if kind == "conversation.item.input_audio_transcription.delta":
             text[item] = text.get(item, "") + str(event.get("delta", ""))
-            out.append((t, {"type": "partial", "segment": segment[item], "text": text[item],
-                            "stable": text[item]}))
+            out.append(
+                (
+                    t,
+                    {
+                        "type": "partial",
+                        "segment": segment[item],
+                        "text": text[item],
+                        "stable": text[item],
+                    },
+                )
+            )
         elif kind == "conversation.item.input_audio_transcription.completed":
-            out.append((t, {"type": "final", "segment": segment[item],
-                            "text": str(event.get("transcript", ""))}))
+            out.append(
+                (
+                    t,
+                    {
+                        "type": "final",
+                        "segment": segment[item],
+                        "text": str(event.get("transcript", "")),
+                    },
+                )
+            )
         elif kind == "error":
             error = event.get("error") or {}
-            out.append((t, {"type": "error", "code": error.get("code"),
-                            "message": error.get("message")}))
+            out.append(
+                (t, {"type": "error", "code": error.get("code"), "message": error.get("message")})
+            )
         elif kind == "done":
             out.append((t, event))
     return out
 
 
 async def stream_one_realtime(
-    item: Item, url: str, speed: float, api_key: str | None,
+    item: Item,
+    url: str,
+    speed: float,
+    api_key: str | None,
     on_audio: Callable[[float], None],
 ) -> StreamRecord:
     import soxr
@@ -88,8 +116,9 @@ async def stream_one_realtime(
         samples = np.frombuffer(frame, "<i2").astype(np.float32) / 32768.0
         out = resampler.resample_chunk(samples, last=last)
         audio = np.clip(out * 32767, -32768, 32767).astype("<i2").tobytes()
-        return json.dumps({"type": "input_audio_buffer.append",
-                           "audio": base64.b64encode(audio).decode()})
+        return json.dumps(
+            {"type": "input_audio_buffer.append", "audio": base64.b64encode(audio).decode()}
+        )
 
     async def receive(ws: Any) -> None:
         committed: set[str] = set()
@@ -111,8 +140,9 @@ async def stream_one_realtime(
                 return
 
     try:
-        async with websockets.connect(realtime_url(url), additional_headers=headers,
-                                      max_size=None, compression=None) as ws:
+        async with websockets.connect(
+            realtime_url(url), additional_headers=headers, max_size=None, compression=None
+        ) as ws:
             receiver = asyncio.create_task(receive(ws))
             await ws.send(json.dumps({"type": "session.update", "session": SESSION}))
             async for frame in paced_frames(pcm, rate, speed, clock, on_audio):
@@ -133,6 +163,9 @@ async def stream_one_realtime(
     logged = [(round(t - origin, 4), e) for t, e in events]
     if finished.is_set():
         logged.append((logged[-1][0] if logged else 0.0, {"type": "done"}))
-    error = None if finished.is_set() else (
-        f"the last items did not complete within {FINISH_TIMEOUT_S:g} s of the last audio")
+    error = (
+        None
+        if finished.is_set()
+        else (f"the last items did not complete within {FINISH_TIMEOUT_S:g} s of the last audio")
+    )
     return StreamRecord(item, duration, as_native(logged), close_code, error)

@@ -33,7 +33,9 @@ def rounded(x: float | None, digits: int = 3) -> float | None:
 
 
 def run_figures(
-    run: RunResult, offline: dict[str, OfflineResult], offline_errors: tuple[int, int],
+    run: RunResult,
+    offline: dict[str, OfflineResult],
+    offline_errors: tuple[int, int],
     speed: float,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The figures of one run, and its per-file log."""
@@ -52,10 +54,15 @@ def run_figures(
         file_errors = word_errors(ref_words, hyp)
         # The reference words are normalized as result.ref's, so its times index them.
         lost = [
-            {"words": " ".join(ref_words[a:b]), "ref_index": a, "length": b - a,
-             "start": round(result.ref[a].start, 3), "end": round(result.ref[b - 1].end, 3)}
-            if len(result.ref) == len(ref_words) else
-            {"words": " ".join(ref_words[a:b]), "ref_index": a, "length": b - a}
+            {
+                "words": " ".join(ref_words[a:b]),
+                "ref_index": a,
+                "length": b - a,
+                "start": round(result.ref[a].start, 3),
+                "end": round(result.ref[b - 1].end, 3),
+            }
+            if len(result.ref) == len(ref_words)
+            else {"words": " ".join(ref_words[a:b]), "ref_index": a, "length": b - a}
             for a, b in lost_phrases(ref_words, normalize(result.text), hyp)
         ]
         lost_total += len(lost)
@@ -73,30 +80,37 @@ def run_figures(
             pooled[kind] += analysis.latencies(kind)
         for kind in unreached:
             unreached[kind] += sum(v is None for v in getattr(analysis, kind))
-        files.append({
-            "id": record.item.id,
-            "wav": str(record.item.wav),
-            # Unrounded: `--from` sums these again and must reach the same figures.
-            "duration_s": record.duration_s,
-            "reference": record.item.text,
-            "transcript": analysis.transcript,
-            "offline_transcript": result.text,
-            "wer": rounded(file_errors / len(ref_words)) if ref_words else None,
-            "lost_phrases": lost,
-            "error": record.error,
-            "close_code": record.close_code,
-            "partials": analysis.partials,
-            "revisions": analysis.revisions,
-            "retractions": analysis.retractions,
-            "words": [
-                {"word": w.word, "start": round(w.start, 3), "end": round(w.end, 3),
-                 **{k: rounded(getattr(analysis, k)[i]) for k in unreached}}
-                for i, w in enumerate(result.ref)
-            ],
-            "segment_end_to_final": {str(k): rounded(v)
-                                     for k, v in analysis.segment_end_to_final.items()},
-            "messages": [[t, m] for t, m in record.messages],
-        })
+        files.append(
+            {
+                "id": record.item.id,
+                "wav": str(record.item.wav),
+                # Unrounded: `--from` sums these again and must reach the same figures.
+                "duration_s": record.duration_s,
+                "reference": record.item.text,
+                "transcript": analysis.transcript,
+                "offline_transcript": result.text,
+                "wer": rounded(file_errors / len(ref_words)) if ref_words else None,
+                "lost_phrases": lost,
+                "error": record.error,
+                "close_code": record.close_code,
+                "partials": analysis.partials,
+                "revisions": analysis.revisions,
+                "retractions": analysis.retractions,
+                "words": [
+                    {
+                        "word": w.word,
+                        "start": round(w.start, 3),
+                        "end": round(w.end, 3),
+                        **{k: rounded(getattr(analysis, k)[i]) for k in unreached},
+                    }
+                    for i, w in enumerate(result.ref)
+                ],
+                "segment_end_to_final": {
+                    str(k): rounded(v) for k, v in analysis.segment_end_to_final.items()
+                },
+                "messages": [[t, m] for t, m in record.messages],
+            }
+        )
     speech_min = speech_s / 60
     cpu_s = run.server.get("cpu_s")
     model = run.server.get("model") or {}
@@ -111,7 +125,8 @@ def run_figures(
         "reference_words": ref_total,
         "wer": rounded(errors / ref_total, 4) if ref_total else None,
         "offline_wer": rounded(offline_errors[0] / offline_errors[1], 4)
-        if offline_errors[1] else None,
+        if offline_errors[1]
+        else None,
         "lost_phrases": lost_total,
         "failed_sessions": failed,
         "server_errors": server_errors,
@@ -122,20 +137,28 @@ def run_figures(
         "stable_retractions": retractions,
         "words_never": unreached,
         "latency_s": {
-            kind: {"p50": rounded(percentile(values, 50)), "p90": rounded(percentile(values, 90)),
-                   "n": len(values)}
+            kind: {
+                "p50": rounded(percentile(values, 50)),
+                "p90": rounded(percentile(values, 90)),
+                "n": len(values),
+            }
             for kind, values in pooled.items()
         },
         "server_cpu_s": rounded(cpu_s),
         "server_cpu_s_per_audio_s": rounded(cpu_s / audio_s, 4)
-        if cpu_s is not None and audio_s else None,
+        if cpu_s is not None and audio_s
+        else None,
         "model_steps_per_audio_s": {
             kind: rounded(model[f"steps_{kind}"] / audio_s, 3) if audio_s else None
-            for kind in ("partial", "final") if f"steps_{kind}" in model},
+            for kind in ("partial", "final")
+            if f"steps_{kind}" in model
+        },
         "model_busy_s_per_audio_s": rounded(model["model_s"] / audio_s, 4)
-        if "model_s" in model and audio_s else None,
+        if "model_s" in model and audio_s
+        else None,
         "server_peak_rss_mb": round(run.server["peak_rss_bytes"] / 2**20, 1)
-        if run.server.get("peak_rss_bytes") else None,
+        if run.server.get("peak_rss_bytes")
+        else None,
         "server_rss_source": run.server.get("rss_source"),
         "wall_s": round(run.wall_s, 1),
     }
@@ -167,30 +190,52 @@ def table_rows(figures: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
         return f"{100 * (f['wer'] - f['offline_wer']):+.1f} points"
 
     return [
-        ("files / audio / speech", [f"{f['files']} / {f['audio_s'] / 60:.1f} / "
-                                    f"{f['speech_s'] / 60:.1f} min" for f in figures]),
+        (
+            "files / audio / speech",
+            [
+                f"{f['files']} / {f['audio_s'] / 60:.1f} / {f['speech_s'] / 60:.1f} min"
+                for f in figures
+            ],
+        ),
         ("WER, streamed finals", [pct(f["wer"]) for f in figures]),
         ("WER, offline (same model)", [pct(f["offline_wer"]) for f in figures]),
         ("streamed - offline", [delta(f) for f in figures]),
         # Reports from before lost phrases were counted have none: "n/a" (--from counts).
-        ("lost phrases", [str(f["lost_phrases"]) if f.get("lost_phrases") is not None
-                          else "n/a" for f in figures]),
+        (
+            "lost phrases",
+            [
+                str(f["lost_phrases"]) if f.get("lost_phrases") is not None else "n/a"
+                for f in figures
+            ],
+        ),
         ("word → first correct p50 / p90", [lat(f, "first_correct") for f in figures]),
         ("word → settled p50 / p90", [lat(f, "settled") for f in figures]),
         ("word → final p50 / p90", [lat(f, "final") for f in figures]),
         ("segment end → final p50 / p90", [lat(f, "segment_end_to_final") for f in figures]),
-        ("partial revisions / min of speech",
-         [num(f["revisions_per_speech_min"], ".1f") for f in figures]),
+        (
+            "partial revisions / min of speech",
+            [num(f["revisions_per_speech_min"], ".1f") for f in figures],
+        ),
         ("stable retractions", [str(f["stable_retractions"]) for f in figures]),
         ("server CPU s / audio s", [num(f["server_cpu_s_per_audio_s"], ".3f") for f in figures]),
         ("model steps / audio s, partial + final", [steps(f) for f in figures]),
-        ("model busy s / audio s", [num(f.get("model_busy_s_per_audio_s"), ".3f")
-                                    for f in figures]),
-        ("server peak RSS", [num(f["server_peak_rss_mb"], ".0f") + " MB"
-                             if f["server_peak_rss_mb"] is not None else "n/a"
-                             for f in figures]),
-        ("segments / failed sessions", [f"{f['segments']} / {f['failed_sessions']}"
-                                        for f in figures]),
+        (
+            "model busy s / audio s",
+            [num(f.get("model_busy_s_per_audio_s"), ".3f") for f in figures],
+        ),
+        (
+            "server peak RSS",
+            [
+                num(f["server_peak_rss_mb"], ".0f") + " MB"
+                if f["server_peak_rss_mb"] is not None
+                else "n/a"
+                for f in figures
+            ],
+        ),
+        (
+            "segments / failed sessions",
+            [f"{f['segments']} / {f['failed_sessions']}" for f in figures],
+        ),
     ]
 
 
@@ -200,8 +245,10 @@ def column_name(f: dict[str, Any]) -> str:
 
 def markdown_table(figures: list[dict[str, Any]]) -> str:
     rows = table_rows(figures)
-    lines = ["| | " + " | ".join(column_name(f) for f in figures) + " |",
-             "|---|" + "---|" * len(figures)]
+    lines = [
+        "| | " + " | ".join(column_name(f) for f in figures) + " |",
+        "|---|" + "---|" * len(figures),
+    ]
     lines += [f"| {label} | " + " | ".join(values) + " |" for label, values in rows]
     return "\n".join(lines)
 
@@ -211,8 +258,9 @@ def print_table(figures: list[dict[str, Any]], caption: str, markdown: bool) -> 
         print(markdown_table(figures))
         print(f"\n{caption}")
         return
-    print_rows("whisperstream bench", [column_name(f) for f in figures], table_rows(figures),
-               caption)
+    print_rows(
+        "whisperstream bench", [column_name(f) for f in figures], table_rows(figures), caption
+    )
 
 
 def print_rows(
@@ -243,9 +291,14 @@ def progress_display(console: Any) -> Any:
     )
 
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[audio]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=console, refresh_per_second=2,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[audio]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        refresh_per_second=2,
     )
 
 
@@ -253,10 +306,20 @@ def code_version() -> str | None:
     """The git commit of the code under test, with '+changes' when the tree differs."""
     root = Path(__file__).resolve().parents[2]
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
-                                capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=root, capture_output=True, text=True, check=True).stdout
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
     return commit + ("+changes" if dirty.strip() else "")
@@ -273,18 +336,32 @@ def runs_from_report(path: Path, config: Path | None) -> tuple[list[RunResult], 
             s = variant_settings(config, variant)
             server = run.get("server")
             if server is None:  # reports from before the raw figures were kept
-                server = {"cpu_s": f.get("server_cpu_s"),
-                          "peak_rss_bytes": int((f.get("server_peak_rss_mb") or 0) * 2**20),
-                          "rss_source": f.get("server_rss_source")}
+                server = {
+                    "cpu_s": f.get("server_cpu_s"),
+                    "peak_rss_bytes": int((f.get("server_peak_rss_mb") or 0) * 2**20),
+                    "rss_source": f.get("server_rss_source"),
+                }
             records = [
-                StreamRecord(Item(file["id"], Path(file["wav"]), file["reference"]),
-                             file["duration_s"], [(t, m) for t, m in file["messages"]],
-                             file.get("close_code"), file.get("error"))
+                StreamRecord(
+                    Item(file["id"], Path(file["wav"]), file["reference"]),
+                    file["duration_s"],
+                    [(t, m) for t, m in file["messages"]],
+                    file.get("close_code"),
+                    file.get("error"),
+                )
                 for file in run["files"]
             ]
-            runs.append(RunResult(variant, int(f["concurrency"]), records, server,
-                                  model_key_of(s), f.get("model", ""),
-                                  float(f.get("wall_s", 0.0))))
+            runs.append(
+                RunResult(
+                    variant,
+                    int(f["concurrency"]),
+                    records,
+                    server,
+                    model_key_of(s),
+                    f.get("model", ""),
+                    float(f.get("wall_s", 0.0)),
+                )
+            )
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise BenchError(f"{path} is not a report of whisperstream bench --out ({exc})") from None
     if not runs:
@@ -295,8 +372,13 @@ def runs_from_report(path: Path, config: Path | None) -> tuple[list[RunResult], 
 def bench_results(
     per_run: list[tuple[RunResult, dict[str, Any], list[dict[str, Any]]]],
     offline: dict[ModelKey, dict[str, OfflineResult]],
-    *, command: Any, analysed_by: list[str] | None, manifest: str, speed: float,
-    code: Any, definitions: str | None,
+    *,
+    command: Any,
+    analysed_by: list[str] | None,
+    manifest: str,
+    speed: float,
+    code: Any,
+    definitions: str | None,
 ) -> dict[str, Any]:
     """The JSON results of `whisperstream bench --out`: figures, raw logs, offline texts."""
     return {
@@ -308,8 +390,7 @@ def bench_results(
         "code": code,
         "offline_method": OFFLINE_METHOD,
         "definitions": definitions,
-        "runs": [{"figures": f, "server": run.server, "files": files}
-                 for run, f, files in per_run],
+        "runs": [{"figures": f, "server": run.server, "files": files} for run, f, files in per_run],
         "offline": {
             "/".join(map(str, key)): {
                 item_id: dataclasses.asdict(result) for item_id, result in results.items()

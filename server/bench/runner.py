@@ -29,7 +29,10 @@ __all__ = ["RunResult", "StreamRecord", "stream_all", "stream_one", "stream_runs
 
 
 async def stream_one(
-    item: Item, url: str, speed: float, api_key: str | None,
+    item: Item,
+    url: str,
+    speed: float,
+    api_key: str | None,
     on_audio: Callable[[float], None],
 ) -> StreamRecord:
     from client.stream import ClientError, PaceClock, paced_frames, run_session, stream_url
@@ -40,7 +43,9 @@ async def stream_one(
     full_url = stream_url(url, sample_rate=rate, encoding="pcm_s16le")
     try:
         transcript = await run_session(
-            full_url, paced_frames(pcm, rate, speed, clock, on_audio), api_key=api_key,
+            full_url,
+            paced_frames(pcm, rate, speed, clock, on_audio),
+            api_key=api_key,
             reconnect=None,  # measured as one session: a reconnection would hide a failure
         )
     except ClientError as exc:
@@ -48,8 +53,10 @@ async def stream_one(
     origin = clock.origin
     if origin is None:
         origin = transcript.arrivals[0] if transcript.arrivals else 0.0
-    messages = [(round(t - origin, 4), m)
-                for t, m in zip(transcript.arrivals, transcript.messages, strict=True)]
+    messages = [
+        (round(t - origin, 4), m)
+        for t, m in zip(transcript.arrivals, transcript.messages, strict=True)
+    ]
     error = None
     if transcript.close_code != 1000 or not transcript.of_type("done"):
         error = f"session ended with close code {transcript.close_code} and no 'done'"
@@ -57,8 +64,13 @@ async def stream_one(
 
 
 async def stream_all(
-    items: list[Item], url: str, concurrency: int, speed: float, api_key: str | None,
-    on_audio: Callable[[float], None], on_done: Callable[[StreamRecord], None],
+    items: list[Item],
+    url: str,
+    concurrency: int,
+    speed: float,
+    api_key: str | None,
+    on_audio: Callable[[float], None],
+    on_done: Callable[[StreamRecord], None],
     stream: Callable[..., Awaitable[StreamRecord]] = stream_one,
 ) -> list[StreamRecord]:
     """A pool of `concurrency` workers over the files; records in manifest order."""
@@ -94,8 +106,12 @@ class RunResult:
 def model_key_of(settings: Any) -> ModelKey:
     """The offline model a run is compared with: the model, its compute type and beam,
     and the engine (each engine's streaming is compared with its own offline text)."""
-    return (settings.model.name, settings.model.compute_type, settings.model.beam_size,
-            settings.model.engine)
+    return (
+        settings.model.name,
+        settings.model.compute_type,
+        settings.model.beam_size,
+        settings.model.engine,
+    )
 
 
 def items_for_level(items: list[Item], level: int) -> list[Item]:
@@ -121,14 +137,23 @@ def started_server(
     WHISPERSTREAM_COMPAT__PORT as well."""
     port = free_port()
     env = {**os.environ, **env_overrides}
-    command = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1",
-               "--port", str(port)]
+    command = [
+        sys.executable,
+        "-m",
+        "server.cli",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     if config is not None:
         command += ["--config", str(config)]
     log_path = log_dir / f"server-{port}.log"
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
     try:
         deadline = time.monotonic() + SERVER_START_TIMEOUT_S
         while True:
@@ -142,8 +167,10 @@ def started_server(
                 if r.status == 200:
                     break
             if time.monotonic() > deadline:
-                raise BenchError(f"the server was not ready (/readyz) within "
-                                 f"{SERVER_START_TIMEOUT_S:g} s; its log: {log_path}")
+                raise BenchError(
+                    f"the server was not ready (/readyz) within "
+                    f"{SERVER_START_TIMEOUT_S:g} s; its log: {log_path}"
+                )
             time.sleep(0.2)
         yield f"ws://127.0.0.1:{port}/v1/stream", process.pid
     finally:
@@ -157,9 +184,18 @@ def started_server(
 
 
 def stream_runs(
-    items: list[Item], variants: list[Variant], levels: list[int], settings: dict[str, Any],
-    speed: float, progress: Any, log_dir: Path, *, url: str | None = None,
-    server_pid: int | None = None, api_key: str | None = None, config: Path | None = None,
+    items: list[Item],
+    variants: list[Variant],
+    levels: list[int],
+    settings: dict[str, Any],
+    speed: float,
+    progress: Any,
+    log_dir: Path,
+    *,
+    url: str | None = None,
+    server_pid: int | None = None,
+    api_key: str | None = None,
+    config: Path | None = None,
     api: str = "native",
 ) -> list[RunResult]:
     """Each variant at each concurrency, one after another, each on a fresh server (or
@@ -177,16 +213,21 @@ def stream_runs(
             task = progress.add_task(f"streaming {label}", total=len(level_items), audio="")
             sent = [0.0]
 
-            def on_audio(seconds: float, task: Any = task, sent: list[float] = sent,
-                         total: float = total_audio) -> None:
+            def on_audio(
+                seconds: float,
+                task: Any = task,
+                sent: list[float] = sent,
+                total: float = total_audio,
+            ) -> None:
                 sent[0] += seconds
                 progress.update(task, audio=f"{sent[0] / 60:.1f}/{total / 60:.1f} min audio")
 
             def on_done(record: StreamRecord, task: Any = task, label: str = label) -> None:
                 progress.advance(task)
                 if quiet_terminal or record.error:
-                    progress.console.log(f"{label}: {record.item.id}"
-                                         + (f": {record.error}" if record.error else ""))
+                    progress.console.log(
+                        f"{label}: {record.item.id}" + (f": {record.error}" if record.error else "")
+                    )
 
             with contextlib.ExitStack() as stack:
                 stream: Callable[..., Awaitable[StreamRecord]] = stream_one
@@ -206,8 +247,9 @@ def stream_runs(
                     if level > s.limits.max_sessions_per_client:  # all from one address
                         env["WHISPERSTREAM_LIMITS__MAX_SESSIONS_PER_CLIENT"] = str(level)
                     target, pid = stack.enter_context(started_server(env, config, log_dir))
-                    streamed_at = (f"ws://127.0.0.1:{compat_port}/v1"
-                                   if api == "openai-realtime" else target)
+                    streamed_at = (
+                        f"ws://127.0.0.1:{compat_port}/v1" if api == "openai-realtime" else target
+                    )
                 if api == "openai-realtime":
                     from server.bench.realtime import stream_one_realtime
 
@@ -218,15 +260,31 @@ def stream_runs(
                 key = api_key if url else None
                 counted = model_counters(target, key)
                 began = time.monotonic()
-                records = asyncio.run(stream_all(
-                    level_items, streamed_at, level, speed, key, on_audio, on_done, stream))
+                records = asyncio.run(
+                    stream_all(
+                        level_items, streamed_at, level, speed, key, on_audio, on_done, stream
+                    )
+                )
                 wall = time.monotonic() - began
                 server = monitor.stop() if monitor is not None else {}
                 now = model_counters(target, key)
                 if counted is not None and now is not None:
                     server["model"] = {k: v - counted.get(k, 0.0) for k, v in now.items()}
-            names = {m.get("model") for r in records for _, m in r.messages[:1]
-                     if m.get("type") == "ready"}
-            runs.append(RunResult(variant, level, records, server, model_key,
-                                  ", ".join(sorted(n for n in names if n)), wall))
+            names = {
+                m.get("model")
+                for r in records
+                for _, m in r.messages[:1]
+                if m.get("type") == "ready"
+            }
+            runs.append(
+                RunResult(
+                    variant,
+                    level,
+                    records,
+                    server,
+                    model_key,
+                    ", ".join(sorted(n for n in names if n)),
+                    wall,
+                )
+            )
     return runs

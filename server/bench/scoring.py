@@ -95,7 +95,9 @@ def _reach(alignment: list[tuple[str, int | None]]) -> int:
 
 
 def lost_phrases(
-    ref: Sequence[str], offline: Sequence[str], streamed: Sequence[str],
+    ref: Sequence[str],
+    offline: Sequence[str],
+    streamed: Sequence[str],
     min_words: int = LOST_PHRASE_WORDS,
 ) -> list[tuple[int, int]]:
     """Runs of at least `min_words` consecutive reference words that the offline
@@ -177,12 +179,15 @@ def analyse_session(
     # A word shown correctly needs the words before it right too: those of the last
     # CONTEXT_WORDS before it that the finished transcript gets right (a guard against
     # a word matched by chance in a garbled partial).
-    last_finals = {int(m["segment"]): str(m.get("text", ""))
-                   for _, m in messages if m.get("type") == "final"}
+    last_finals = {
+        int(m["segment"]): str(m.get("text", "")) for _, m in messages if m.get("type") == "final"
+    }
     finished = [w for k in sorted(last_finals) for w in normalize(last_finals[k])]
     right = [i for i, (kind, _) in enumerate(align(words, finished)) if kind == "equal"]
-    context = [right[max(0, p - CONTEXT_WORDS) : p]
-               for p in (bisect.bisect_left(right, i) for i in range(n))]
+    context = [
+        right[max(0, p - CONTEXT_WORDS) : p]
+        for p in (bisect.bisect_left(right, i) for i in range(n))
+    ]
 
     def mark(kind: str, indices: Iterator[int] | range | list[int], t: float) -> None:
         target = arrived[kind]

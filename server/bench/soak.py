@@ -105,8 +105,17 @@ def _http_status(message: str) -> int | None:
 class Soak:
     """The workers, their sessions, and the counters the progress line shows."""
 
-    def __init__(self, items: list[Item], url: str, streams: int, window_s: float,
-                 speed: float, leave_fraction: float, seed: int, api_key: str | None) -> None:
+    def __init__(
+        self,
+        items: list[Item],
+        url: str,
+        streams: int,
+        window_s: float,
+        speed: float,
+        leave_fraction: float,
+        seed: int,
+        api_key: str | None,
+    ) -> None:
         self.items, self.url, self.streams = items, url, streams
         self.window_s, self.speed, self.api_key = window_s, speed, api_key
         self.leave_fraction, self.seed = leave_fraction, seed
@@ -140,10 +149,14 @@ class Soak:
             pcm, rate = self.audio[item.id]
             duration = len(pcm) / 2 / rate
             number = len(self.sessions)
-            leave_at = (rng.uniform(*LEAVE_BETWEEN) * duration
-                        if self._leaves(number) else None)
-            log = SessionLog(worker, number, item.id, round(self.now(), 3),
-                             leave_at_s=None if leave_at is None else round(leave_at, 2))
+            leave_at = rng.uniform(*LEAVE_BETWEEN) * duration if self._leaves(number) else None
+            log = SessionLog(
+                worker,
+                number,
+                item.id,
+                round(self.now(), 3),
+                leave_at_s=None if leave_at is None else round(leave_at, 2),
+            )
             self.sessions.append(log)
             self.live += 1
             try:
@@ -155,8 +168,7 @@ class Soak:
                 else:
                     log.outcome = "error"
                     log.problem = str(exc)
-                    log.errors.append(f"http_{log.http_status}" if log.http_status
-                                      else "connect")
+                    log.errors.append(f"http_{log.http_status}" if log.http_status else "connect")
             except Exception as exc:  # a soak of many minutes reports, rather than stops
                 log.outcome = "error"
                 log.problem = f"{type(exc).__name__}: {exc}"
@@ -167,8 +179,9 @@ class Soak:
             if log.outcome in ("refused", "error"):
                 await asyncio.sleep(REFUSED_BACKOFF_S)
 
-    async def _session(self, log: SessionLog, pcm: bytes, rate: int,
-                       leave_at: float | None) -> None:
+    async def _session(
+        self, log: SessionLog, pcm: bytes, rate: int, leave_at: float | None
+    ) -> None:
         clock = PaceClock()
         arrivals: list[tuple[float, dict[str, Any]]] = []
         leaving = asyncio.Event()
@@ -190,8 +203,9 @@ class Soak:
                 yield chunk
 
         url = stream_url(self.url, sample_rate=rate, encoding="pcm_s16le")
-        task = asyncio.create_task(run_session(url, frames(), on_message, self.api_key,
-                                               reconnect=None))
+        task = asyncio.create_task(
+            run_session(url, frames(), on_message, self.api_key, reconnect=None)
+        )
         if leave_at is not None:
             leave = asyncio.create_task(leaving.wait())
             await asyncio.wait({task, leave}, return_when=asyncio.FIRST_COMPLETED)
@@ -202,11 +216,22 @@ class Soak:
         (result,) = await asyncio.gather(task, return_exceptions=True)
         if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
             raise result
-        self._record(log, arrivals, clock, left=isinstance(result, asyncio.CancelledError),
-                     close_code=None if isinstance(result, BaseException) else result.close_code)
+        self._record(
+            log,
+            arrivals,
+            clock,
+            left=isinstance(result, asyncio.CancelledError),
+            close_code=None if isinstance(result, BaseException) else result.close_code,
+        )
 
-    def _record(self, log: SessionLog, arrivals: list[tuple[float, dict[str, Any]]],
-                clock: PaceClock, left: bool, close_code: int | None) -> None:
+    def _record(
+        self,
+        log: SessionLog,
+        arrivals: list[tuple[float, dict[str, Any]]],
+        clock: PaceClock,
+        left: bool,
+        close_code: int | None,
+    ) -> None:
         origin = clock.origin
         done: dict[str, Any] | None = None
         for arrival, message in arrivals:
@@ -227,8 +252,7 @@ class Soak:
         if done is None or close_code != 1000:
             log.outcome = "incomplete"
             log.errors.append("no_done" if done is None else f"close_{close_code}")
-            log.problem = f"ended with close code {close_code}" + \
-                ("" if done else " and no 'done'")
+            log.problem = f"ended with close code {close_code}" + ("" if done else " and no 'done'")
             return
         log.outcome = "done"
         log.done_segments = int(done.get("segments", -1))
@@ -237,23 +261,33 @@ class Soak:
         log.duplicates = len(log.finals) - len(received)
         extra = sorted(received - set(range(log.done_segments)))
         if log.missing or log.duplicates or extra:
-            log.problem = (f"done.segments {log.done_segments}, finals {sorted(log.finals)}")
+            log.problem = f"done.segments {log.done_segments}, finals {sorted(log.finals)}"
 
 
 # Figures ---------------------------------------------------------------------------
 
 
 def _lag_stats(values: list[float]) -> dict[str, Any]:
-    return {"p50": rounded(percentile(values, 50)), "p90": rounded(percentile(values, 90)),
-            "max": rounded(max(values)) if values else None, "n": len(values)}
+    return {
+        "p50": rounded(percentile(values, 50)),
+        "p90": rounded(percentile(values, 90)),
+        "max": rounded(max(values)) if values else None,
+        "n": len(values),
+    }
 
 
 def _mb(x: float | None) -> float | None:
     return None if x is None else round(x / 2**20, 1)
 
 
-def rss_figures(samples: list[tuple[float, int]], window_s: float, warmup_s: float,
-                idle: int | None, after: int | None, peak: int | None) -> dict[str, Any]:
+def rss_figures(
+    samples: list[tuple[float, int]],
+    window_s: float,
+    warmup_s: float,
+    idle: int | None,
+    after: int | None,
+    peak: int | None,
+) -> dict[str, Any]:
     """RSS figures from (seconds since the soak began, bytes) samples."""
     loaded = [(t, r) for t, r in samples if warmup_s <= t <= window_s]
     start = loaded[0] if loaded else None
@@ -279,7 +313,8 @@ def rss_figures(samples: list[tuple[float, int]], window_s: float, warmup_s: flo
         "end_at_s": round(end[0], 1) if end else None,
         "growth_mb": _mb(growth),
         "growth_pct": round(100 * growth / start[1], 2)
-        if growth is not None and start and start[1] else None,
+        if growth is not None and start and start[1]
+        else None,
         "growth_last_third_mb": _mb(late_growth),
         "last_third_from_s": round(late[0], 1) if late else None,
         "slope_mb_per_min": _mb(slope),
@@ -315,16 +350,18 @@ def soak_figures(soak: Soak, window_s: float, wall_s: float) -> dict[str, Any]:
             "incomplete": by_outcome["incomplete"],
             "left_early": by_outcome["left"],
             "refused": by_outcome["refused"],
-            "refused_by_status": dict(Counter(str(s.http_status) for s in sessions
-                                              if s.outcome == "refused")),
+            "refused_by_status": dict(
+                Counter(str(s.http_status) for s in sessions if s.outcome == "refused")
+            ),
             "client_errors": by_outcome["error"],
         },
         "finals": {
             # Sessions that sent `stop`: done.segments against finals received.
             "expected": sum(s.done_segments or 0 for s in finished),
             "received": sum(len(s.finals) for s in finished),
-            "received_incomplete_sessions": sum(len(s.finals) for s in stopped
-                                                if s.outcome != "done"),
+            "received_incomplete_sessions": sum(
+                len(s.finals) for s in stopped if s.outcome != "done"
+            ),
             "missing_segments": sum(len(s.missing) for s in finished),
             "duplicate_segments": sum(s.duplicates for s in finished),
             "sessions_with_problems": sum(s.problem is not None for s in stopped),
@@ -359,26 +396,40 @@ def table_rows(f: dict[str, Any]) -> list[tuple[str, list[str]]]:
         ("streams / minutes / speed", f"{f['streams']} / {f['minutes']:g} / {f['speed']:g}"),
         ("wall time / audio streamed", f"{f['wall_s'] / 60:.1f} / {f['audio_s'] / 60:.1f} min"),
         ("server RSS idle (model loaded)", mb(rss["idle_mb"])),
-        ("server RSS start / end (at s)",
-         f"{mb(rss['start_mb'])} ({rss['start_at_s']:.0f}) / {mb(rss['end_mb'])} "
-         f"({rss['end_at_s']:.0f})" if rss["start_mb"] is not None else "n/a"),
+        (
+            "server RSS start / end (at s)",
+            f"{mb(rss['start_mb'])} ({rss['start_at_s']:.0f}) / {mb(rss['end_mb'])} "
+            f"({rss['end_at_s']:.0f})"
+            if rss["start_mb"] is not None
+            else "n/a",
+        ),
         ("RSS growth start → end", growth),
-        ("RSS growth in the last third", "n/a" if rss["growth_last_third_mb"] is None
-         else f"{rss['growth_last_third_mb']:+.1f} MB"),
+        (
+            "RSS growth in the last third",
+            "n/a"
+            if rss["growth_last_third_mb"] is None
+            else f"{rss['growth_last_third_mb']:+.1f} MB",
+        ),
         ("RSS slope after warm-up", slope),
         ("RSS max in the run / after it", f"{mb(rss['max_mb'])} / {mb(rss['after_mb'])}"),
         ("lag p50 / p90 / max, first third", lag(lags["first_third"])),
         ("lag p50 / p90 / max, last third", lag(lags["last_third"])),
         ("lag p50 / p90 / max, all", lag(lags["all"])),
         ("finals expected / received (stop)", f"{fin['expected']} / {fin['received']}"),
-        ("missing / duplicate segments", f"{fin['missing_segments']} / "
-                                         f"{fin['duplicate_segments']}"),
+        (
+            "missing / duplicate segments",
+            f"{fin['missing_segments']} / {fin['duplicate_segments']}",
+        ),
         ("sessions admitted / completed", f"{s['admitted']} / {s['completed']}"),
         ("left early / incomplete", f"{s['left_early']} / {s['incomplete']}"),
         ("refused (HTTP 503/429)", f"{s['refused']}" + (f" ({refused})" if refused else "")),
         ("errors by code", ", ".join(f"{k}: {v}" for k, v in f["errors"].items()) or "none"),
-        ("server CPU s / audio s", "n/a" if f.get("server_cpu_s_per_audio_s") is None
-         else f"{f['server_cpu_s_per_audio_s']:.3f}"),
+        (
+            "server CPU s / audio s",
+            "n/a"
+            if f.get("server_cpu_s_per_audio_s") is None
+            else f"{f['server_cpu_s_per_audio_s']:.3f}",
+        ),
     ]
     return [(label, [value]) for label, value in rows]
 
@@ -389,29 +440,48 @@ def table_rows(f: dict[str, Any]) -> list[tuple[str, list[str]]]:
 def add_subcommand(sub: Any) -> None:
     """`whisperstream soak ...`, for server.cli's parser."""
     p = sub.add_parser(
-        "soak", help="keep N streams busy for a while and watch the server's memory and lag",
+        "soak",
+        help="keep N streams busy for a while and watch the server's memory and lag",
         description="Streams files of a manifest at real-time pace on N connections for a "
         "given time, with some clients leaving early, and reports the server's RSS at start "
         "and end, the lag of finals early and late in the run, and finals expected and "
         "received. Definitions: the docstring of server/bench/soak.py.",
     )
-    p.add_argument("--manifest", type=Path, required=True,
-                   help="JSON lines with 'wav' (relative to the manifest)")
+    p.add_argument(
+        "--manifest",
+        type=Path,
+        required=True,
+        help="JSON lines with 'wav' (relative to the manifest)",
+    )
     p.add_argument("--streams", type=int, default=4, help="sessions at once (default 4)")
-    p.add_argument("--minutes", type=float, required=True,
-                   help="start new sessions for this long; running ones then finish")
-    p.add_argument("--leave-fraction", type=float, default=0.2,
-                   help="share of sessions that close mid-file without 'stop' (default 0.2)")
+    p.add_argument(
+        "--minutes",
+        type=float,
+        required=True,
+        help="start new sessions for this long; running ones then finish",
+    )
+    p.add_argument(
+        "--leave-fraction",
+        type=float,
+        default=0.2,
+        help="share of sessions that close mid-file without 'stop' (default 0.2)",
+    )
     p.add_argument("--speed", type=float, default=1.0, help="pace relative to real time")
     p.add_argument("--out", type=Path, default=None, help="write figures and sessions as JSON")
-    p.add_argument("--url", default=None,
-                   help="a running server on a loopback address (default: start one)")
-    p.add_argument("--server-pid", type=int, default=None,
-                   help="with --url: the server's process, for its memory and CPU")
+    p.add_argument(
+        "--url", default=None, help="a running server on a loopback address (default: start one)"
+    )
+    p.add_argument(
+        "--server-pid",
+        type=int,
+        default=None,
+        help="with --url: the server's process, for its memory and CPU",
+    )
     p.add_argument("--api-key", default=None, help="with --url: the server's API key")
     p.add_argument("--config", type=Path, default=None, help="config file for the started server")
-    p.add_argument("--sample-every", type=float, default=5.0,
-                   help="seconds between RSS samples (default 5)")
+    p.add_argument(
+        "--sample-every", type=float, default=5.0, help="seconds between RSS samples (default 5)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of file and leave-point choices")
     p.set_defaults(func=cmd_soak)
 
@@ -436,8 +506,10 @@ def _check(args: argparse.Namespace) -> None:
     if not args.sample_every > 0:
         raise BenchError("--sample-every must be above 0")
     if args.url is not None and not _is_loopback_url(args.url):
-        raise BenchError(f"--url {args.url}: only ws:// or wss:// on a loopback address "
-                         "(127.0.0.1, ::1, localhost)")
+        raise BenchError(
+            f"--url {args.url}: only ws:// or wss:// on a loopback address "
+            "(127.0.0.1, ::1, localhost)"
+        )
     if args.server_pid is not None and args.url is None:
         raise BenchError("--server-pid goes with --url")
 
@@ -450,8 +522,16 @@ def _soak(args: argparse.Namespace) -> int:
     window_s = args.minutes * 60
     warmup_s = min(WARMUP_MAX_S, window_s / 4)
     console = Console(stderr=True)
-    soak = Soak(items, args.url or "", args.streams, window_s, args.speed,
-                args.leave_fraction, args.seed, args.api_key if args.url else None)
+    soak = Soak(
+        items,
+        args.url or "",
+        args.streams,
+        window_s,
+        args.speed,
+        args.leave_fraction,
+        args.seed,
+        args.api_key if args.url else None,
+    )
     settings = variant_settings(args.config, Variant("default"))
 
     with contextlib.ExitStack() as stack:
@@ -464,8 +544,9 @@ def _soak(args: argparse.Namespace) -> int:
                 env["WHISPERSTREAM_LIMITS__MAX_SESSIONS"] = str(args.streams)
             if args.streams > settings.limits.max_sessions_per_client:
                 env["WHISPERSTREAM_LIMITS__MAX_SESSIONS_PER_CLIENT"] = str(args.streams)
-            log_dir = Path(stack.enter_context(
-                tempfile.TemporaryDirectory(prefix="whisperstream-soak-")))
+            log_dir = Path(
+                stack.enter_context(tempfile.TemporaryDirectory(prefix="whisperstream-soak-"))
+            )
             console.log("starting the server ...")
             soak.url, pid = stack.enter_context(started_server(env, args.config, log_dir))
         monitor = ProcessMonitor(pid, series_every=args.sample_every) if pid else None
@@ -481,18 +562,22 @@ def _soak(args: argparse.Namespace) -> int:
         samples = [] if monitor is None else [(t - soak.t0, r) for t, r in monitor.samples]
 
     figures = soak_figures(soak, window_s, wall)
-    figures["rss"] = rss_figures(samples, window_s, warmup_s, idle, after,
-                                 server.get("sampled_peak_rss_bytes"))
+    figures["rss"] = rss_figures(
+        samples, window_s, warmup_s, idle, after, server.get("sampled_peak_rss_bytes")
+    )
     figures["rss"]["high_water_mb"] = _mb(server.get("peak_rss_bytes"))  # since the start
     cpu = server.get("cpu_s")
     figures["server_cpu_s"] = rounded(cpu)
-    figures["server_cpu_s_per_audio_s"] = (rounded(cpu / soak.audio_s, 4)
-                                           if cpu is not None and soak.audio_s else None)
-    caption = (f"{len(items)} files from {args.manifest}, {os.cpu_count()} cores, load "
-               f"average {os.getloadavg()[0]:.1f}. Lag: final's arrival minus the sending "
-               "of its segment's end (p50 / p90 / max, finals counted); thirds of the "
-               f"{args.minutes:g} min window by arrival. RSS start: first sample after "
-               f"{warmup_s:g} s; end: last sample in the window.")
+    figures["server_cpu_s_per_audio_s"] = (
+        rounded(cpu / soak.audio_s, 4) if cpu is not None and soak.audio_s else None
+    )
+    caption = (
+        f"{len(items)} files from {args.manifest}, {os.cpu_count()} cores, load "
+        f"average {os.getloadavg()[0]:.1f}. Lag: final's arrival minus the sending "
+        "of its segment's end (p50 / p90 / max, finals counted); thirds of the "
+        f"{args.minutes:g} min window by arrival. RSS start: first sample after "
+        f"{warmup_s:g} s; end: last sample in the window."
+    )
     print_rows("whisperstream soak", ["value"], table_rows(figures), caption)
     problems = [s for s in soak.sessions if s.outcome in ("done", "incomplete") and s.problem]
     for s in problems[:10]:
@@ -522,27 +607,33 @@ def _session_json(s: SessionLog) -> dict[str, Any]:
     return out
 
 
-async def _run_with_progress(soak: Soak, progress: Any, console: Any,
-                             monitor: ProcessMonitor | None) -> None:
+async def _run_with_progress(
+    soak: Soak, progress: Any, console: Any, monitor: ProcessMonitor | None
+) -> None:
     """The soak, with a progress line (and a log line a minute when not on a terminal)."""
     task = progress.add_task("soak (s)", total=round(soak.window_s), audio="")
     quiet_terminal = not console.is_terminal
 
     def status() -> str:
         rss = monitor.rss() if monitor is not None else None
-        return (f"{soak.live} live, {len(soak.sessions)} sessions, {soak.finals} finals, "
-                f"{soak.audio_s / 60:.1f} min audio"
-                + (f", RSS {rss / 2**20:.0f} MB" if rss is not None else ""))
+        return (
+            f"{soak.live} live, {len(soak.sessions)} sessions, {soak.finals} finals, "
+            f"{soak.audio_s / 60:.1f} min audio"
+            + (f", RSS {rss / 2**20:.0f} MB" if rss is not None else "")
+        )
 
     runner = asyncio.create_task(soak.run())
     next_log = 60.0
     while not runner.done():
         await asyncio.wait({runner}, timeout=1.0)
         elapsed = soak.now()
-        progress.update(task, completed=min(elapsed, soak.window_s), audio=status(),
-                        description="soak (s)" if elapsed < soak.window_s else "finishing")
+        progress.update(
+            task,
+            completed=min(elapsed, soak.window_s),
+            audio=status(),
+            description="soak (s)" if elapsed < soak.window_s else "finishing",
+        )
         if quiet_terminal and elapsed >= next_log:
             console.log(f"{elapsed / 60:.0f} min: {status()}")
             next_log += 60.0
     await runner
-

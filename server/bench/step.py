@@ -41,8 +41,7 @@ def time_step(engine: Engine, request: DecodeRequest, repeat: int) -> dict[str, 
         cpu.append(time.process_time() - c0)
         wall.append(time.perf_counter() - w0)
         new = len(hypothesis.tokens) - len(request.prefix_tokens)
-    return {"cpu_s": statistics.median(cpu), "wall_s": statistics.median(wall),
-            "new_tokens": new}
+    return {"cpu_s": statistics.median(cpu), "wall_s": statistics.median(wall), "new_tokens": new}
 
 
 def cpu_model() -> str:
@@ -56,33 +55,45 @@ def cpu_model() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m server.bench.step", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m server.bench.step",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("wav", type=Path)
     parser.add_argument("--window-s", type=float, default=5.0)
     parser.add_argument("--prefix-tokens", type=int, nargs="+", default=[0, 30])
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--engines", nargs="+", default=["ctranslate2", "torch"])
-    parser.add_argument("--compute-type", nargs="+", default=["int8"],
-                        help="compute types to time (each on each engine)")
+    parser.add_argument(
+        "--compute-type",
+        nargs="+",
+        default=["int8"],
+        help="compute types to time (each on each engine)",
+    )
     args = parser.parse_args(argv)
     audio = read_audio_16k(args.wav)
     window = audio[: int(args.window_s * RATE)]
     reference = build_engine(ModelSection(engine="ctranslate2", cpu_threads=1, workers=1))
     transcript = reference.transcribe([DecodeRequest(audio[: int(MAX_WINDOW_S * RATE)])])[0]
     tokens = transcript.tokens
-    print(f"CPU: {cpu_model()}; window {len(window) / RATE:.1f} s of {args.wav.name}; "
-          f"median of {args.repeat}, one thread per engine")
+    print(
+        f"CPU: {cpu_model()}; window {len(window) / RATE:.1f} s of {args.wav.name}; "
+        f"median of {args.repeat}, one thread per engine"
+    )
     print(f"{'engine':<12} {'compute':<9} {'prefix':>6} {'new':>4} {'CPU s':>7} {'wall s':>7}")
     for compute_type in args.compute_type:
         for name in args.engines:
-            engine = build_engine(ModelSection(engine=name, compute_type=compute_type,
-                                               cpu_threads=1, workers=1))
+            engine = build_engine(
+                ModelSection(engine=name, compute_type=compute_type, cpu_threads=1, workers=1)
+            )
             for count in args.prefix_tokens:
                 request = DecodeRequest(window, prefix_tokens=tuple(tokens[:count]))
                 r = time_step(engine, request, args.repeat)
-                print(f"{name:<12} {compute_type:<9} {len(request.prefix_tokens):>6} "
-                      f"{r['new_tokens']:>4} {r['cpu_s']:>7.3f} {r['wall_s']:>7.3f}")
+                print(
+                    f"{name:<12} {compute_type:<9} {len(request.prefix_tokens):>6} "
+                    f"{r['new_tokens']:>4} {r['cpu_s']:>7.3f} {r['wall_s']:>7.3f}"
+                )
     return 0
 
 

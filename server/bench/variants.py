@@ -36,8 +36,10 @@ def parse_variant(spec: str) -> Variant:
         key, eq, value = part.partition("=")
         key = env_name(key.strip())
         if not eq or not key.startswith("WHISPERSTREAM_"):
-            raise BenchError(f"--variant {spec!r}: {part!r} is not KEY=VALUE with KEY a config "
-                             "key (streaming.step_s) or a WHISPERSTREAM_ variable")
+            raise BenchError(
+                f"--variant {spec!r}: {part!r} is not KEY=VALUE with KEY a config "
+                "key (streaming.step_s) or a WHISPERSTREAM_ variable"
+            )
         env[key] = value.strip()
     return Variant(name.strip(), env)
 

@@ -120,8 +120,9 @@ async def describe(host: str, port: int, timeout_s: float) -> dict[str, Any]:
     raise OSError("the connection closed before info")
 
 
-async def voice_command(host: str, port: int, item: Item, pcm: bytes,
-                        speed: float) -> CommandRecord:
+async def voice_command(
+    host: str, port: int, item: Item, pcm: bytes, speed: float
+) -> CommandRecord:
     """One file as one voice command, timed; failures are recorded, not raised."""
     from wyoming.asr import Transcribe, Transcript
     from wyoming.audio import AudioChunk, AudioStart, AudioStop
@@ -158,8 +159,9 @@ async def voice_command(host: str, port: int, item: Item, pcm: bytes,
                 await asyncio.sleep(max(0.0, due - time.monotonic()))
                 if reader.done():
                     break  # answered early (server-side endpointing) or refused
-                await client.write_event(AudioChunk(rate=SR, width=2, channels=1,
-                                                    audio=chunk, timestamp=None).event())
+                await client.write_event(
+                    AudioChunk(rate=SR, width=2, channels=1, audio=chunk, timestamp=None).event()
+                )
             if not reader.done():
                 await client.write_event(AudioStop().event())
                 record.stop_at = time.monotonic() - origin
@@ -207,8 +209,10 @@ def figures(run: ServerRun) -> dict[str, Any]:
         "stop_to_transcript_p90_s": rounded(percentile(waits, 90)),
         "stop_to_transcript_max_s": rounded(max(waits)) if waits else None,
         "chunks_before_stop_per_file": rounded(
-            sum(r.chunks_before_stop for r in run.records) / len(run.records), 2)
-        if run.records else None,
+            sum(r.chunks_before_stop for r in run.records) / len(run.records), 2
+        )
+        if run.records
+        else None,
         "audio_s": rounded(audio_s),
         "cpu_s_per_audio_s": rounded(cpu_s / audio_s) if cpu_s is not None and audio_s else None,
         "peak_rss_mb": rounded(peak / 2**20, 1) if peak else None,
@@ -250,23 +254,27 @@ def table(figures_list: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
 
 
 def markdown(figures_list: list[dict[str, Any]]) -> str:
-    lines = ["| | " + " | ".join(f["server"] for f in figures_list) + " |",
-             "|---|" + "---|" * len(figures_list)]
-    lines += [f"| {label} | " + " | ".join(values) + " |"
-              for label, values in table(figures_list)]
+    lines = [
+        "| | " + " | ".join(f["server"] for f in figures_list) + " |",
+        "|---|" + "---|" * len(figures_list),
+    ]
+    lines += [f"| {label} | " + " | ".join(values) + " |" for label, values in table(figures_list)]
     return "\n".join(lines)
 
 
 def _parse_peer(spec: str) -> tuple[str, str]:
     name, sep, command = spec.partition("=")
     if not sep or not name.strip() or "{port}" not in command:
-        raise BenchError(f"--peer {spec!r}: give NAME=COMMAND, with {{port}} in COMMAND "
-                         "where the peer's port goes")
+        raise BenchError(
+            f"--peer {spec!r}: give NAME=COMMAND, with {{port}} in COMMAND "
+            "where the peer's port goes"
+        )
     return name.strip(), command.strip()
 
 
-def _wait_ready(port: int, process: subprocess.Popen[bytes] | None, log_path: Path | None,
-                what: str) -> dict[str, Any]:
+def _wait_ready(
+    port: int, process: subprocess.Popen[bytes] | None, log_path: Path | None, what: str
+) -> dict[str, Any]:
     deadline = time.monotonic() + READY_TIMEOUT_S
     while True:
         if process is not None and process.poll() is not None:
@@ -276,8 +284,10 @@ def _wait_ready(port: int, process: subprocess.Popen[bytes] | None, log_path: Pa
             return asyncio.run(describe("127.0.0.1", port, 5.0))
         except (OSError, TimeoutError):
             if time.monotonic() > deadline:
-                raise BenchError(f"{what} did not answer describe on port {port} within "
-                                 f"{READY_TIMEOUT_S:g} s; its log: {log_path}") from None
+                raise BenchError(
+                    f"{what} did not answer describe on port {port} within "
+                    f"{READY_TIMEOUT_S:g} s; its log: {log_path}"
+                ) from None
             time.sleep(0.5)
 
 
@@ -290,8 +300,9 @@ def started_peer(name: str, template: str, log_dir: Path) -> Iterator[tuple[int,
     log_path = log_dir / f"{name}-{port}.log"
     try:
         with open(log_path, "wb") as log:
-            process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL)
+            process = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
     except OSError as exc:
         raise BenchError(f"--peer {name}: cannot start {argv[0]}: {exc}") from None
     try:
@@ -307,8 +318,15 @@ def started_peer(name: str, template: str, log_dir: Path) -> Iterator[tuple[int,
                 process.wait()
 
 
-def measure(name: str, host: str, port: int, pid: int | None, commands: list[tuple[Item, bytes]],
-            speed: float, progress: Any) -> ServerRun:
+def measure(
+    name: str,
+    host: str,
+    port: int,
+    pid: int | None,
+    commands: list[tuple[Item, bytes]],
+    speed: float,
+    progress: Any,
+) -> ServerRun:
     info = asyncio.run(describe(host, port, 30.0))
     task = progress.add_task(f"wyoming {name}", total=len(commands), audio="")
     warm = asyncio.run(voice_command(host, port, *commands[0], speed=speed))
@@ -328,8 +346,9 @@ def measure(name: str, host: str, port: int, pid: int | None, commands: list[tup
             progress.update(task, advance=1, audio=f"{sent / 60:.1f} min audio")
             if record.error or not progress.console.is_terminal:
                 wait = record.stop_to_transcript
-                said = record.error or (f"{wait:.3f} s to transcript" if wait is not None
-                                        else "no transcript")
+                said = record.error or (
+                    f"{wait:.3f} s to transcript" if wait is not None else "no transcript"
+                )
                 progress.console.log(f"{name}: {record.id}: {said}")
 
     asyncio.run(run_all())
@@ -346,8 +365,10 @@ def cmd_wyoming_bench(args: argparse.Namespace) -> int:
     if args.manifest is None:
         raise BenchError("--wyoming needs --manifest M.jsonl")
     if args.from_report is not None or args.variant or str(args.concurrency) != "1":
-        raise BenchError("--wyoming measures one voice command at a time on one whisperstream "
-                         "configuration: leave out --from, --variant and --concurrency")
+        raise BenchError(
+            "--wyoming measures one voice command at a time on one whisperstream "
+            "configuration: leave out --from, --variant and --concurrency"
+        )
     if args.speed <= 0:
         raise BenchError("--speed must be above 0: latency needs real-time pacing")
     if args.server_pid is not None and not args.url:
@@ -364,49 +385,80 @@ def cmd_wyoming_bench(args: argparse.Namespace) -> int:
 
     console = Console(stderr=True)
     runs: list[ServerRun] = []
-    with progress_display(console) as progress, \
-            tempfile.TemporaryDirectory(prefix="whisperstream-wyoming-bench-") as tmp:
+    with (
+        progress_display(console) as progress,
+        tempfile.TemporaryDirectory(prefix="whisperstream-wyoming-bench-") as tmp,
+    ):
         log_dir = Path(tmp)
         if target is not None:
-            runs.append(measure("whisperstream" if not peers else args.url, *target,
-                                args.server_pid, commands, args.speed, progress))
+            runs.append(
+                measure(
+                    "whisperstream" if not peers else args.url,
+                    *target,
+                    args.server_pid,
+                    commands,
+                    args.speed,
+                    progress,
+                )
+            )
         else:
             port = free_port()
-            env = {"WHISPERSTREAM_WYOMING__ENABLED": "true",
-                   "WHISPERSTREAM_WYOMING__PORT": str(port),
-                   "WHISPERSTREAM_WYOMING__MAX_COMMAND_S": "3600",  # long files stay whole
-                   "WHISPERSTREAM_AUTH__API_KEYS": "[]"}
+            env = {
+                "WHISPERSTREAM_WYOMING__ENABLED": "true",
+                "WHISPERSTREAM_WYOMING__PORT": str(port),
+                "WHISPERSTREAM_WYOMING__MAX_COMMAND_S": "3600",  # long files stay whole
+                "WHISPERSTREAM_AUTH__API_KEYS": "[]",
+            }
             with started_server(env, args.config, log_dir) as (_, pid):
                 _wait_ready(port, None, None, "whisperstream")
-                runs.append(measure("whisperstream", "127.0.0.1", port, pid, commands,
-                                    args.speed, progress))
+                runs.append(
+                    measure("whisperstream", "127.0.0.1", port, pid, commands, args.speed, progress)
+                )
         for name, template in peers:
             with started_peer(name, template, log_dir) as (port, pid):
-                runs.append(measure(name, "127.0.0.1", port, pid, commands, args.speed,
-                                    progress))
+                runs.append(measure(name, "127.0.0.1", port, pid, commands, args.speed, progress))
 
     figures_list = [figures(run) for run in runs]
-    caption = (f"{len(items)} files from {', '.join(str(m) for m in args.manifest)}, "
-               f"{sum(len(p) for _, p in commands) / 2 / SR:.0f} s of audio, speed "
-               f"{args.speed:g}, audio-stop {args.stop_silence_s:g} s after the last speech, "
-               f"{os.cpu_count()} cores. WER after Whisper's English normalizer; "
-               "audio-stop → transcript: wall seconds from writing audio-stop to the "
-               "transcript's arrival.")
+    caption = (
+        f"{len(items)} files from {', '.join(str(m) for m in args.manifest)}, "
+        f"{sum(len(p) for _, p in commands) / 2 / SR:.0f} s of audio, speed "
+        f"{args.speed:g}, audio-stop {args.stop_silence_s:g} s after the last speech, "
+        f"{os.cpu_count()} cores. WER after Whisper's English normalizer; "
+        "audio-stop → transcript: wall seconds from writing audio-stop to the "
+        "transcript's arrival."
+    )
     if args.markdown:
         print(markdown(figures_list))
         print(f"\n{caption}")
     else:
-        print_rows("whisperstream bench --wyoming", [f["server"] for f in figures_list],
-                   table(figures_list), caption)
+        print_rows(
+            "whisperstream bench --wyoming",
+            [f["server"] for f in figures_list],
+            table(figures_list),
+            caption,
+        )
     if args.out is not None:
-        write_json(args.out, {
-            "command": sys.argv, "code": code_version(),
-            "manifest": [str(m) for m in args.manifest], "speed": args.speed,
-            "stop_silence_s": args.stop_silence_s, "peers": dict(peers),
-            "definitions": __doc__,
-            "servers": [{**f, "info": run.info, "process": run.server,
-                         "commands": [asdict(r) for r in run.records]}
-                        for f, run in zip(figures_list, runs, strict=True)],
-        }, ensure_ascii=False)
+        write_json(
+            args.out,
+            {
+                "command": sys.argv,
+                "code": code_version(),
+                "manifest": [str(m) for m in args.manifest],
+                "speed": args.speed,
+                "stop_silence_s": args.stop_silence_s,
+                "peers": dict(peers),
+                "definitions": __doc__,
+                "servers": [
+                    {
+                        **f,
+                        "info": run.info,
+                        "process": run.server,
+                        "commands": [asdict(r) for r in run.records],
+                    }
+                    for f, run in zip(figures_list, runs, strict=True)
+                ],
+            },
+            ensure_ascii=False,
+        )
         console.print(f"wrote {args.out}")
     return 1 if any(f["failed"] for f in figures_list) else 0

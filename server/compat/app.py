@@ -38,10 +38,15 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class _AccessLog(AbstractAccessLogger):
     """One line a request: method, path (never the query, which may hold a key), status."""
 
-    def log(self, request: web.BaseRequest, response: web.StreamResponse,
-            time: float) -> None:
-        self.logger.info('%s "%s %s" %d %.3f s', request.remote, request.method,
-                         request.path, response.status, time)
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info(
+            '%s "%s %s" %d %.3f s',
+            request.remote,
+            request.method,
+            request.path,
+            response.status,
+            time,
+        )
 
 
 class CompatServer:
@@ -51,20 +56,24 @@ class CompatServer:
         self.state = CompatState(host, Gate(host.settings))
         self.app = web.Application(middlewares=[self._guard])
         bind = partial
-        self.app.add_routes([
-            web.get("/v1/models", bind(openai_files.models, self.state)),
-            web.get("/v1/models/{model}", bind(openai_files.model, self.state)),
-            web.post("/v1/audio/transcriptions", bind(openai_files.transcriptions, self.state)),
-            web.get("/v1/listen", bind(deepgram.listen, self.state)),
-            web.get("/v1/realtime", bind(openai_realtime.realtime, self.state)),
-        ])
+        self.app.add_routes(
+            [
+                web.get("/v1/models", bind(openai_files.models, self.state)),
+                web.get("/v1/models/{model}", bind(openai_files.model, self.state)),
+                web.post("/v1/audio/transcriptions", bind(openai_files.transcriptions, self.state)),
+                web.get("/v1/listen", bind(deepgram.listen, self.state)),
+                web.get("/v1/realtime", bind(openai_realtime.realtime, self.state)),
+            ]
+        )
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
 
     async def start(self, ssl_context: ssl.SSLContext | None = None) -> None:
         cfg = self.settings.compat
         self._runner = web.AppRunner(
-            self.app, access_log_class=_AccessLog, handle_signals=False,
+            self.app,
+            access_log_class=_AccessLog,
+            handle_signals=False,
             shutdown_timeout=self.settings.limits.shutdown_timeout_s,
         )
         await self._runner.setup()
@@ -72,8 +81,7 @@ class CompatServer:
         await site.start()
         self.port = int(self._runner.addresses[0][1])
         scheme = "https" if ssl_context else "http"
-        log.info("compat: OpenAI and Deepgram APIs at %s://%s:%d/v1", scheme, cfg.host,
-                 self.port)
+        log.info("compat: OpenAI and Deepgram APIs at %s://%s:%d/v1", scheme, cfg.host, self.port)
 
     def stop_accepting(self) -> None:
         """Shutdown begins: new uploads and sessions are refused; live ones finish."""
@@ -92,12 +100,18 @@ class CompatServer:
         host = request.headers.get("Host", "")
         if not gate.host_ok(host):
             self.host.metrics.refused_sessions.labels("host").inc()
-            return openai_error(421, "this server does not answer to that host name "
-                                "(server.allowed_hosts)", code="misdirected_request")
+            return openai_error(
+                421,
+                "this server does not answer to that host name (server.allowed_hosts)",
+                code="misdirected_request",
+            )
         if not gate.origin_ok(request.headers.get("Origin"), host):
             self.host.metrics.refused_sessions.labels("origin").inc()
-            return openai_error(403, "this page's origin may not use this server "
-                                "(auth.allowed_origins)", code="origin_not_allowed")
+            return openai_error(
+                403,
+                "this page's origin may not use this server (auth.allowed_origins)",
+                code="origin_not_allowed",
+            )
         try:
             return await handler(request)
         except web.HTTPException as exc:  # the router's 404 and 405, in OpenAI's shape
@@ -107,6 +121,9 @@ class CompatServer:
             if "Allow" in exc.headers:
                 headers["Allow"] = exc.headers["Allow"]
             # The path is not echoed: the answer says nothing a client did not know.
-            return openai_error(exc.status, "no such endpoint" if exc.status == 404
-                                else f"{exc.reason}", code="not_found" if exc.status == 404
-                                else None, headers=headers or None)
+            return openai_error(
+                exc.status,
+                "no such endpoint" if exc.status == 404 else f"{exc.reason}",
+                code="not_found" if exc.status == 404 else None,
+                headers=headers or None,
+            )

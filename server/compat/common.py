@@ -48,8 +48,7 @@ def client_address(request: web.BaseRequest, state: CompatState) -> str:
     return forwarded_client(peer, Headers(list(request.headers.items())), trusted)
 
 
-def admission_refusal(state: CompatState,
-                      request: web.BaseRequest) -> tuple[Refusal | None, str]:
+def admission_refusal(state: CompatState, request: web.BaseRequest) -> tuple[Refusal | None, str]:
     """Why a new live session cannot start now (counted), or None; and the client's address."""
     address = client_address(request, state)
     refusal = session_refusal(state.host, address, draining=state.draining)
@@ -62,9 +61,15 @@ def request_key(request: web.BaseRequest, schemes: tuple[str, ...] = ("bearer",)
     return presented_key(request.headers.get("Authorization", ""), schemes)
 
 
-def openai_error(status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> web.Response:
+def openai_error(
+    status: int,
+    message: str,
+    *,
+    type: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
     """An error as OpenAI's API answers one: `{"error": {message, type, param, code}}`."""
     body = {"error": {"message": message, "type": type, "param": param, "code": code}}
     return web.json_response(body, status=status, headers=headers)
@@ -73,9 +78,16 @@ def openai_error(status: int, message: str, *, type: str = "invalid_request_erro
 class ApiError(Exception):
     """A request the API refuses; `response()` is the answer in OpenAI's shape."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -85,12 +97,17 @@ class ApiError(Exception):
         self.headers = headers
 
     def response(self) -> web.Response:
-        return openai_error(self.status, self.message, type=self.type, param=self.param,
-                            code=self.code, headers=self.headers)
+        return openai_error(
+            self.status,
+            self.message,
+            type=self.type,
+            param=self.param,
+            code=self.code,
+            headers=self.headers,
+        )
 
     def body(self) -> dict[str, Any]:
-        return {"message": self.message, "type": self.type, "param": self.param,
-                "code": self.code}
+        return {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
 
 
 @dataclass(frozen=True)
@@ -128,8 +145,9 @@ class WebSocketQueue:
             while True:
                 item = await self._queue.get()
                 if isinstance(item, _Close):
-                    await self.ws.close(code=ws_close_code(item.code),
-                                        message=item.reason.encode()[:120])
+                    await self.ws.close(
+                        code=ws_close_code(item.code), message=item.reason.encode()[:120]
+                    )
                     return
                 await self.ws.send_str(json.dumps(item, ensure_ascii=False))
         except (ConnectionError, RuntimeError):  # the connection is gone or closing

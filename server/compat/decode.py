@@ -39,8 +39,9 @@ def decode_to_16k(data: bytes, max_seconds: float) -> np.ndarray:
     try:
         container = av.open(io.BytesIO(data), mode="r")
     except (av.FFmpegError, ValueError, OSError) as exc:  # OSError: older PyAV
-        raise UndecodableAudio("the file is not audio in a format this server reads "
-                               f"({_why(exc)})") from None
+        raise UndecodableAudio(
+            f"the file is not audio in a format this server reads ({_why(exc)})"
+        ) from None
     with container:
         if not container.streams.audio:
             raise UndecodableAudio("the file holds no audio stream")
@@ -65,13 +66,13 @@ def decode_to_16k(data: bytes, max_seconds: float) -> np.ndarray:
                     chunks.append(out)
                     samples += len(out)
                 if samples > limit:
-                    raise AudioTooLong(f"the audio is longer than {max_seconds:g} s "
-                                       "(compat.max_upload_s)")
+                    raise AudioTooLong(
+                        f"the audio is longer than {max_seconds:g} s (compat.max_upload_s)"
+                    )
         except av.FFmpegError as exc:
             if not chunks:
                 raise UndecodableAudio(f"the audio cannot be decoded ({_why(exc)})") from None
-            log.warning("upload: decoding stopped early: %s; transcribing what was decoded",
-                        exc)
+            log.warning("upload: decoding stopped early: %s; transcribing what was decoded", exc)
         if resampler is None:
             raise UndecodableAudio("the audio stream holds no samples")
         chunks.append(resampler.resample_chunk(np.zeros(0, np.float32), last=True))

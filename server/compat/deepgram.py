@@ -67,11 +67,28 @@ log = logging.getLogger(__name__)
 
 MIN_ENDPOINTING_MS = 200
 DEFAULT_ENDPOINTING_MS = 10  # Deepgram's default
-KNOWN = frozenset({
-    "encoding", "sample_rate", "channels", "language", "model", "interim_results",
-    "endpointing", "utterance_end_ms", "vad_events", "punctuate", "smart_format", "version",
-    "tier", "mip_opt_out", "tag", "extra", "numerals", "filler_words",
-})  # tag, extra, ...: labels and switches that change nothing here; accepted
+KNOWN = frozenset(
+    {
+        "encoding",
+        "sample_rate",
+        "channels",
+        "language",
+        "model",
+        "interim_results",
+        "endpointing",
+        "utterance_end_ms",
+        "vad_events",
+        "punctuate",
+        "smart_format",
+        "version",
+        "tier",
+        "mip_opt_out",
+        "tag",
+        "extra",
+        "numerals",
+        "filler_words",
+    }
+)  # tag, extra, ...: labels and switches that change nothing here; accepted
 _EDGE_PUNCTUATION = re.compile(r"^[^\w']+|[^\w']+$")
 MODEL_UUID = "6b28e919-8427-4f32-9847-492e2efd7daf"  # stands for the served model
 
@@ -103,9 +120,11 @@ def _bool(name: str, value: str) -> bool:
 
 def _int(name: str, value: str, low: int, high: int) -> int:
     if not (value.isascii() and value.isdigit() and len(value) <= 7) or not (
-            low <= int(value) <= high):
-        raise BadParameter(f"{name} must be a whole number from {low} to {high}, "
-                           f"not {value[:40]!r}")
+        low <= int(value) <= high
+    ):
+        raise BadParameter(
+            f"{name} must be a whole number from {low} to {high}, not {value[:40]!r}"
+        )
     return int(value)
 
 
@@ -115,9 +134,11 @@ def parse_query(query: Mapping[str, str]) -> ListenParams:
             raise BadParameter(f"the parameter {name[:60]!r} is not supported by this server")
     encoding = query.get("encoding", "linear16")
     if encoding != "linear16":
-        raise BadParameter(f"encoding {encoding[:40]!r} is not supported; send raw 16-bit "
-                           "PCM with encoding=linear16 (containers and compressed audio are "
-                           "not taken on this endpoint)")
+        raise BadParameter(
+            f"encoding {encoding[:40]!r} is not supported; send raw 16-bit "
+            "PCM with encoding=linear16 (containers and compressed audio are "
+            "not taken on this endpoint)"
+        )
     endpointing = query.get("endpointing")
     endpointing_ms: int | None = DEFAULT_ENDPOINTING_MS
     if endpointing is not None:
@@ -131,14 +152,16 @@ def parse_query(query: Mapping[str, str]) -> ListenParams:
     language = query.get("language")
     return ListenParams(
         sample_rate=_int("sample_rate", query["sample_rate"], 8000, 48_000)
-        if "sample_rate" in query else 16_000,
+        if "sample_rate" in query
+        else 16_000,
         channels=_int("channels", query["channels"], 1, 8) if "channels" in query else 1,
         language=re.split(r"[-_]", language)[0].lower() if language else None,
         model=query.get("model", "whisper")[:80],
         interim_results=_bool("interim_results", query.get("interim_results", "false")),
         endpointing_ms=endpointing_ms,
         utterance_end_ms=_int("utterance_end_ms", query["utterance_end_ms"], 0, 60_000)
-        if "utterance_end_ms" in query else None,
+        if "utterance_end_ms" in query
+        else None,
         vad_events=_bool("vad_events", query.get("vad_events", "false")),
         punctuate=smart or _bool("punctuate", query.get("punctuate", "false")),
     )
@@ -151,8 +174,9 @@ def _bare(text: str) -> str:
 class DeepgramOutlet:
     """The session's messages as Deepgram's, on one ordered queue."""
 
-    def __init__(self, queue: WebSocketQueue, params: ListenParams, request_id: str,
-                 model_name: str) -> None:
+    def __init__(
+        self, queue: WebSocketQueue, params: ListenParams, request_id: str, model_name: str
+    ) -> None:
         self.queue = queue
         self.params = params
         self.request_id = request_id
@@ -171,22 +195,35 @@ class DeepgramOutlet:
         if isinstance(message, SpeechStart):
             self._speaking = True
             if self.params.vad_events:
-                self.queue.put({"type": "SpeechStarted", "channel": [0],
-                                "timestamp": message.t})
+                self.queue.put({"type": "SpeechStarted", "channel": [0], "timestamp": message.t})
         elif isinstance(message, SpeechEnd):
             self._speaking = False
             self._speech_ends.append((message.t, self.finalizing))
         elif isinstance(message, Partial):
             if self.params.interim_results and message.text:
-                self.queue.put(self._results(message.start, message.end,
-                                             self._text(message.text), 0.0, [],
-                                             is_final=False, speech_final=False))
+                self.queue.put(
+                    self._results(
+                        message.start,
+                        message.end,
+                        self._text(message.text),
+                        0.0,
+                        [],
+                        is_final=False,
+                        speech_final=False,
+                    )
+                )
         elif isinstance(message, Final):
             self._final(message)
         elif isinstance(message, Error):
-            self.queue.put({"type": "Error", "variant": message.code,
-                            "description": message.message, "message": message.message,
-                            "code": message.code})
+            self.queue.put(
+                {
+                    "type": "Error",
+                    "variant": message.code,
+                    "description": message.message,
+                    "message": message.message,
+                    "code": message.code,
+                }
+            )
         elif isinstance(message, Done):
             self.queue.put(self._metadata(message))
 
@@ -209,17 +246,31 @@ class DeepgramOutlet:
         from_finalize = any(ended)
         timed = [w for w in final.words if _bare(w.word)]
         words: list[dict[str, Any]] = [
-            {"word": _bare(w.word).lower(), "start": w.start, "end": w.end,
-             "confidence": w.probability,
-             **({"punctuated_word": w.word} if self.params.punctuate else {})}
-            for w in timed]
-        confidence = (round(sum(w.probability for w in timed) / len(timed), 4)
-                      if timed else 0.0)
+            {
+                "word": _bare(w.word).lower(),
+                "start": w.start,
+                "end": w.end,
+                "confidence": w.probability,
+                **({"punctuated_word": w.word} if self.params.punctuate else {}),
+            }
+            for w in timed
+        ]
+        confidence = round(sum(w.probability for w in timed) / len(timed), 4) if timed else 0.0
         speech_final = (not all(ended) if ended else False) and (
-            self.params.endpointing_ms is not None)
-        self.queue.put(self._results(final.start, final.end, self._text(final.text),
-                                     confidence, words, is_final=True,
-                                     speech_final=speech_final, from_finalize=from_finalize))
+            self.params.endpointing_ms is not None
+        )
+        self.queue.put(
+            self._results(
+                final.start,
+                final.end,
+                self._text(final.text),
+                confidence,
+                words,
+                is_final=True,
+                speech_final=speech_final,
+                from_finalize=from_finalize,
+            )
+        )
         if timed:
             self._last_word_end = timed[-1].end
         self.check_utterance_end()
@@ -232,35 +283,61 @@ class DeepgramOutlet:
         if gap_ms is None or self._last_word_end is None or driver is None or self._speaking:
             return
         if driver.session.received_seconds - self._last_word_end >= gap_ms / 1000:
-            self.queue.put({"type": "UtteranceEnd", "channel": [0, 1],
-                            "last_word_end": self._last_word_end})
+            self.queue.put(
+                {"type": "UtteranceEnd", "channel": [0, 1], "last_word_end": self._last_word_end}
+            )
             self._last_word_end = None
 
-    def _results(self, start: float, end: float, transcript: str, confidence: float,
-                 words: list[dict[str, Any]], *, is_final: bool, speech_final: bool,
-                 from_finalize: bool = False) -> dict[str, Any]:
+    def _results(
+        self,
+        start: float,
+        end: float,
+        transcript: str,
+        confidence: float,
+        words: list[dict[str, Any]],
+        *,
+        is_final: bool,
+        speech_final: bool,
+        from_finalize: bool = False,
+    ) -> dict[str, Any]:
         return {
-            "type": "Results", "channel_index": [0, 1],
-            "duration": round(max(end - start, 0.0), 3), "start": start,
-            "is_final": is_final, "speech_final": speech_final,
+            "type": "Results",
+            "channel_index": [0, 1],
+            "duration": round(max(end - start, 0.0), 3),
+            "start": start,
+            "is_final": is_final,
+            "speech_final": speech_final,
             "from_finalize": from_finalize,
-            "channel": {"alternatives": [{"transcript": transcript,
-                                          "confidence": confidence, "words": words}]},
-            "metadata": {"request_id": self.request_id,
-                         "model_info": {"name": self.model_name, "version": "whisperstream",
-                                        "arch": "whisper"},
-                         "model_uuid": MODEL_UUID},
+            "channel": {
+                "alternatives": [
+                    {"transcript": transcript, "confidence": confidence, "words": words}
+                ]
+            },
+            "metadata": {
+                "request_id": self.request_id,
+                "model_info": {
+                    "name": self.model_name,
+                    "version": "whisperstream",
+                    "arch": "whisper",
+                },
+                "model_uuid": MODEL_UUID,
+            },
         }
 
     def _metadata(self, done: Done) -> dict[str, Any]:
         created = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         return {
-            "type": "Metadata", "transaction_key": "deprecated",
-            "request_id": self.request_id, "sha256": self.sha256.hexdigest(),
-            "created": created, "duration": done.audio_seconds,
-            "channels": self.params.channels, "models": [MODEL_UUID],
-            "model_info": {MODEL_UUID: {"name": self.model_name, "version": "whisperstream",
-                                        "arch": "whisper"}},
+            "type": "Metadata",
+            "transaction_key": "deprecated",
+            "request_id": self.request_id,
+            "sha256": self.sha256.hexdigest(),
+            "created": created,
+            "duration": done.audio_seconds,
+            "channels": self.params.channels,
+            "models": [MODEL_UUID],
+            "model_info": {
+                MODEL_UUID: {"name": self.model_name, "version": "whisperstream", "arch": "whisper"}
+            },
         }
 
 
@@ -287,8 +364,9 @@ class _Downmix:
 def _error_response(status: int, code: str, message: str, request_id: str) -> web.Response:
     """A refused handshake as Deepgram answers one: JSON, and the `dg-error` header."""
     body = {"err_code": code, "err_msg": message, "request_id": request_id}
-    return web.json_response(body, status=status,
-                             headers={"dg-error": message[:200], "dg-request-id": request_id})
+    return web.json_response(
+        body, status=status, headers={"dg-error": message[:200], "dg-request-id": request_id}
+    )
 
 
 def _presented_key(request: web.Request) -> str:
@@ -306,15 +384,22 @@ async def listen(state: CompatState, request: web.Request) -> web.StreamResponse
     request_id = str(uuid.uuid4())
     if not state.gate.key_ok(_presented_key(request)):
         host.metrics.refused_sessions.labels("auth").inc()
-        return _error_response(401, "INVALID_AUTH", "Invalid credentials: send "
-                               "Authorization: Token KEY, one of the server's auth.api_keys",
-                               request_id)
+        return _error_response(
+            401,
+            "INVALID_AUTH",
+            "Invalid credentials: send Authorization: Token KEY, one of the server's auth.api_keys",
+            request_id,
+        )
     try:
         params = parse_query({k: v for k, v in request.query.items()})
-        config = host.session_config(StreamParams(
-            sample_rate=params.sample_rate,
-            encoding="pcm_s16le" if params.channels == 1 else "f32le",
-            language=params.language, interim=params.interim_results))
+        config = host.session_config(
+            StreamParams(
+                sample_rate=params.sample_rate,
+                encoding="pcm_s16le" if params.channels == 1 else "f32le",
+                language=params.language,
+                interim=params.interim_results,
+            )
+        )
     except (BadParameter, ProtocolError) as exc:
         message = exc.message if isinstance(exc, ProtocolError) else str(exc)
         host.metrics.refused_sessions.labels("bad_request").inc()
@@ -324,31 +409,40 @@ async def listen(state: CompatState, request: web.Request) -> web.StreamResponse
         config = dataclasses.replace(config, vad=dataclasses.replace(config.vad, end_ms=end_ms))
     refusal, address = admission_refusal(state, request)
     if refusal is not None:
-        return _error_response(refusal.status, refusal.reason.upper(), refusal.text,
-                               request_id)
+        return _error_response(refusal.status, refusal.reason.upper(), refusal.text, request_id)
     limits = host.settings.limits
-    ws = web.WebSocketResponse(protocols=("token",), max_msg_size=4 * limits.max_frame_bytes,
-                               heartbeat=limits.keepalive_s, compress=False)
+    ws = web.WebSocketResponse(
+        protocols=("token",),
+        max_msg_size=4 * limits.max_frame_bytes,
+        heartbeat=limits.keepalive_s,
+        compress=False,
+    )
     if not ws.can_prepare(request).ok:
-        return _error_response(426, "UPGRADE_REQUIRED", "this endpoint is a WebSocket",
-                               request_id)
+        return _error_response(426, "UPGRADE_REQUIRED", "this endpoint is a WebSocket", request_id)
     await ws.prepare(request)
     queue = WebSocketQueue(ws, limits.max_outbound_messages)
     outlet = DeepgramOutlet(queue, params, request_id, state.model_id())
     session_id = f"dg-{request_id[:8]}"
-    driver = host.open_session(session_id, config, outlet, client_address=address,
-                               labels={"api": "deepgram"})
+    driver = host.open_session(
+        session_id, config, outlet, client_address=address, labels={"api": "deepgram"}
+    )
     outlet.driver = driver
-    log.info("session %s: Deepgram /v1/listen from %s (%s, %d channel(s))", session_id,
-             address, config.audio, params.channels)
+    log.info(
+        "session %s: Deepgram /v1/listen from %s (%s, %d channel(s))",
+        session_id,
+        address,
+        config.audio,
+        params.channels,
+    )
     await host.serve(driver, queue.send_loop(), _receive(ws, driver, outlet, state))
     if not ws.closed:
         await ws.close(code=driver.close_code or 1000)
     return ws
 
 
-async def _receive(ws: web.WebSocketResponse, driver: SessionDriver, outlet: DeepgramOutlet,
-                   state: CompatState) -> None:
+async def _receive(
+    ws: web.WebSocketResponse, driver: SessionDriver, outlet: DeepgramOutlet, state: CompatState
+) -> None:
     limits = state.host.settings.limits
     downmix = _Downmix(outlet.params.channels)
     bad = 0
@@ -357,8 +451,7 @@ async def _receive(ws: web.WebSocketResponse, driver: SessionDriver, outlet: Dee
         if not driver.live:
             return
         message = await ws.receive()
-        if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED,
-                            WSMsgType.ERROR):
+        if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
             break
         try:
             if message.type == WSMsgType.BINARY:
@@ -367,9 +460,12 @@ async def _receive(ws: web.WebSocketResponse, driver: SessionDriver, outlet: Dee
                     driver.stop()
                     continue
                 if len(data) > limits.max_frame_bytes:
-                    raise ProtocolError("limit", f"frame of {len(data)} bytes is larger than "
-                                        f"limits.max_frame_bytes ({limits.max_frame_bytes}); "
-                                        "dropped, send smaller frames")
+                    raise ProtocolError(
+                        "limit",
+                        f"frame of {len(data)} bytes is larger than "
+                        f"limits.max_frame_bytes ({limits.max_frame_bytes}); "
+                        "dropped, send smaller frames",
+                    )
                 outlet.sha256.update(data)
                 driver.receive_audio(downmix(data))
                 outlet.check_utterance_end()
@@ -385,8 +481,11 @@ async def _receive(ws: web.WebSocketResponse, driver: SessionDriver, outlet: Dee
             driver.send_error(exc.code, exc.message)
             bad += 1
         if bad >= limits.max_bad_messages:
-            driver.fail(CLOSE_BAD_REQUEST, "bad_request", f"{bad} bad messages "
-                        "(limits.max_bad_messages); the session was closed")
+            driver.fail(
+                CLOSE_BAD_REQUEST,
+                "bad_request",
+                f"{bad} bad messages (limits.max_bad_messages); the session was closed",
+            )
             return
     else:
         if driver.live:  # CloseStream: the finals and Metadata follow; read until the close
@@ -397,13 +496,16 @@ async def _receive(ws: web.WebSocketResponse, driver: SessionDriver, outlet: Dee
 
 def _control(text: str, driver: SessionDriver, outlet: DeepgramOutlet, max_bytes: int) -> None:
     if len(text.encode()) > max_bytes:
-        raise ProtocolError("limit", f"text message larger than limits.max_text_bytes "
-                            f"({max_bytes} bytes); ignored")
+        raise ProtocolError(
+            "limit", f"text message larger than limits.max_text_bytes ({max_bytes} bytes); ignored"
+        )
     try:
         message = json.loads(text)
     except (ValueError, RecursionError):
-        raise ProtocolError("bad_request", "a text message must be JSON: "
-                            '{"type": "KeepAlive"}, "Finalize" or "CloseStream"') from None
+        raise ProtocolError(
+            "bad_request",
+            'a text message must be JSON: {"type": "KeepAlive"}, "Finalize" or "CloseStream"',
+        ) from None
     kind = message.get("type") if isinstance(message, dict) else None
     if kind == "KeepAlive":
         return
@@ -416,5 +518,7 @@ def _control(text: str, driver: SessionDriver, outlet: DeepgramOutlet, max_bytes
     elif kind == "CloseStream":
         driver.stop()
     else:
-        raise ProtocolError("bad_request", f"unknown message type {str(kind)[:40]!r}; "
-                            "expected KeepAlive, Finalize or CloseStream")
+        raise ProtocolError(
+            "bad_request",
+            f"unknown message type {str(kind)[:40]!r}; expected KeepAlive, Finalize or CloseStream",
+        )

@@ -35,18 +35,29 @@ def build_engine(model: ModelSection) -> WhisperEngine:
         except ImportError as exc:
             raise EngineLoadError(
                 f"model.engine: torch needs PyTorch, which is not installed ({exc}): "
-                f"{TORCH_INSTALL}, or use model.engine: ctranslate2") from exc
+                f"{TORCH_INSTALL}, or use model.engine: ctranslate2"
+            ) from exc
         return TorchWhisper(
-            model.name, model.compute_type, model.cpu_threads, model.beam_size,
-            timestamps=model.timestamps, workers=model.worker_count,
-            feature_threads=model.feature_threads, device=model.device,
+            model.name,
+            model.compute_type,
+            model.cpu_threads,
+            model.beam_size,
+            timestamps=model.timestamps,
+            workers=model.worker_count,
+            feature_threads=model.feature_threads,
+            device=model.device,
         )
     from server.engines.ct2 import CTranslate2Whisper
 
     return CTranslate2Whisper(
-        model.name, model.compute_type, model.cpu_threads, model.beam_size,
-        timestamps=model.timestamps, workers=model.worker_count,
-        feature_threads=model.feature_threads, device=model.device,
+        model.name,
+        model.compute_type,
+        model.cpu_threads,
+        model.beam_size,
+        timestamps=model.timestamps,
+        workers=model.worker_count,
+        feature_threads=model.feature_threads,
+        device=model.device,
     )
 
 

@@ -80,7 +80,10 @@ class CTranslate2Whisper:
             device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
         try:
             self._model = ctranslate2.models.Whisper(
-                path, device=device, compute_type=compute_type, intra_threads=cpu_threads,
+                path,
+                device=device,
+                compute_type=compute_type,
+                intra_threads=cpu_threads,
                 inter_threads=workers,
             )
         except (RuntimeError, ValueError) as exc:  # a broken model.bin, a bad compute type
@@ -91,12 +94,18 @@ class CTranslate2Whisper:
         self._multilingual = bool(self._model.is_multilingual)
         self.capabilities = EngineCapabilities(
             languages=None if self._multilingual else frozenset({"en"}),
-            translation=self._multilingual, device=device,
+            translation=self._multilingual,
+            device=device,
         )
         self._tokenizers = Tokenizers(load_tokenizer(path), self._multilingual)
         self._features = FeatureExtractor(feature_size=self._model.n_mels)
-        log.info("loaded Whisper model %s from %s (CTranslate2, %s, %s)", self.name, path,
-                 compute_type, device)
+        log.info(
+            "loaded Whisper model %s from %s (CTranslate2, %s, %s)",
+            self.name,
+            path,
+            compute_type,
+            device,
+        )
 
     def _tokenizer(self, language: str) -> Tokenizer:
         return self._tokenizers.get(language)
@@ -128,9 +137,9 @@ class CTranslate2Whisper:
         max_samples = int(MAX_WINDOW_S * MODEL_SAMPLE_RATE_HZ)
         audios = [np.asarray(r.audio, dtype=np.float32)[:max_samples] for r in requests]
         padded_len = max(len(a) for a in audios) + int(TAIL_PAD_S * MODEL_SAMPLE_RATE_HZ)
-        mels = np.stack([
-            self._features(np.pad(a, (0, padded_len - len(a))), padding=0) for a in audios
-        ])
+        mels = np.stack(
+            [self._features(np.pad(a, (0, padded_len - len(a))), padding=0) for a in audios]
+        )
         encoded = self._model.encode(ctranslate2.StorageView.from_array(mels), to_cpu=True)
 
         # The start-of-transcript token must sit at one position in the whole batch, so
@@ -141,12 +150,12 @@ class CTranslate2Whisper:
         budget = 1
         prompt_lens = []
         for request, context, audio in zip(requests, contexts, audios, strict=True):
-            prompt = [tokenizer.sot_prev, *context[len(context) - context_len:]] \
-                if context_len else []
+            prompt = (
+                [tokenizer.sot_prev, *context[len(context) - context_len :]] if context_len else []
+            )
             prompt_lens.append(len(prompt))
             mode = tokenizer.timestamp_begin if self.timestamps else tokenizer.no_timestamps
-            start = [*prompt, *tokenizer.sot_sequence, mode,
-                     *request.prefix_tokens]
+            start = [*prompt, *tokenizer.sot_sequence, mode, *request.prefix_tokens]
             starts.append(start)
             # CTranslate2 counts the whole start sequence in max_length (a budget below it
             # crashes the process), so the budget for new text comes on top of it.
@@ -162,8 +171,7 @@ class CTranslate2Whisper:
         )
         encoded_array = np.array(encoded)
         hypotheses = []
-        for i, (request, audio, result) in enumerate(zip(requests, audios, generated,
-                                                         strict=True)):
+        for i, (request, audio, result) in enumerate(zip(requests, audios, generated, strict=True)):
             prefix = list(request.prefix_tokens)
             sequence = list(result.sequences_ids[0])
             # The result repeats the prefix (after special tokens, in some versions)
@@ -173,17 +181,24 @@ class CTranslate2Whisper:
             # CTranslate2 leaves out the end of text; a decode that ran into its budget
             # (half of max_length, less the prompt, as measured) never reached it.
             ran_out = len(sequence) >= min(budget // 2, budget - prompt_lens[i])
-            tail = sequence[len(prefix):] if sequence[: len(prefix)] == prefix else sequence
+            tail = sequence[len(prefix) :] if sequence[: len(prefix)] == prefix else sequence
             duration_s = len(audio) / MODEL_SAMPLE_RATE_HZ
             new_tokens = text_tokens(tail, tokenizer, duration_s, ended=not ran_out)
             groups = word_groups(tokenizer, prefix, new_tokens)
-            words = self._align_groups(tokenizer, encoded_array[i : i + 1], groups,
-                                       len(audio) // HOP_SAMPLES) if groups else []
-            hypotheses.append(Hypothesis(
-                words=tuple(clean_tail(words, prefix, duration_s)),
-                no_speech_prob=float(result.no_speech_prob),
-                avg_logprob=float(result.scores[0]) if result.scores else 0.0,
-            ))
+            words = (
+                self._align_groups(
+                    tokenizer, encoded_array[i : i + 1], groups, len(audio) // HOP_SAMPLES
+                )
+                if groups
+                else []
+            )
+            hypotheses.append(
+                Hypothesis(
+                    words=tuple(clean_tail(words, prefix, duration_s)),
+                    no_speech_prob=float(result.no_speech_prob),
+                    avg_logprob=float(result.scores[0]) if result.scores else 0.0,
+                )
+            )
         return hypotheses
 
     def _align_groups(
@@ -192,13 +207,17 @@ class CTranslate2Whisper:
         """Time each group of tokens (a word) with the alignment heads' DTW path."""
         text_tokens = [t for g in groups for t in g]
         alignment = self._model.align(
-            ctranslate2.StorageView.from_array(encoded), tokenizer.sot_sequence, [text_tokens],
-            max(num_frames, 1), median_filter_width=MEDIAN_FILTER_WIDTH,
+            ctranslate2.StorageView.from_array(encoded),
+            tokenizer.sot_sequence,
+            [text_tokens],
+            max(num_frames, 1),
+            median_filter_width=MEDIAN_FILTER_WIDTH,
         )[0]
         text_indices = np.array([pair[0] for pair in alignment.alignments])
         time_indices = np.array([pair[1] for pair in alignment.alignments])
-        return timed_words(tokenizer, groups, text_indices, time_indices,
-                           alignment.text_token_probs)
+        return timed_words(
+            tokenizer, groups, text_indices, time_indices, alignment.text_token_probs
+        )
 
     def align_words(
         self, audio: np.ndarray, words: Sequence[str], language: str = "en"
@@ -214,11 +233,12 @@ class CTranslate2Whisper:
         groups = [tokenizer.encode(" " + w.strip()) for w in words]
         tokens = [t for g in groups for t in g]
         if not tokens or len(audio) < HOP_SAMPLES:
-            return [Word(" " + w.strip(), 0.0, 0.0, 0.0, tuple(g)) for w, g in zip(words, groups,
-                                                                                strict=True)]
+            return [
+                Word(" " + w.strip(), 0.0, 0.0, 0.0, tuple(g))
+                for w, g in zip(words, groups, strict=True)
+            ]
         padded = np.pad(audio, (0, int(TAIL_PAD_S * MODEL_SAMPLE_RATE_HZ)))
         mel = self._features(padded, padding=0)
         encoded = self._model.encode(ctranslate2.StorageView.from_array(mel[None]), to_cpu=True)
-        timed = self._align_groups(tokenizer, np.array(encoded), groups,
-                                   len(audio) // HOP_SAMPLES)
+        timed = self._align_groups(tokenizer, np.array(encoded), groups, len(audio) // HOP_SAMPLES)
         return [replace(t, text=" " + w.strip()) for t, w in zip(timed, words, strict=True)]

@@ -41,7 +41,9 @@ class Tokenizers:
         key = language if self.multilingual else "en"
         if key not in self._by_language:
             self._by_language[key] = Tokenizer(
-                self._hf_tokenizer, self.multilingual, task="transcribe",
+                self._hf_tokenizer,
+                self.multilingual,
+                task="transcribe",
                 language=key if self.multilingual else None,
             )
         return self._by_language[key]
@@ -66,8 +68,9 @@ def decode_steps(budget: int, prompt_len: int) -> int:
     return max(1, min(budget // 2, budget - prompt_len))
 
 
-def text_tokens(generated: Sequence[int], tokenizer: Tokenizer, duration_s: float,
-                ended: bool = False) -> list[int]:
+def text_tokens(
+    generated: Sequence[int], tokenizer: Tokenizer, duration_s: float, ended: bool = False
+) -> list[int]:
     """Text tokens up to the end of text, or up to a timestamp past the real audio, with
     decoding loops trimmed. `ended`: the decoder ended the text itself, also when
     `generated` holds no end of text (CTranslate2 leaves it out); a decode that ran into

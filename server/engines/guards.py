@@ -32,13 +32,22 @@ END_MARGIN_S = 0.1  # a timestamp this close to the end (or past it) closes the 
 # (two alignment steps) were not said; three spoken words need several times that.
 STACKED_SPAN_S = UNHEARD_WORD_S
 
-__all__ = ["END_MARGIN_S", "STACKED_SPAN_S", "UNHEARD_WORD_S", "clean_tail",
-           "drop_restart", "drop_squeezed_tail", "drop_stacked_words", "prefix_words",
-           "trim_repetition"]
+__all__ = [
+    "END_MARGIN_S",
+    "STACKED_SPAN_S",
+    "UNHEARD_WORD_S",
+    "clean_tail",
+    "drop_restart",
+    "drop_squeezed_tail",
+    "drop_stacked_words",
+    "prefix_words",
+    "trim_repetition",
+]
 
 
-def trim_repetition(tokens: list[int], max_period: int = 12, min_repeats: int = 3,
-                    ended: bool = False) -> list[int]:
+def trim_repetition(
+    tokens: list[int], max_period: int = 12, min_repeats: int = 3, ended: bool = False
+) -> list[int]:
     """Cut a decoding loop: keep one copy of a block repeated `min_repeats` times in a row
     that the decoder never left.
 
@@ -139,8 +148,10 @@ def drop_stacked_words(words: Sequence[Word], keep: int, run: int = 3) -> list[W
     words = list(words)
     for j in range(keep, len(words) - run + 1):
         group = words[j : j + run]
-        if (all(w.end_s - w.start_s <= UNHEARD_WORD_S for w in group)
-                and group[-1].end_s - group[0].start_s <= STACKED_SPAN_S):
+        if (
+            all(w.end_s - w.start_s <= UNHEARD_WORD_S for w in group)
+            and group[-1].end_s - group[0].start_s <= STACKED_SPAN_S
+        ):
             return words[:j]
     return words
 
@@ -158,8 +169,11 @@ def clean_tail(words: list[Word], prefix: Sequence[int], duration_s: float) -> l
     for name, guard in guards:
         kept = guard(words)
         if len(kept) < len(words) and log.isEnabledFor(logging.DEBUG):
-            log.debug("guard %s cut %r after %r", name,
-                      "".join(w.text for w in words[len(kept):]),
-                      "".join(w.text for w in kept))
+            log.debug(
+                "guard %s cut %r after %r",
+                name,
+                "".join(w.text for w in words[len(kept) :]),
+                "".join(w.text for w in kept),
+            )
         words = kept
     return words

@@ -46,9 +46,11 @@ def load_tokenizer(path: str) -> tokenizers.Tokenizer:
     """The Hugging Face tokenizer of a model folder (its tokenizer.json)."""
     file = Path(path) / "tokenizer.json"
     if not file.is_file():
-        raise EngineLoadError(f"{path} has no tokenizer.json: not a complete Whisper model "
-                              "folder (convert it with ct2-transformers-converter "
-                              "--copy_files tokenizer.json)")
+        raise EngineLoadError(
+            f"{path} has no tokenizer.json: not a complete Whisper model "
+            "folder (convert it with ct2-transformers-converter "
+            "--copy_files tokenizer.json)"
+        )
     try:
         return tokenizers.Tokenizer.from_file(str(file))
     except Exception as exc:  # the tokenizers library raises plain Exception

@@ -69,14 +69,33 @@ from streaming.engine import DecodeRequest, EngineCapabilities, EngineLoadError,
 log = logging.getLogger(__name__)
 
 ENGLISH_VOCAB = 51864  # the .en models' vocabulary: GPT-2's and Whisper's special tokens
-CPU_TYPES = {"int8": "int8", "int8_float32": "int8", "int8_float16": "int8",
-             "int8_bfloat16": "int8", "float32": "float32", "default": "int8", "auto": "int8",
-             "bfloat16": "bfloat16"}
-CUDA_TYPES = {"int8": "float16", "int8_float16": "float16", "int8_float32": "float32",
-              "int8_bfloat16": "bfloat16", "float16": "float16", "float32": "float32",
-              "bfloat16": "bfloat16", "default": "float16", "auto": "float16"}
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-          "int8": torch.float32}
+CPU_TYPES = {
+    "int8": "int8",
+    "int8_float32": "int8",
+    "int8_float16": "int8",
+    "int8_bfloat16": "int8",
+    "float32": "float32",
+    "default": "int8",
+    "auto": "int8",
+    "bfloat16": "bfloat16",
+}
+CUDA_TYPES = {
+    "int8": "float16",
+    "int8_float16": "float16",
+    "int8_float32": "float32",
+    "int8_bfloat16": "bfloat16",
+    "float16": "float16",
+    "float32": "float32",
+    "bfloat16": "bfloat16",
+    "default": "float16",
+    "auto": "float16",
+}
+DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int8": torch.float32,
+}
 
 
 def load_weights(model: str) -> LoadedWeights:
@@ -93,7 +112,8 @@ def load_weights(model: str) -> LoadedWeights:
     if path.is_dir() and not (path / "model.bin").is_file():
         raise EngineLoadError(
             f"{model} has no model.bin: not a CTranslate2 model folder (nor a Hugging Face "
-            "Whisper folder with config.json; the torch engine also reads a .pt file)")
+            "Whisper folder with config.json; the torch engine also reads a .pt file)"
+        )
     return load_ct2_folder(Path(resolve_model_path(model)))
 
 
@@ -133,11 +153,15 @@ class TorchWhisper:
         threads for the whole process (0: PyTorch's default), and calls from `workers`
         threads run at once on the one model."""
         if beam_size != 1:
-            raise EngineLoadError("the torch engine decodes greedily: set model.beam_size: 1 "
-                                  "(or use model.engine: ctranslate2 for beam search)")
+            raise EngineLoadError(
+                "the torch engine decodes greedily: set model.beam_size: 1 "
+                "(or use model.engine: ctranslate2 for beam search)"
+            )
         if timestamps:
-            raise EngineLoadError("the torch engine decodes without timestamp tokens: set "
-                                  "model.timestamps: false (or use model.engine: ctranslate2)")
+            raise EngineLoadError(
+                "the torch engine decodes without timestamp tokens: set "
+                "model.timestamps: false (or use model.engine: ctranslate2)"
+            )
         if feature_threads > 0:
             threadpoolctl.threadpool_limits(feature_threads, user_api="blas")
         if cpu_threads > 0:
@@ -145,43 +169,63 @@ class TorchWhisper:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cuda" and not torch.cuda.is_available():
-            raise EngineLoadError("model.device is cuda, but PyTorch finds no CUDA GPU "
-                                  f"(torch {torch.__version__})")
+            raise EngineLoadError(
+                f"model.device is cuda, but PyTorch finds no CUDA GPU (torch {torch.__version__})"
+            )
         kinds = CUDA_TYPES if device == "cuda" else CPU_TYPES
         if compute_type not in kinds:
             raise EngineLoadError(
                 f"the torch engine has no compute type {compute_type!r} on {device}; "
-                f"use one of {', '.join(sorted(kinds))}")
+                f"use one of {', '.join(sorted(kinds))}"
+            )
         self.compute = kinds[compute_type]
         self.device = torch.device(device)
         self.dtype = DTYPES[self.compute]
-        self.name = ("whisper-tiny.en (bundled, torch)" if model in (BUNDLED_MODEL, "")
-                     else f"{model} (torch)")
+        self.name = (
+            "whisper-tiny.en (bundled, torch)"
+            if model in (BUNDLED_MODEL, "")
+            else f"{model} (torch)"
+        )
 
         weights = load_weights(model)
         self.dims = weights.dims
-        self._tokenizers = Tokenizers(load_tokenizer(str(self._tokenizer_dir(weights, model))),
-                                      multilingual=self.dims.n_vocab > ENGLISH_VOCAB)
+        self._tokenizers = Tokenizers(
+            load_tokenizer(str(self._tokenizer_dir(weights, model))),
+            multilingual=self.dims.n_vocab > ENGLISH_VOCAB,
+        )
         tokenizer = self._tokenizers.get("en")
         self.eot = tokenizer.eot
         self.model = self._build(weights, tokenizer)
         release_free_memory()  # the conversion's and float32 weights' freed heap
         self.capabilities = EngineCapabilities(
             languages=None if self._tokenizers.multilingual else frozenset({"en"}),
-            translation=self._tokenizers.multilingual, device=device,
+            translation=self._tokenizers.multilingual,
+            device=device,
         )
         suppress = weights.suppress_ids
         if suppress is None:
-            suppress = [*tokenizer.non_speech_tokens, tokenizer.transcribe, tokenizer.translate,
-                        tokenizer.sot, tokenizer.sot_prev, tokenizer.sot_lm, tokenizer.no_speech]
+            suppress = [
+                *tokenizer.non_speech_tokens,
+                tokenizer.transcribe,
+                tokenizer.translate,
+                tokenizer.sot,
+                tokenizer.sot_prev,
+                tokenizer.sot_lm,
+                tokenizer.no_speech,
+            ]
         begin = weights.suppress_ids_begin
         if begin is None:
             begin = [*tokenizer.encode(" "), tokenizer.eot]
         self._suppress = torch.tensor(sorted({t for t in suppress if t >= 0}), device=self.device)
         self._suppress_begin = torch.tensor(sorted(set(begin)), device=self.device)
         self._features = FeatureExtractor(feature_size=self.dims.n_mels)
-        log.info("loaded Whisper model %s (PyTorch %s, %s, %s)", self.name, torch.__version__,
-                 self.compute, device)
+        log.info(
+            "loaded Whisper model %s (PyTorch %s, %s, %s)",
+            self.name,
+            torch.__version__,
+            self.compute,
+            device,
+        )
 
     @staticmethod
     def _tokenizer_dir(weights: LoadedWeights, model: str) -> Path:
@@ -189,8 +233,10 @@ class TorchWhisper:
             return weights.tokenizer_dir
         if weights.dims.n_vocab == ENGLISH_VOCAB:  # every .en model has this one
             return Path(resolve_model_path(BUNDLED_MODEL))
-        raise EngineLoadError(f"{model}: put the model's tokenizer.json beside it (a "
-                              "multilingual model's tokenizer is not bundled)")
+        raise EngineLoadError(
+            f"{model}: put the model's tokenizer.json beside it (a "
+            "multilingual model's tokenizer is not bundled)"
+        )
 
     def _build(self, weights: LoadedWeights, tokenizer: Tokenizer) -> Whisper:
         model = Whisper(weights.dims)
@@ -198,11 +244,14 @@ class TorchWhisper:
         # dropped at once: tiny.en's peak memory at load was 845 MB with a float32 copy.
         missing, unexpected = model.load_state_dict(weights.state, strict=False)
         weights.state.clear()
-        missing = [k for k in missing if not k.startswith(("decoder.text_out",
-                                                           "decoder.special_out"))]
+        missing = [
+            k for k in missing if not k.startswith(("decoder.text_out", "decoder.special_out"))
+        ]
         if missing or unexpected:
-            raise EngineLoadError(f"the weights do not fit Whisper {weights.dims}: missing "
-                                  f"{missing[:5]}, unexpected {unexpected[:5]}")
+            raise EngineLoadError(
+                f"the weights do not fit Whisper {weights.dims}: missing "
+                f"{missing[:5]}, unexpected {unexpected[:5]}"
+            )
         model.decoder.split_output(tokenizer.eot)
         heads = weights.alignment_heads or default_alignment_heads(weights.dims)
         for layer, head in heads:
@@ -219,8 +268,9 @@ class TorchWhisper:
     def transcribe(self, requests: Sequence[DecodeRequest]) -> list[Hypothesis]:
         """Transcribe windows as one batch: one encoder call, one decoder pass over every
         start sequence, then one decoder step per new token."""
-        live = [i for i, r in enumerate(requests)
-                if len(r.audio) >= MIN_AUDIO_S * MODEL_SAMPLE_RATE_HZ]
+        live = [
+            i for i, r in enumerate(requests) if len(r.audio) >= MIN_AUDIO_S * MODEL_SAMPLE_RATE_HZ
+        ]
         results = [Hypothesis(words=()) for _ in requests]
         if live:
             with torch.inference_mode():
@@ -255,16 +305,26 @@ class TorchWhisper:
             context = prompt_tokens(tokenizer, request.prompt)
             prefix = list(request.prefix_tokens)
             room = self.dims.n_text_ctx - len(tokenizer.sot_sequence) - 2 - len(prefix) - 16
-            context = context[len(context) - max(0, min(len(context), room)):]
+            context = context[len(context) - max(0, min(len(context), room)) :]
             prompt = [tokenizer.sot_prev, *context] if context else []
             start = [*prompt, *tokenizer.sot_sequence, tokenizer.no_timestamps, *prefix]
             duration_s = len(samples) / MODEL_SAMPLE_RATE_HZ
-            steps = decode_steps(decode_budget(len(start), duration_s),
-                                 len(prompt) + len(tokenizer.sot_sequence))
+            steps = decode_steps(
+                decode_budget(len(start), duration_s), len(prompt) + len(tokenizer.sot_sequence)
+            )
             max_new = max(1, min(steps - len(prefix), self.dims.n_text_ctx - len(start)))
-            rows.append(_Row(start, prefix, 0, len(prompt), max_new, duration_s,
-                             len(samples) // HOP_SAMPLES,
-                             round(request.stop_edge_s * TOKENS_PER_SECOND)))
+            rows.append(
+                _Row(
+                    start,
+                    prefix,
+                    0,
+                    len(prompt),
+                    max_new,
+                    duration_s,
+                    len(samples) // HOP_SAMPLES,
+                    round(request.stop_edge_s * TOKENS_PER_SECOND),
+                )
+            )
         width = max(len(r.start) for r in rows)
         for r in rows:
             r.pad = width - len(r.start)
@@ -276,19 +336,24 @@ class TorchWhisper:
         tokens = torch.full((batch, width), self.eot, dtype=torch.long)
         positions = torch.zeros((batch, width), dtype=torch.long)
         for i, r in enumerate(rows):
-            tokens[i, r.pad:] = torch.tensor(r.start)
-            positions[i, r.pad:] = torch.arange(len(r.start))
+            tokens[i, r.pad :] = torch.tensor(r.start)
+            positions[i, r.pad :] = torch.arange(len(r.start))
         tokens, positions = tokens.to(self.device), positions.to(self.device)
         spans = [(r.pad, width) for r in rows]
 
-        cache = KVCache(self.dims.n_text_layer, batch, self.dims.n_text_head, total,
-                        self.dims.n_text_state // self.dims.n_text_head, self.dtype
-                        if self.compute != "int8" else torch.float32, self.device)
+        cache = KVCache(
+            self.dims.n_text_layer,
+            batch,
+            self.dims.n_text_head,
+            total,
+            self.dims.n_text_state // self.dims.n_text_head,
+            self.dtype if self.compute != "int8" else torch.float32,
+            self.device,
+        )
         calls: list[list[Tensor]] = []  # per decoder call, per layer: [batch, heads, len, audio]
 
         layer_scores: list[Tensor] = []
-        hidden = decoder(tokens, positions, cache, cross_kv, spans, spans, heard,
-                         layer_scores)
+        hidden = decoder(tokens, positions, cache, cross_kv, spans, spans, heard, layer_scores)
         calls.append(layer_scores)
         self._stop_at_edge(layer_scores, rows)
 
@@ -298,7 +363,8 @@ class TorchWhisper:
         # Rows as [batch, 1, state]: one per request, like a step's (see Int8Linear).
         specials = hidden[torch.arange(batch), torch.tensor([r.sot_at for r in rows])]
         no_speech = decoder.logits(specials[:, None])[:, 0].softmax(dim=-1)[
-            :, tokenizers[0].no_speech]
+            :, tokenizers[0].no_speech
+        ]
         logits = decoder.logits(hidden[:, -1:])[:, 0]
 
         step = 0
@@ -308,12 +374,21 @@ class TorchWhisper:
             next_tokens, chosen = self._choose(logits, rows, step)
             if not chosen:  # every request stopped at the edge before this token
                 break
-            pos = torch.tensor([len(r.start) + len(r.new) - 1 for r in rows],
-                               device=self.device)[:, None]
+            pos = torch.tensor([len(r.start) + len(r.new) - 1 for r in rows], device=self.device)[
+                :, None
+            ]
             keys = [(r.pad, width + step + 1) for r in rows]
             layer_scores = []
-            hidden = decoder(next_tokens[:, None], pos, cache, cross_kv, [(0, 1)] * batch,
-                             keys, heard, layer_scores)
+            hidden = decoder(
+                next_tokens[:, None],
+                pos,
+                cache,
+                cross_kv,
+                [(0, 1)] * batch,
+                keys,
+                heard,
+                layer_scores,
+            )
             calls.append(layer_scores)
             self._stop_at_edge(layer_scores, rows)
             step += 1
@@ -323,8 +398,10 @@ class TorchWhisper:
 
         # [batch, alignment heads, every token fed, audio positions]
         fed = torch.cat([torch.cat(layers, dim=1) for layers in calls], dim=2)
-        return [self._hypothesis(tokenizer, r, fed[i], prefix_probs[i], float(no_speech[i]))
-                for i, (tokenizer, r) in enumerate(zip(tokenizers, rows, strict=True))]
+        return [
+            self._hypothesis(tokenizer, r, fed[i], prefix_probs[i], float(no_speech[i]))
+            for i, (tokenizer, r) in enumerate(zip(tokenizers, rows, strict=True))
+        ]
 
     def _prefix_probs(self, hidden: Tensor, rows: list[_Row]) -> list[list[float]]:
         """Per request, each prefix token's probability among the text tokens, as the
@@ -337,7 +414,7 @@ class TorchWhisper:
                 out.append([])
                 continue
             # Row width - 1 - p + k predicts prefix token k: no-timestamps, then the prefix.
-            picked = hidden[i:i + 1, width - 1 - len(r.prefix): width - 1]
+            picked = hidden[i : i + 1, width - 1 - len(r.prefix) : width - 1]
             text = self.model.decoder.text_logits(picked)[0].log_softmax(dim=-1)
             targets = torch.tensor(r.prefix, device=self.device)[:, None]
             out.append(text.gather(1, targets)[:, 0].exp().tolist())
@@ -386,8 +463,14 @@ class TorchWhisper:
                 r.ended = True
         return out, any_chosen
 
-    def _hypothesis(self, tokenizer: Tokenizer, r: _Row, fed: Tensor, prefix_probs: list[float],
-                    no_speech: float) -> Hypothesis:
+    def _hypothesis(
+        self,
+        tokenizer: Tokenizer,
+        r: _Row,
+        fed: Tensor,
+        prefix_probs: list[float],
+        no_speech: float,
+    ) -> Hypothesis:
         kept = text_tokens(r.new, tokenizer, r.duration_s)
         at = [k for k, t in enumerate(r.new) if t < tokenizer.eot][: len(kept)]
         groups = word_groups(tokenizer, r.prefix, kept)
@@ -401,17 +484,21 @@ class TorchWhisper:
         first = list(range(r.sot_at, width))
         new_rows = [width + k for k in at]
         whole = len(kept) == len(r.new) - (r.new[-1:] == [self.eot]) and at == list(
-            range(len(kept)))
+            range(len(kept))
+        )
         eot_row = [width + len(r.new) - 1] if whole and r.new[-1:] == [self.eot] else []
         rows = first + new_rows + eot_row
         n_task = len(tokenizer.sot_sequence)
         matrix = attention_matrix(fed[:, rows], r.frames // 2, MEDIAN_FILTER_WIDTH)
-        matrix = matrix[n_task: n_task + 1 + len(r.prefix) + len(kept)]
+        matrix = matrix[n_task : n_task + 1 + len(r.prefix) + len(kept)]
         text_indices, time_indices = dtw(-matrix)
         probs = prefix_probs + [r.new_probs[k] for k in at]
         words = timed_words(tokenizer, groups, text_indices, time_indices, probs)
-        return Hypothesis(words=tuple(clean_tail(words, r.prefix, r.duration_s)),
-                          no_speech_prob=no_speech, avg_logprob=avg)
+        return Hypothesis(
+            words=tuple(clean_tail(words, r.prefix, r.duration_s)),
+            no_speech_prob=no_speech,
+            avg_logprob=avg,
+        )
 
     def align_words(
         self, audio: np.ndarray, words: Sequence[str], language: str = "en"
@@ -423,27 +510,41 @@ class TorchWhisper:
         groups = [tokenizer.encode(" " + w.strip()) for w in words]
         tokens = [t for g in groups for t in g]
         if not tokens or len(audio) < HOP_SAMPLES:
-            return [Word(" " + w.strip(), 0.0, 0.0, 0.0, tuple(g))
-                    for w, g in zip(words, groups, strict=True)]
+            return [
+                Word(" " + w.strip(), 0.0, 0.0, 0.0, tuple(g))
+                for w, g in zip(words, groups, strict=True)
+            ]
         with torch.inference_mode():
             encoded, _ = self._encode([audio])
             decoder = self.model.decoder
             sequence = [*tokenizer.sot_sequence, tokenizer.no_timestamps, *tokens, tokenizer.eot]
             n = len(sequence)
-            cache = KVCache(self.dims.n_text_layer, 1, self.dims.n_text_head, n,
-                            self.dims.n_text_state // self.dims.n_text_head,
-                            torch.float32 if self.compute == "int8" else self.dtype,
-                            self.device)
+            cache = KVCache(
+                self.dims.n_text_layer,
+                1,
+                self.dims.n_text_head,
+                n,
+                self.dims.n_text_state // self.dims.n_text_head,
+                torch.float32 if self.compute == "int8" else self.dtype,
+                self.device,
+            )
             scores: list[Tensor] = []
-            hidden = decoder(torch.tensor([sequence], device=self.device),
-                             torch.arange(n, device=self.device)[None], cache,
-                             decoder.cross_keys_values(encoded), [(0, n)], [(0, n)],
-                             [(0, encoded.shape[1])], scores)
+            hidden = decoder(
+                torch.tensor([sequence], device=self.device),
+                torch.arange(n, device=self.device)[None],
+                cache,
+                decoder.cross_keys_values(encoded),
+                [(0, n)],
+                [(0, n)],
+                [(0, encoded.shape[1])],
+                scores,
+            )
             n_task = len(tokenizer.sot_sequence)
-            text = decoder.text_logits(hidden[0, n_task: n_task + len(tokens)]).softmax(-1)
+            text = decoder.text_logits(hidden[0, n_task : n_task + len(tokens)]).softmax(-1)
             probs = text.gather(1, torch.tensor(tokens, device=self.device)[:, None])[:, 0]
-            matrix = attention_matrix(torch.cat(scores, dim=1)[0], (len(audio) // HOP_SAMPLES)
-                                      // 2, MEDIAN_FILTER_WIDTH)[n_task:-1]
+            matrix = attention_matrix(
+                torch.cat(scores, dim=1)[0], (len(audio) // HOP_SAMPLES) // 2, MEDIAN_FILTER_WIDTH
+            )[n_task:-1]
         text_indices, time_indices = dtw(-matrix)
         timed = timed_words(tokenizer, groups, text_indices, time_indices, probs.tolist())
         return [replace(t, text=" " + w.strip()) for t, w in zip(timed, words, strict=True)]

@@ -70,8 +70,16 @@ class Mlp(nn.Module):
 Spans = list[tuple[int, int]]  # per request of a batch: its rows [lo, hi) along time
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, rows: Spans, keys: Spans, causal: bool = False,
-           scores: list[Tensor] | None = None, heads: list[int] | None = None) -> Tensor:
+def attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    rows: Spans,
+    keys: Spans,
+    causal: bool = False,
+    scores: list[Tensor] | None = None,
+    heads: list[int] | None = None,
+) -> Tensor:
     """Attention, request by request: request i's query rows `rows[i]` attend to its key
     rows `keys[i]` only (causally when `causal`), so that no request sees another's
     padding and a request computes exactly what it computes alone: the same products on
@@ -81,21 +89,22 @@ def attend(q: Tensor, k: Tensor, v: Tensor, rows: Spans, keys: Spans, causal: bo
     -inf past a request's keys."""
     out = q.new_zeros(q.shape)
     if heads:
-        found = q.new_full((q.shape[0], len(heads), q.shape[2], k.shape[2]), float("-inf"),
-                           dtype=torch.float32)
+        found = q.new_full(
+            (q.shape[0], len(heads), q.shape[2], k.shape[2]), float("-inf"), dtype=torch.float32
+        )
     for i, ((lo, hi), (klo, khi)) in enumerate(zip(rows, keys, strict=True)):
-        qi, ki, vi = q[i:i + 1, :, lo:hi], k[i:i + 1, :, klo:khi], v[i:i + 1, :, klo:khi]
+        qi, ki, vi = q[i : i + 1, :, lo:hi], k[i : i + 1, :, klo:khi], v[i : i + 1, :, klo:khi]
         if not heads:
-            out[i:i + 1, :, lo:hi] = F.scaled_dot_product_attention(qi, ki, vi,
-                                                                    is_causal=causal)
+            out[i : i + 1, :, lo:hi] = F.scaled_dot_product_attention(qi, ki, vi, is_causal=causal)
             continue
         # Written out for the alignment heads' scores.
         qk = (qi @ ki.transpose(-1, -2)) * (qi.shape[-1] ** -0.5)
         if causal:
-            qk = qk + torch.full(qk.shape[-2:], float("-inf"), device=qk.device,
-                                 dtype=qk.dtype).triu(1)
+            qk = qk + torch.full(
+                qk.shape[-2:], float("-inf"), device=qk.device, dtype=qk.dtype
+            ).triu(1)
         found[i, :, lo:hi, : khi - klo] = qk[0, heads].float()
-        out[i:i + 1, :, lo:hi] = qk.softmax(dim=-1) @ vi
+        out[i : i + 1, :, lo:hi] = qk.softmax(dim=-1) @ vi
     if heads and scores is not None:
         scores.append(found)
     return out
@@ -108,8 +117,15 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(n_state, 3 * n_state)  # the key's bias part is zero
         self.out = nn.Linear(n_state, n_state)
 
-    def forward(self, x: Tensor, rows: Spans, keys: Spans, causal: bool,
-                cache: KVCache | None = None, layer: int = 0) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        rows: Spans,
+        keys: Spans,
+        causal: bool,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> Tensor:
         q, k, v = (_heads(t, self.n_head) for t in self.qkv(x).chunk(3, dim=-1))
         if cache is not None:
             k, v = cache.extend(layer, k, v)
@@ -131,11 +147,19 @@ class CrossAttention(nn.Module):
         k, v = self.kv(audio).chunk(2, dim=-1)
         return _heads(k, self.n_head).contiguous(), _heads(v, self.n_head).contiguous()
 
-    def forward(self, x: Tensor, kv: tuple[Tensor, Tensor], rows: Spans, audio: Spans,
-                heads: list[int] | None, scores: list[Tensor] | None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        kv: tuple[Tensor, Tensor],
+        rows: Spans,
+        audio: Spans,
+        heads: list[int] | None,
+        scores: list[Tensor] | None,
+    ) -> Tensor:
         q = _heads(self.query(x), self.n_head)
-        attended = attend(q, kv[0], kv[1], rows, audio, scores=scores,
-                          heads=heads if scores is not None else None)
+        attended = attend(
+            q, kv[0], kv[1], rows, audio, scores=scores, heads=heads if scores is not None else None
+        )
         out: Tensor = self.out(_merge(attended))
         return out
 
@@ -168,8 +192,16 @@ class DecoderBlock(nn.Module):
 class KVCache:
     """The decoder's self-attention keys and values, preallocated for `length` positions."""
 
-    def __init__(self, n_layer: int, batch: int, n_head: int, length: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        n_layer: int,
+        batch: int,
+        n_head: int,
+        length: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
         shape = (batch, n_head, length, head_dim)
         self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layer)]
         self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layer)]
@@ -178,8 +210,8 @@ class KVCache:
 
     def extend(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         end = self.length + k.shape[2]
-        self.keys[layer][:, :, self.length:end] = k
-        self.values[layer][:, :, self.length:end] = v
+        self.keys[layer][:, :, self.length : end] = k
+        self.values[layer][:, :, self.length : end] = v
         self._pending = end
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
@@ -197,7 +229,8 @@ class AudioEncoder(nn.Module):
         self.conv2 = nn.Conv1d(d, d, kernel_size=3, stride=2, padding=1)
         self.register_buffer("positional_embedding", torch.zeros(dims.n_audio_ctx, d))
         self.blocks = nn.ModuleList(
-            EncoderBlock(d, dims.n_audio_head) for _ in range(dims.n_audio_layer))
+            EncoderBlock(d, dims.n_audio_head) for _ in range(dims.n_audio_layer)
+        )
         self.ln_post = nn.LayerNorm(d)
 
     def forward(self, mel: Tensor, frames: list[int]) -> Tensor:
@@ -206,8 +239,10 @@ class AudioEncoder(nn.Module):
         `audio_positions` are zero, and every later step leaves them out."""
         x = F.gelu(self.conv1(mel))
         if min(frames) != mel.shape[-1]:  # conv2 must see zeros past each window, as alone
-            valid = torch.arange(mel.shape[-1], device=mel.device)[None, :] < torch.tensor(
-                frames, device=mel.device)[:, None]
+            valid = (
+                torch.arange(mel.shape[-1], device=mel.device)[None, :]
+                < torch.tensor(frames, device=mel.device)[:, None]
+            )
             x = x * valid[:, None, :].to(x.dtype)
         x = F.gelu(self.conv2(x)).transpose(1, 2)
         x = x + self.positional_embedding[: x.shape[1]].to(x.dtype)
@@ -231,7 +266,8 @@ class TextDecoder(nn.Module):
         self.token_embedding = nn.Embedding(dims.n_vocab, d)
         self.positional_embedding = nn.Parameter(torch.zeros(dims.n_text_ctx, d))
         self.blocks = nn.ModuleList(
-            DecoderBlock(d, dims.n_text_head) for _ in range(dims.n_text_layer))
+            DecoderBlock(d, dims.n_text_head) for _ in range(dims.n_text_layer)
+        )
         self.ln = nn.LayerNorm(d)
         # The output projection (tied to the token embedding), split at the first special
         # token by `split_output`: text rows, then special rows.
@@ -275,8 +311,9 @@ class TextDecoder(nn.Module):
         x = self.token_embedding(tokens) + self.positional_embedding[positions]
         for i, block in enumerate(self.layers()):
             x = x + block.attn(block.attn_ln(x), rows, keys, causal, cache, i)
-            x = x + block.cross(block.cross_ln(x), cross_kv[i], rows, audio,
-                                self.alignment_heads.get(i), scores)
+            x = x + block.cross(
+                block.cross_ln(x), cross_kv[i], rows, audio, self.alignment_heads.get(i), scores
+            )
             x = x + block.mlp(block.mlp_ln(x))
         cache.commit()
         out: Tensor = self.ln(x)
@@ -346,8 +383,12 @@ class Int8Linear(nn.Module):
         with warnings.catch_warnings():  # quantized tensors are deprecated, not yet gone
             warnings.simplefilter("ignore")
             packed_weight = torch.quantize_per_channel(
-                quantized * scale[:, None], scale.double(),
-                torch.zeros_like(scale, dtype=torch.long), axis=0, dtype=torch.qint8)
+                quantized * scale[:, None],
+                scale.double(),
+                torch.zeros_like(scale, dtype=torch.long),
+                axis=0,
+                dtype=torch.qint8,
+            )
             self._packed = torch.ops.quantized.linear_prepack(packed_weight, bias)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -356,16 +397,24 @@ class Int8Linear(nn.Module):
         rows = x.reshape(-1, x.shape[-1]).float()
         if x.dim() == 3 and x.shape[1] == 1:
             linear = torch.ops.quantized.linear_dynamic
-            out = linear(rows, self._packed, REDUCE_RANGE) if rows.shape[0] == 1 else \
-                torch.cat([linear(rows[i:i + 1], self._packed, REDUCE_RANGE)
-                           for i in range(rows.shape[0])])
+            out = (
+                linear(rows, self._packed, REDUCE_RANGE)
+                if rows.shape[0] == 1
+                else torch.cat(
+                    [
+                        linear(rows[i : i + 1], self._packed, REDUCE_RANGE)
+                        for i in range(rows.shape[0])
+                    ]
+                )
+            )
         else:
             # (abs().amax() and a multiplication: vector_norm and a division by a column
             # took 15 times as long here.)
             peak = rows.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
             quantized = (rows * (127 / peak)).round_().to(torch.int8)
             out = torch._int_mm(quantized, self.weight_t).float() * (
-                peak * (self.weight_scale / 127))
+                peak * (self.weight_scale / 127)
+            )
             if self.bias is not None:
                 out = out + self.bias
         return out.reshape(*x.shape[:-1], out.shape[-1])

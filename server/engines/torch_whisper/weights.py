@@ -75,14 +75,16 @@ def decode_alignment_heads(dump: bytes, n_layer: int, n_head: int) -> list[tuple
 
 def default_alignment_heads(dims: Dims) -> list[tuple[int, int]]:
     """openai-whisper's default: every head of the last half of the decoder layers."""
-    return [(i, j) for i in range(dims.n_text_layer // 2, dims.n_text_layer)
-            for j in range(dims.n_text_head)]
+    return [
+        (i, j)
+        for i in range(dims.n_text_layer // 2, dims.n_text_layer)
+        for j in range(dims.n_text_head)
+    ]
 
 
 # --- CTranslate2 -------------------------------------------------------------------------
 
-_CT2_DTYPES: dict[int, Any] = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32,
-                               4: np.float16}
+_CT2_DTYPES: dict[int, Any] = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16}
 
 
 def read_ct2_variables(file: Path) -> dict[str, np.ndarray]:
@@ -105,7 +107,7 @@ def read_ct2_variables(file: Path) -> dict[str, np.ndarray]:
     def name() -> str:
         nonlocal offset
         size = take("<H")
-        text = bytes(data[offset:offset + size]).rstrip(b"\0").decode()
+        text = bytes(data[offset : offset + size]).rstrip(b"\0").decode()
         offset += size
         return text
 
@@ -122,9 +124,11 @@ def read_ct2_variables(file: Path) -> dict[str, np.ndarray]:
         shape = [take("<I") for _ in range(take("<B"))]
         dtype_id, size = take("<B"), take("<I")
         if dtype_id not in _CT2_DTYPES:
-            raise ValueError(f"variable {key} has data type {dtype_id} (bfloat16 or "
-                             "quantized weights cannot be converted; use float16 or float32)")
-        raw = np.frombuffer(data[offset:offset + size], dtype=_CT2_DTYPES[dtype_id])
+            raise ValueError(
+                f"variable {key} has data type {dtype_id} (bfloat16 or "
+                "quantized weights cannot be converted; use float16 or float32)"
+            )
+        raw = np.frombuffer(data[offset : offset + size], dtype=_CT2_DTYPES[dtype_id])
         variables[key] = raw.reshape(shape) if shape else raw
         offset += size
     for _ in range(take("<I")):
@@ -139,9 +143,11 @@ def _ct2_int(variables: dict[str, np.ndarray], key: str) -> int:
 
 def convert_ct2(variables: dict[str, np.ndarray]) -> tuple[Dims, StateDict]:
     """model.py's state dict from CTranslate2's Whisper variables (float16 kept)."""
+
     def layers(prefix: str) -> int:
-        return len({k.split("/")[1] for k in variables
-                    if re.fullmatch(rf"{prefix}/layer_\d+/.*", k)})
+        return len(
+            {k.split("/")[1] for k in variables if re.fullmatch(rf"{prefix}/layer_\d+/.*", k)}
+        )
 
     def norm(src: str) -> dict[str, np.ndarray]:
         return {"weight": variables[f"{src}/gamma"], "bias": variables[f"{src}/beta"]}
@@ -233,14 +239,16 @@ def load_ct2_folder(folder: Path, use_cache: bool = True) -> LoadedWeights:
             dims, state = convert_ct2(read_ct2_variables(model_bin))
         except (OSError, ValueError, KeyError, struct.error) as exc:
             raise EngineLoadError(
-                f"{model_bin} cannot be converted for the torch engine: {exc}") from exc
+                f"{model_bin} cannot be converted for the torch engine: {exc}"
+            ) from exc
         if cached is not None:
             _save_cache(cached, dims, state)
     config: dict[str, Any] = {}
     if (folder / "config.json").is_file():
         config = json.loads((folder / "config.json").read_text())
     return LoadedWeights(
-        dims, state,
+        dims,
+        state,
         alignment_heads=[(int(a), int(b)) for a, b in config.get("alignment_heads", [])],
         suppress_ids=config.get("suppress_ids"),
         suppress_ids_begin=config.get("suppress_ids_begin"),
@@ -262,14 +270,17 @@ def _save_cache(file: Path, dims: Dims, state: StateDict) -> None:
 
 # --- openai-whisper ----------------------------------------------------------------------
 
+
 def convert_openai(state: StateDict, dims: Dims) -> StateDict:
     """model.py's state dict from openai-whisper's (separate q/k/v, mlp.0/mlp.2, ...)."""
     out: StateDict = {}
 
     def fuse(dst: str, parts: list[str]) -> None:
         weights = [state[f"{p}.weight"] for p in parts]
-        biases = [state.get(f"{p}.bias", torch.zeros(w.shape[0], dtype=w.dtype))
-                  for p, w in zip(parts, weights, strict=True)]
+        biases = [
+            state.get(f"{p}.bias", torch.zeros(w.shape[0], dtype=w.dtype))
+            for p, w in zip(parts, weights, strict=True)
+        ]
         out[f"{dst}.weight"] = torch.cat(weights)
         out[f"{dst}.bias"] = torch.cat(biases)
 
@@ -309,19 +320,25 @@ def load_openai_checkpoint(file: Path) -> LoadedWeights:
         dims = Dims(**checkpoint["dims"])
         state = convert_openai(checkpoint["model_state_dict"], dims)
     except Exception as exc:  # torch.load raises many kinds
-        raise EngineLoadError(f"{file} is not a readable openai-whisper checkpoint "
-                              f"({type(exc).__name__}: {exc})") from exc
+        raise EngineLoadError(
+            f"{file} is not a readable openai-whisper checkpoint ({type(exc).__name__}: {exc})"
+        ) from exc
     dump = OPENAI_ALIGNMENT_HEADS.get(file.stem)
     heads = decode_alignment_heads(dump, dims.n_text_layer, dims.n_text_head) if dump else []
     has_tokenizer = (file.parent / "tokenizer.json").is_file()
-    return LoadedWeights(dims, state, alignment_heads=heads,
-                         tokenizer_dir=file.parent if has_tokenizer else None)
+    return LoadedWeights(
+        dims, state, alignment_heads=heads, tokenizer_dir=file.parent if has_tokenizer else None
+    )
 
 
 # --- Hugging Face ------------------------------------------------------------------------
 
-_SAFETENSORS_DTYPES: dict[str, Any] = {"F32": np.float32, "F16": np.float16,
-                                       "I64": np.int64, "I32": np.int32}
+_SAFETENSORS_DTYPES: dict[str, Any] = {
+    "F32": np.float32,
+    "F16": np.float16,
+    "I64": np.int64,
+    "I32": np.int32,
+}
 
 
 def read_safetensors(file: Path) -> StateDict:
@@ -329,14 +346,14 @@ def read_safetensors(file: Path) -> StateDict:
     data_offsets), then the raw data. Read here so that no extra package is needed."""
     data = file.read_bytes()
     (size,) = struct.unpack_from("<Q", data, 0)
-    header = json.loads(data[8:8 + size])
+    header = json.loads(data[8 : 8 + size])
     base = 8 + size
     out: StateDict = {}
     for key, info in header.items():
         if key == "__metadata__":
             continue
         start, end = info["data_offsets"]
-        raw = data[base + start:base + end]
+        raw = data[base + start : base + end]
         if info["dtype"] == "BF16":
             words = np.frombuffer(raw, dtype=np.uint16).astype(np.uint32) << 16
             array = words.view(np.float32)
@@ -355,8 +372,10 @@ def convert_hf(state: StateDict, dims: Dims) -> StateDict:
 
     def fuse(dst: str, parts: list[str]) -> None:
         weights = [state[f"{p}.weight"] for p in parts]
-        biases = [state.get(f"{p}.bias", torch.zeros(w.shape[0], dtype=w.dtype))
-                  for p, w in zip(parts, weights, strict=True)]
+        biases = [
+            state.get(f"{p}.bias", torch.zeros(w.shape[0], dtype=w.dtype))
+            for p, w in zip(parts, weights, strict=True)
+        ]
         out[f"{dst}.weight"] = torch.cat(weights)
         out[f"{dst}.bias"] = torch.cat(biases)
 
@@ -412,13 +431,15 @@ def load_hf_folder(folder: Path) -> LoadedWeights:
             raw = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
         state = convert_hf(raw, dims)
     except Exception as exc:  # missing files and keys, bad JSON, torch.load's many kinds
-        raise EngineLoadError(f"{folder} is not a readable Hugging Face Whisper folder "
-                              f"({type(exc).__name__}: {exc})") from exc
+        raise EngineLoadError(
+            f"{folder} is not a readable Hugging Face Whisper folder ({type(exc).__name__}: {exc})"
+        ) from exc
     generation: dict[str, Any] = {}
     if (folder / "generation_config.json").is_file():
         generation = json.loads((folder / "generation_config.json").read_text())
     return LoadedWeights(
-        dims, state,
+        dims,
+        state,
         alignment_heads=[(int(a), int(b)) for a, b in generation.get("alignment_heads", [])],
         suppress_ids=generation.get("suppress_tokens"),
         suppress_ids_begin=generation.get("begin_suppress_tokens"),
@@ -430,7 +451,6 @@ def is_hf_folder(folder: Path) -> bool:
     if not (folder / "config.json").is_file() or (folder / "model.bin").is_file():
         return False
     try:
-        return bool(json.loads((folder / "config.json").read_text()).get("model_type")
-                    == "whisper")
+        return bool(json.loads((folder / "config.json").read_text()).get("model_type") == "whisper")
     except (OSError, ValueError):
         return False
