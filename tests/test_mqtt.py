@@ -99,8 +99,8 @@ def test_finals_partials_and_vad_events_reach_their_topics_with_the_client_label
             )
             transcript = await run_session(
                 stream_url(f"{url}/v1/stream", source="meeting"),
-                _chunks(three_sentences.path, 2.0, {"labels": labels}),
-            )  # type: ignore[arg-type]
+                _chunks(three_sentences.path, 2.0, {"labels": labels}),  # type: ignore[arg-type]
+            )
             session = transcript.messages[0]["session"]
             await sub.wait_for(lambda: bool(sub.on(f"/sessions/{session}/done")), 30, "done")
             return transcript, sub
@@ -197,10 +197,10 @@ def test_a_broker_restart_mid_stream_loses_no_final_and_keeps_their_order(
             stream = asyncio.create_task(
                 run_session(
                     stream_url(f"{url}/v1/stream", sample_rate=six_sentences.sample_rate),
-                    _chunks(six_sentences.path, 1.5),
+                    _chunks(six_sentences.path, 1.5),  # type: ignore[arg-type]
                     on_message,
                 )
-            )  # type: ignore[arg-type]
+            )
             await sub.wait_for(lambda: len(sub.on("/final")) >= 1, 60, "a first final")
             await asyncio.to_thread(broker.stop)
             stopped_at = time.monotonic()
@@ -246,17 +246,17 @@ def test_with_no_broker_transcription_goes_on_and_finals_wait_in_the_outbox(
     with (
         caplog.at_level(logging.WARNING, logger="server.mqtt"),
         serving(
-            engine,
-            settings,  # type: ignore[arg-type]
+            engine,  # type: ignore[arg-type]
+            settings,
         ) as live,
     ):
         began = time.monotonic()
         transcript = asyncio.run(
             run_session(
                 stream_url(f"{live.url}/v1/stream", sample_rate=other_speech.sample_rate),
-                _chunks(other_speech.path, 0),
+                _chunks(other_speech.path, 0),  # type: ignore[arg-type]
             )
-        )  # type: ignore[arg-type]
+        )
         took_s = time.monotonic() - began
         publisher = cast(SessionPublisher, live.app.sinks[0])
         queued = publisher.link.queued
