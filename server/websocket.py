@@ -8,21 +8,20 @@ session driver (server/driver.py) runs both, with the inference steps and the li
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from server.config import LimitsSection
-from server.driver import CLOSE_BAD_REQUEST, OutletFull, SessionDriver
+from server.driver import CLOSE_BAD_REQUEST, SessionDriver
 from server.forwarding import IPNetwork, forwarded_client
 from server.host import SessionHost
+from server.outlet import QueuedOutlet
 from streaming.audio import AudioFormatError
 from streaming.protocol import (
     Error,
@@ -51,49 +50,25 @@ def client_address(connection: ServerConnection, trusted_proxies: Sequence[IPNet
     return forwarded_client(peer, connection.request.headers, trusted_proxies)
 
 
-@dataclass(frozen=True)
-class _Close:
-    code: int
-    reason: str
-
-
-class WebSocketOutlet:
+class WebSocketOutlet(QueuedOutlet[ServerMessage]):
     """The session's messages as JSON text frames, then the close, in order."""
 
+    # Audio the client sent before closing may still wait to be read: the receive loop
+    # reads it, then sees the close itself and tells the driver.
+    gone = (ConnectionClosed,)
+
     def __init__(self, ws: ServerConnection, max_messages: int) -> None:
+        super().__init__(max_messages)
         self.ws = ws
-        self._queue: asyncio.Queue[ServerMessage | _Close] = asyncio.Queue(max_messages)
-        self._closed = asyncio.Event()  # the close went out, or the connection is gone
 
     def deliver(self, message: ServerMessage) -> None:
-        try:
-            self._queue.put_nowait(message)
-        except asyncio.QueueFull:
-            raise OutletFull from None
+        self.put(message)
 
-    def close(self, code: int, reason: str) -> None:
-        try:
-            self._queue.put_nowait(_Close(code, reason))
-        except asyncio.QueueFull:  # the client does not read: nothing queued will go out
-            self._closed.set()
+    async def _write(self, item: ServerMessage) -> None:
+        await self.ws.send(item.to_json())
 
-    async def flushed(self) -> None:
-        await self._closed.wait()
-
-    async def send_loop(self) -> None:
-        try:
-            while True:
-                item = await self._queue.get()
-                if isinstance(item, _Close):
-                    await self.ws.close(item.code, item.reason)
-                    return
-                await self.ws.send(item.to_json())
-        except ConnectionClosed:
-            # Audio the client sent before closing may still wait to be read: the receive
-            # loop reads it, then sees the close itself and tells the driver.
-            pass
-        finally:
-            self._closed.set()
+    async def _write_close(self, code: int, reason: str) -> None:
+        await self.ws.close(code, reason)
 
 
 class WebSocketSession:

@@ -3,7 +3,6 @@ key as aiohttp shows them, OpenAI's error shape, and a WebSocket outlet."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import re
@@ -15,9 +14,9 @@ from aiohttp import WSCloseCode, web
 from websockets.datastructures import Headers
 
 from server.admission import Gate, Refusal, presented_key, session_refusal
-from server.driver import OutletFull
 from server.forwarding import forwarded_client
 from server.host import SessionHost
+from server.outlet import QueuedOutlet
 
 log = logging.getLogger(__name__)
 
@@ -110,50 +109,21 @@ class ApiError(Exception):
         return {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
 
 
-@dataclass(frozen=True)
-class _Close:
-    code: int
-    reason: str
-
-
-class WebSocketQueue:
+class WebSocketQueue(QueuedOutlet[dict[str, Any]]):
     """The outbound half of an aiohttp WebSocket: JSON events in one bounded queue, then
-    the close, in order (the `Outlet` contract of server/driver.py)."""
+    the close, in order (server/outlet.py)."""
+
+    gone = (ConnectionError, RuntimeError)  # the connection is gone or closing
 
     def __init__(self, ws: web.WebSocketResponse, max_messages: int) -> None:
+        super().__init__(max_messages)
         self.ws = ws
-        self._queue: asyncio.Queue[dict[str, Any] | _Close] = asyncio.Queue(max_messages)
-        self._closed = asyncio.Event()
 
-    def put(self, event: dict[str, Any]) -> None:
-        try:
-            self._queue.put_nowait(event)
-        except asyncio.QueueFull:
-            raise OutletFull from None
+    async def _write(self, item: dict[str, Any]) -> None:
+        await self.ws.send_str(json.dumps(item, ensure_ascii=False))
 
-    def close(self, code: int, reason: str) -> None:
-        try:
-            self._queue.put_nowait(_Close(code, reason))
-        except asyncio.QueueFull:  # the client does not read: nothing queued will go out
-            self._closed.set()
-
-    async def flushed(self) -> None:
-        await self._closed.wait()
-
-    async def send_loop(self) -> None:
-        try:
-            while True:
-                item = await self._queue.get()
-                if isinstance(item, _Close):
-                    await self.ws.close(
-                        code=ws_close_code(item.code), message=item.reason.encode()[:120]
-                    )
-                    return
-                await self.ws.send_str(json.dumps(item, ensure_ascii=False))
-        except (ConnectionError, RuntimeError):  # the connection is gone or closing
-            pass
-        finally:
-            self._closed.set()
+    async def _write_close(self, code: int, reason: str) -> None:
+        await self.ws.close(code=ws_close_code(code), message=reason.encode()[:120])
 
 
 def ws_close_code(code: int) -> int:
