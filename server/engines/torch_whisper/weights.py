@@ -271,8 +271,69 @@ def _save_cache(file: Path, dims: Dims, state: StateDict) -> None:
 # --- openai-whisper ----------------------------------------------------------------------
 
 
-def convert_openai(state: StateDict, dims: Dims) -> StateDict:
-    """model.py's state dict from openai-whisper's (separate q/k/v, mlp.0/mlp.2, ...)."""
+@dataclass(frozen=True)
+class _Layout:
+    """Where a checkpoint keeps what model.py calls each layer (per block, then the rest)."""
+
+    block: str  # the block prefix, with {part} and {i}
+    attn_ln: str
+    qkv: tuple[str, str, str]  # fused into model.py's attn.qkv
+    attn_out: str
+    mlp_ln: str
+    fc1: str
+    fc2: str
+    cross_ln: str
+    cross_query: str
+    cross_kv: tuple[str, str]  # fused into cross.kv
+    cross_out: str
+    ln_post: str
+    decoder_ln: str
+    encoder_positions: str
+    token_embedding: str
+    decoder_positions: str
+
+
+_OPENAI = _Layout(
+    block="{part}.blocks.{i}",
+    attn_ln="attn_ln",
+    qkv=("attn.query", "attn.key", "attn.value"),
+    attn_out="attn.out",
+    mlp_ln="mlp_ln",
+    fc1="mlp.0",
+    fc2="mlp.2",
+    cross_ln="cross_attn_ln",
+    cross_query="cross_attn.query",
+    cross_kv=("cross_attn.key", "cross_attn.value"),
+    cross_out="cross_attn.out",
+    ln_post="encoder.ln_post",
+    decoder_ln="decoder.ln",
+    encoder_positions="encoder.positional_embedding",
+    token_embedding="decoder.token_embedding.weight",
+    decoder_positions="decoder.positional_embedding",
+)
+_HF = _Layout(
+    block="{part}.layers.{i}",
+    attn_ln="self_attn_layer_norm",
+    qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    attn_out="self_attn.out_proj",
+    mlp_ln="final_layer_norm",
+    fc1="fc1",
+    fc2="fc2",
+    cross_ln="encoder_attn_layer_norm",
+    cross_query="encoder_attn.q_proj",
+    cross_kv=("encoder_attn.k_proj", "encoder_attn.v_proj"),
+    cross_out="encoder_attn.out_proj",
+    ln_post="encoder.layer_norm",
+    decoder_ln="decoder.layer_norm",
+    encoder_positions="encoder.embed_positions.weight",
+    token_embedding="decoder.embed_tokens.weight",
+    decoder_positions="decoder.embed_positions.weight",
+)
+
+
+def _convert(state: StateDict, dims: Dims, layout: _Layout) -> StateDict:
+    """model.py's state dict from a checkpoint laid out as `layout` says: the same
+    renaming for every source, q/k/v fused into one projection."""
     out: StateDict = {}
 
     def fuse(dst: str, parts: list[str]) -> None:
@@ -291,26 +352,31 @@ def convert_openai(state: StateDict, dims: Dims) -> StateDict:
 
     for part, n_layer in (("encoder", dims.n_audio_layer), ("decoder", dims.n_text_layer)):
         for i in range(n_layer):
-            src = dst = f"{part}.blocks.{i}"
-            copy(f"{dst}.attn_ln", f"{src}.attn_ln")
-            fuse(f"{dst}.attn.qkv", [f"{src}.attn.query", f"{src}.attn.key", f"{src}.attn.value"])
-            copy(f"{dst}.attn.out", f"{src}.attn.out")
-            copy(f"{dst}.mlp_ln", f"{src}.mlp_ln")
-            copy(f"{dst}.mlp.fc1", f"{src}.mlp.0")
-            copy(f"{dst}.mlp.fc2", f"{src}.mlp.2")
+            src, dst = layout.block.format(part=part, i=i), f"{part}.blocks.{i}"
+            copy(f"{dst}.attn_ln", f"{src}.{layout.attn_ln}")
+            fuse(f"{dst}.attn.qkv", [f"{src}.{p}" for p in layout.qkv])
+            copy(f"{dst}.attn.out", f"{src}.{layout.attn_out}")
+            copy(f"{dst}.mlp_ln", f"{src}.{layout.mlp_ln}")
+            copy(f"{dst}.mlp.fc1", f"{src}.{layout.fc1}")
+            copy(f"{dst}.mlp.fc2", f"{src}.{layout.fc2}")
             if part == "decoder":
-                copy(f"{dst}.cross_ln", f"{src}.cross_attn_ln")
-                copy(f"{dst}.cross.query", f"{src}.cross_attn.query")
-                fuse(f"{dst}.cross.kv", [f"{src}.cross_attn.key", f"{src}.cross_attn.value"])
-                copy(f"{dst}.cross.out", f"{src}.cross_attn.out")
+                copy(f"{dst}.cross_ln", f"{src}.{layout.cross_ln}")
+                copy(f"{dst}.cross.query", f"{src}.{layout.cross_query}")
+                fuse(f"{dst}.cross.kv", [f"{src}.{p}" for p in layout.cross_kv])
+                copy(f"{dst}.cross.out", f"{src}.{layout.cross_out}")
     copy("encoder.conv1", "encoder.conv1")
     copy("encoder.conv2", "encoder.conv2")
-    copy("encoder.ln_post", "encoder.ln_post")
-    copy("decoder.ln", "decoder.ln")
-    out["encoder.positional_embedding"] = state["encoder.positional_embedding"]
-    out["decoder.token_embedding.weight"] = state["decoder.token_embedding.weight"]
-    out["decoder.positional_embedding"] = state["decoder.positional_embedding"]
+    copy("encoder.ln_post", layout.ln_post)
+    copy("decoder.ln", layout.decoder_ln)
+    out["encoder.positional_embedding"] = state[layout.encoder_positions]
+    out["decoder.token_embedding.weight"] = state[layout.token_embedding]
+    out["decoder.positional_embedding"] = state[layout.decoder_positions]
     return out
+
+
+def convert_openai(state: StateDict, dims: Dims) -> StateDict:
+    """model.py's state dict from openai-whisper's (separate q/k/v, mlp.0/mlp.2, ...)."""
+    return _convert(state, dims, _OPENAI)
 
 
 def load_openai_checkpoint(file: Path) -> LoadedWeights:
@@ -367,45 +433,7 @@ def read_safetensors(file: Path) -> StateDict:
 
 def convert_hf(state: StateDict, dims: Dims) -> StateDict:
     """model.py's state dict from Hugging Face's WhisperForConditionalGeneration."""
-    state = {k.removeprefix("model."): v for k, v in state.items()}
-    out: StateDict = {}
-
-    def fuse(dst: str, parts: list[str]) -> None:
-        weights = [state[f"{p}.weight"] for p in parts]
-        biases = [
-            state.get(f"{p}.bias", torch.zeros(w.shape[0], dtype=w.dtype))
-            for p, w in zip(parts, weights, strict=True)
-        ]
-        out[f"{dst}.weight"] = torch.cat(weights)
-        out[f"{dst}.bias"] = torch.cat(biases)
-
-    def copy(dst: str, src: str) -> None:
-        for suffix in ("weight", "bias"):
-            if f"{src}.{suffix}" in state:
-                out[f"{dst}.{suffix}"] = state[f"{src}.{suffix}"]
-
-    for part, n_layer in (("encoder", dims.n_audio_layer), ("decoder", dims.n_text_layer)):
-        for i in range(n_layer):
-            src, dst = f"{part}.layers.{i}", f"{part}.blocks.{i}"
-            copy(f"{dst}.attn_ln", f"{src}.self_attn_layer_norm")
-            fuse(f"{dst}.attn.qkv", [f"{src}.self_attn.{p}_proj" for p in "qkv"])
-            copy(f"{dst}.attn.out", f"{src}.self_attn.out_proj")
-            copy(f"{dst}.mlp_ln", f"{src}.final_layer_norm")
-            copy(f"{dst}.mlp.fc1", f"{src}.fc1")
-            copy(f"{dst}.mlp.fc2", f"{src}.fc2")
-            if part == "decoder":
-                copy(f"{dst}.cross_ln", f"{src}.encoder_attn_layer_norm")
-                copy(f"{dst}.cross.query", f"{src}.encoder_attn.q_proj")
-                fuse(f"{dst}.cross.kv", [f"{src}.encoder_attn.{p}_proj" for p in "kv"])
-                copy(f"{dst}.cross.out", f"{src}.encoder_attn.out_proj")
-    copy("encoder.conv1", "encoder.conv1")
-    copy("encoder.conv2", "encoder.conv2")
-    copy("encoder.ln_post", "encoder.layer_norm")
-    copy("decoder.ln", "decoder.layer_norm")
-    out["encoder.positional_embedding"] = state["encoder.embed_positions.weight"]
-    out["decoder.token_embedding.weight"] = state["decoder.embed_tokens.weight"]
-    out["decoder.positional_embedding"] = state["decoder.embed_positions.weight"]
-    return out
+    return _convert({k.removeprefix("model."): v for k, v in state.items()}, dims, _HF)
 
 
 def load_hf_folder(folder: Path) -> LoadedWeights:
