@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import re
+import signal
+import subprocess
 import threading
 import time
 import urllib.parse
@@ -105,3 +107,14 @@ def model_counters(url: str, api_key: str | None) -> dict[str, float] | None:
             elif sample.name == "whisperstream_batch_seconds_count":
                 counters["model_calls"] = sample.value
     return counters
+
+
+def stop_process(process: subprocess.Popen[Any], timeout_s: float = 30.0) -> None:
+    """Stop a server the bench started: SIGTERM (it finishes its sessions), then kill."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

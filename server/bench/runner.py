@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from typing import Any
 
 from server.bench.errors import BenchError
 from server.bench.manifest import Item, read_pcm, stream_duration
-from server.bench.monitor import ProcessMonitor, model_counters
+from server.bench.monitor import ProcessMonitor, model_counters, stop_process
 from server.bench.records import StreamRecord
 from server.bench.variants import Variant
 
@@ -174,13 +173,7 @@ def started_server(
             time.sleep(0.2)
         yield f"ws://127.0.0.1:{port}/v1/stream", process.pid
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_process(process)
 
 
 def stream_runs(

@@ -37,7 +37,6 @@ import asyncio
 import contextlib
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import tempfile
@@ -50,7 +49,7 @@ from urllib.parse import urlsplit
 
 from server.bench.errors import BenchError
 from server.bench.manifest import Item, load_manifests, read_audio_16k
-from server.bench.monitor import ProcessMonitor
+from server.bench.monitor import ProcessMonitor, stop_process
 from server.bench.report import code_version, print_rows, rounded, write_json
 from server.bench.runner import free_port, started_server
 from server.bench.scoring import normalize, percentile, word_errors
@@ -309,13 +308,7 @@ def started_peer(name: str, template: str, log_dir: Path) -> Iterator[tuple[int,
         _wait_ready(port, process, log_path, f"--peer {name}")
         yield port, process.pid
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_process(process)
 
 
 def measure(
