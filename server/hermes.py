@@ -37,8 +37,8 @@ from typing import Any
 import aiomqtt
 import numpy as np
 
-from server.driver import CLOSE_BAD_REQUEST, CLOSE_GOING_AWAY, DriverLimits, SessionDriver
-from server.host import Host
+from server.driver import CLOSE_BAD_REQUEST, CLOSE_GOING_AWAY, SessionDriver
+from server.host import Host, driver_limits
 from server.mqtt import MqttLink, Outgoing, to_json
 from streaming.audio import AudioFormatError, read_wav
 from streaming.protocol import (
@@ -182,13 +182,7 @@ class HermesAsr:
         )
         self._listening: dict[tuple[str, str | None], _Listening] = {}
         limits = self.settings.limits
-        self._limits = DriverLimits(
-            idle_timeout_s=limits.idle_timeout_s,
-            min_audio_ratio=limits.min_audio_ratio,
-            idle_finishes=True,
-            max_lag_s=limits.max_lag_s,
-            flush_timeout_s=limits.shutdown_timeout_s,
-        )
+        self._limits = replace(driver_limits(limits), idle_finishes=True)
 
     @property
     def listening(self) -> int:

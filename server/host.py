@@ -15,7 +15,7 @@ import logging
 from collections.abc import Coroutine, Mapping
 from typing import Any, Protocol
 
-from server.config import Settings
+from server.config import LimitsSection, Settings
 from server.driver import DriverLimits, Outlet, SessionDriver, SessionSink
 from server.metrics import Metrics
 from server.scheduler import InferenceScheduler
@@ -35,6 +35,18 @@ def frame_classifier(options: VadOptions) -> FrameClassifier:
 
         return SileroClassifier(options.silero_threshold)
     return WebRtcClassifier(options.aggressiveness)
+
+
+def driver_limits(limits: LimitsSection) -> DriverLimits:
+    """What `limits` in the config asks of every driven session; a front door changes
+    only what is its own (a voice command's length, idle time finishing it)."""
+    return DriverLimits(
+        idle_timeout_s=limits.idle_timeout_s,
+        min_audio_ratio=limits.min_audio_ratio,
+        max_audio_s=limits.max_session_s,
+        max_lag_s=limits.max_lag_s,
+        flush_timeout_s=limits.shutdown_timeout_s,
+    )
 
 
 class Host(Protocol):
@@ -112,14 +124,7 @@ class SessionHost:
         return sum(1 for d in self._drivers if d.live and d.client_address == address)
 
     def default_limits(self) -> DriverLimits:
-        limits = self.settings.limits
-        return DriverLimits(
-            idle_timeout_s=limits.idle_timeout_s,
-            min_audio_ratio=limits.min_audio_ratio,
-            max_audio_s=limits.max_session_s,
-            max_lag_s=limits.max_lag_s,
-            flush_timeout_s=limits.shutdown_timeout_s,
-        )
+        return driver_limits(self.settings.limits)
 
     def session_config(self, params: StreamParams) -> SessionConfig:
         """The session's settings: the client's parameters over the configured defaults."""

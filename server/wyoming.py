@@ -38,7 +38,7 @@ import logging
 import re
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -50,8 +50,8 @@ from wyoming.event import Event, async_read_event
 from wyoming.info import AsrModel, AsrProgram, Attribution, Describe, Info
 from wyoming.server import AsyncEventHandler, AsyncTcpServer
 
-from server.driver import CLOSE_BAD_REQUEST, CLOSE_DONE, DriverLimits, OutletFull, SessionDriver
-from server.host import Host
+from server.driver import CLOSE_BAD_REQUEST, CLOSE_DONE, OutletFull, SessionDriver
+from server.host import Host, driver_limits
 from streaming.audio import MAX_SAMPLE_RATE_HZ, MIN_SAMPLE_RATE_HZ, AudioFormatError
 from streaming.protocol import (
     Done,
@@ -562,14 +562,11 @@ class WyomingService:
         self.settings = host.settings
         self.cfg = host.settings.wyoming
         limits = self.settings.limits
-        self.limits = DriverLimits(
-            idle_timeout_s=limits.idle_timeout_s,
-            min_audio_ratio=limits.min_audio_ratio,
+        self.limits = replace(
+            driver_limits(limits),
             idle_finishes=True,  # a client that goes quiet gets the transcript of what it said
             max_audio_s=self.cfg.max_command_s,
             max_audio_key="wyoming.max_command_s",
-            max_lag_s=limits.max_lag_s,
-            flush_timeout_s=limits.shutdown_timeout_s,
         )
         self.info = build_info(host, self.cfg.stop_on_silence)
         self.info_event = self.info.event()
