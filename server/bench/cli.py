@@ -53,13 +53,13 @@ each per second of audio streamed.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from server.bench.errors import BenchError
+from server.bench.machine import machine_line
 from server.bench.manifest import load_manifests
 from server.bench.offline import OFFLINE_METHOD, offline_pass
 from server.bench.report import (
@@ -260,12 +260,11 @@ def _bench(args: argparse.Namespace) -> int:
         per_run.append((run, figures, files))
 
     figures_list = [f for _, f, _ in per_run]
-    cores = os.cpu_count()
     models = sorted({f["model"] for f in figures_list if f["model"]})
     no_server = all(not r.server for r in runs)
     caption = (
         f"{len(items)} files from {manifest}, speed {speed:g}, "
-        f"model {', '.join(models) or 'n/a'}, {cores} cores"
+        f"model {', '.join(models) or 'n/a'}, {machine_line()}"
         + ("; server CPU and RSS: n/a (pass --server-pid)" if no_server else "")
         + f".\nOffline: {OFFLINE_METHOD}. Latencies: wall seconds from the end of the word "
         "in the audio (forced alignment of the reference) to the message's arrival."

@@ -6,12 +6,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import subprocess
 from pathlib import Path
 from typing import Any
 
 from server.bench.errors import BenchError
+from server.bench.machine import machine_record
 from server.bench.manifest import Item
 from server.bench.offline import OFFLINE_METHOD, OfflineResult
 from server.bench.runner import ModelKey, RunResult, StreamRecord, model_key_of
@@ -386,7 +386,7 @@ def bench_results(
         "analysed_by": analysed_by,
         "manifest": manifest,
         "speed": speed,
-        "machine": {"cpu_count": os.cpu_count(), "loadavg": os.getloadavg()},
+        "machine": machine_record(),
         "code": code,
         "offline_method": OFFLINE_METHOD,
         "definitions": definitions,

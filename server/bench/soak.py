@@ -56,6 +56,7 @@ from urllib.parse import urlsplit
 from client.stream import ClientError, PaceClock, paced_frames, run_session, stream_url
 from server.addresses import is_loopback
 from server.bench.errors import BenchError
+from server.bench.machine import machine_line, machine_record
 from server.bench.manifest import Item, load_manifest, read_pcm
 from server.bench.monitor import ProcessMonitor
 from server.bench.report import code_version, print_rows, progress_display, rounded, write_json
@@ -572,7 +573,7 @@ def _soak(args: argparse.Namespace) -> int:
         rounded(cpu / soak.audio_s, 4) if cpu is not None and soak.audio_s else None
     )
     caption = (
-        f"{len(items)} files from {args.manifest}, {os.cpu_count()} cores, load "
+        f"{len(items)} files from {args.manifest}, {machine_line()}, load "
         f"average {os.getloadavg()[0]:.1f}. Lag: final's arrival minus the sending "
         "of its segment's end (p50 / p90 / max, finals counted); thirds of the "
         f"{args.minutes:g} min window by arrival. RSS start: first sample after "
@@ -587,7 +588,7 @@ def _soak(args: argparse.Namespace) -> int:
             "command": sys.argv,
             "manifest": str(args.manifest),
             "url": soak.url if args.url else "started by the soak",
-            "machine": {"cpu_count": os.cpu_count(), "loadavg": os.getloadavg()},
+            "machine": machine_record(),
             "code": code_version(),
             "definitions": __doc__,
             "figures": figures,

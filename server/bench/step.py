@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from server.bench.machine import machine_line
 from server.bench.manifest import read_audio_16k
 from server.config import ModelSection
 from server.engines import build_engine
@@ -42,16 +43,6 @@ def time_step(engine: Engine, request: DecodeRequest, repeat: int) -> dict[str, 
         wall.append(time.perf_counter() - w0)
         new = len(hypothesis.tokens) - len(request.prefix_tokens)
     return {"cpu_s": statistics.median(cpu), "wall_s": statistics.median(wall), "new_tokens": new}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     transcript = reference.transcribe([DecodeRequest(audio[: int(MAX_WINDOW_S * RATE)])])[0]
     tokens = transcript.tokens
     print(
-        f"CPU: {cpu_model()}; window {len(window) / RATE:.1f} s of {args.wav.name}; "
+        f"CPU: {machine_line()}; window {len(window) / RATE:.1f} s of {args.wav.name}; "
         f"median of {args.repeat}, one thread per engine"
     )
     print(f"{'engine':<12} {'compute':<9} {'prefix':>6} {'new':>4} {'CPU s':>7} {'wall s':>7}")

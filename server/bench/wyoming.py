@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import shlex
 import subprocess
 import sys
@@ -48,6 +47,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from server.bench.errors import BenchError
+from server.bench.machine import machine_line, machine_record
 from server.bench.manifest import Item, load_manifests, read_audio_16k
 from server.bench.monitor import ProcessMonitor, stop_process
 from server.bench.report import code_version, print_rows, rounded, write_json
@@ -416,7 +416,7 @@ def cmd_wyoming_bench(args: argparse.Namespace) -> int:
         f"{len(items)} files from {', '.join(str(m) for m in args.manifest)}, "
         f"{sum(len(p) for _, p in commands) / 2 / SR:.0f} s of audio, speed "
         f"{args.speed:g}, audio-stop {args.stop_silence_s:g} s after the last speech, "
-        f"{os.cpu_count()} cores. WER after Whisper's English normalizer; "
+        f"{machine_line()}. WER after Whisper's English normalizer; "
         "audio-stop → transcript: wall seconds from writing audio-stop to the "
         "transcript's arrival."
     )
@@ -436,6 +436,7 @@ def cmd_wyoming_bench(args: argparse.Namespace) -> int:
             {
                 "command": sys.argv,
                 "code": code_version(),
+                "machine": machine_record(),
                 "manifest": [str(m) for m in args.manifest],
                 "speed": args.speed,
                 "stop_silence_s": args.stop_silence_s,
