@@ -280,6 +280,8 @@ class WyomingSection(_Section):
     port: int = Field(10300, ge=1, le=65535)
     stop_on_silence: bool = False  # the first pause ends the command, before audio-stop
     max_command_s: float = Field(60.0, gt=0)  # longest voice command; then its transcript
+    zeroconf: bool = False  # announce `_wyoming._tcp` by mDNS, as Home Assistant discovers
+    zeroconf_name: str = Field("whisperstream", min_length=1)  # the name Home Assistant shows
 
 
 class CompatSection(_Section):

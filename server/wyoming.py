@@ -50,6 +50,7 @@ from wyoming.event import Event, async_read_event
 from wyoming.info import AsrModel, AsrProgram, Attribution, Describe, Info
 from wyoming.server import AsyncEventHandler, AsyncTcpServer
 
+from server.discovery import announced
 from server.driver import CLOSE_BAD_REQUEST, CLOSE_DONE, OutletFull, SessionDriver
 from server.host import Host, driver_limits
 from streaming.audio import MAX_SAMPLE_RATE_HZ, MIN_SAMPLE_RATE_HZ, AudioFormatError
@@ -601,7 +602,12 @@ class WyomingService:
             ", stop on silence" if cfg.stop_on_silence else "",
         )
         try:
-            yield
+            async with contextlib.AsyncExitStack() as stack:
+                if cfg.zeroconf:
+                    await stack.enter_async_context(
+                        announced(cfg.zeroconf_name, cfg.host, cfg.port)
+                    )
+                yield
         finally:
             await self._shutdown(server)
 

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -34,7 +35,10 @@ from wyoming.client import AsyncTcpClient
 from wyoming.error import Error
 from wyoming.event import Event, async_read_event
 from wyoming.info import Describe, Info
+from zeroconf import ServiceStateChange
+from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
+from server.discovery import SERVICE_TYPE, announced_address, service_name
 from streaming.audio import to_pcm_s16le
 from streaming.engine import Engine
 
@@ -96,14 +100,18 @@ def wyoming_server(
         yield live, port
 
 
+async def _read_info(client: AsyncTcpClient) -> Info:
+    await client.write_event(Describe().event())
+    while True:
+        event = await client.read_event()
+        assert event is not None, "connection closed before info"
+        if Info.is_type(event.type):
+            return Info.from_event(event)
+
+
 async def describe(port: int) -> Info:
     async with AsyncTcpClient("127.0.0.1", port, read_timeout=TIMEOUT_S) as client:
-        await client.write_event(Describe().event())
-        while True:
-            event = await client.read_event()
-            assert event is not None, "connection closed before info"
-            if Info.is_type(event.type):
-                return Info.from_event(event)
+        return await _read_info(client)
 
 
 async def command_on(
@@ -189,6 +197,74 @@ def test_describe_answers_info_with_a_streaming_asr_program() -> None:
     [model] = program.models
     assert model.name == "scripted" and model.installed and model.languages == ["en"]
     assert model.attribution.name == "OpenAI"
+
+
+class _WyomingBrowser:
+    """Home Assistant's side of zeroconf: browse `_wyoming._tcp.local.`, resolve what is
+    added, note what is removed."""
+
+    def __init__(self) -> None:
+        self.zeroconf = AsyncZeroconf()
+        self.added: asyncio.Queue[str] = asyncio.Queue()
+        self.removed: asyncio.Queue[str] = asyncio.Queue()
+        self.browser = AsyncServiceBrowser(
+            self.zeroconf.zeroconf, SERVICE_TYPE, handlers=[self._changed]
+        )
+
+    def _changed(self, zeroconf: Any, service_type: str, name: str, state_change: Any) -> None:
+        if state_change is ServiceStateChange.Added:
+            self.added.put_nowait(name)
+        elif state_change is ServiceStateChange.Removed:
+            self.removed.put_nowait(name)
+
+    async def next_named(self, queue: asyncio.Queue[str], name: str) -> str:
+        async with asyncio.timeout(TIMEOUT_S):
+            while (found := await queue.get()) != name:
+                pass
+        return found
+
+    async def resolve(self, name: str) -> AsyncServiceInfo:
+        info = AsyncServiceInfo(SERVICE_TYPE, name)
+        assert await info.async_request(self.zeroconf.zeroconf, 3000), name
+        return info
+
+    async def close(self) -> None:
+        await self.browser.async_cancel()
+        await self.zeroconf.async_close()
+
+
+def test_zeroconf_announces_the_service_home_assistant_connects_to_and_withdraws_it() -> None:
+    name = f"whisperstream-test-{os.getpid()}-{time.monotonic_ns()}"
+    instance = f"{name}.{SERVICE_TYPE}"
+
+    async def discover_and_describe(port: int) -> tuple[AsyncServiceInfo, Info, _WyomingBrowser]:
+        browser = _WyomingBrowser()
+        await browser.next_named(browser.added, instance)
+        found = await browser.resolve(instance)
+        [address] = found.parsed_addresses()
+        assert found.port == port
+        async with AsyncTcpClient(address, found.port, read_timeout=TIMEOUT_S) as client:
+            await client.write_event(Describe().event())
+            info = await _read_info(client)
+        return found, info, browser
+
+    async def withdrawn(browser: _WyomingBrowser) -> None:
+        try:
+            await browser.next_named(browser.removed, instance)
+        finally:
+            await browser.close()
+
+    loop = asyncio.new_event_loop()
+    try:
+        with wyoming_server(zeroconf=True, zeroconf_name=name) as (_, port):
+            found, info, browser = loop.run_until_complete(discover_and_describe(port))
+        # The server has stopped: its goodbye removes it from Home Assistant's list.
+        loop.run_until_complete(withdrawn(browser))
+    finally:
+        loop.close()
+    assert found.parsed_addresses() == ["127.0.0.1"]  # wyoming.host, as configured
+    assert found.properties.get(b"program") == b"whisperstream"
+    assert info.asr and info.asr[0].name == "whisperstream"
 
 
 def test_transcript_chunks_come_before_audio_stop_and_add_up_to_the_transcript() -> None:
@@ -474,3 +550,12 @@ def test_the_real_model_transcribes_a_voice_command_with_a_small_wer(
     assert heard.stop_sent is not None
     assert any(t < heard.stop_sent for t, _ in heard.of("transcript-chunk")), heard.types
     assert text.startswith(heard.chunks) and len(heard.chunks.split()) >= 10, heard.chunks
+
+
+def test_zeroconf_announces_a_reachable_address_for_a_wildcard_bind() -> None:
+    assert announced_address("127.0.0.1") == "127.0.0.1"
+    assert announced_address("localhost") == "127.0.0.1"
+    address = announced_address("0.0.0.0")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as own:
+        own.bind((address, 0))  # an address of this machine, not a guess
+    assert service_name("kitchen.pi") == f"kitchen-pi.{SERVICE_TYPE}"
