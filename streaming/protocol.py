@@ -267,7 +267,15 @@ class Partial(ServerMessage):
     start: float
     end: float
     stable: str = ""
+    # The shown words with their times, for front doors whose partials carry words
+    # (Deepgram's interim results); not on the native wire, which keeps partials small.
+    words: tuple[WordTiming, ...] = ()
     type: str = "partial"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        del data["words"]
+        return data
 
 
 @dataclass(frozen=True)

@@ -97,6 +97,20 @@ class _Segment:
     shown_twice: tuple[Word, ...] = ()
 
 
+def _timings(words: Sequence[Word], start_s: float, end_s: float) -> tuple[WordTiming, ...]:
+    """Words of a segment's hypothesis as the stream's times, inside start_s..end_s."""
+    timings = []
+    for w in words:
+        w_start = min(max(start_s + w.start_s, start_s), end_s)
+        w_end = min(max(start_s + w.end_s, w_start), end_s)
+        timings.append(
+            WordTiming(
+                w.text.strip(), round(w_start, 3), round(w_end, 3), round(float(w.probability), 4)
+            )
+        )
+    return tuple(timings)
+
+
 def _tokens(words: Sequence[Word]) -> list[int]:
     return [t for w in words for t in w.tokens]
 
@@ -426,13 +440,16 @@ class Session:
         if (text, stable) == segment.last_partial or (segment.closed is not None and not text):
             return
         segment.last_partial = (text, stable)
+        start_s = self._time(segment.start_sample)
+        end_s = self._time(job.start_sample + len(job.request.audio))
         self._out.append(
             Partial(
                 segment=segment.index,
                 text=text,
-                start=self._time(segment.start_sample),
-                end=self._time(job.start_sample + len(job.request.audio)),
+                start=start_s,
+                end=end_s,
                 stable=stable,
+                words=_timings(shown, start_s, end_s),
             )
         )
 
@@ -485,23 +502,13 @@ class Session:
         self._to_finalize.popleft()
         del self._segments[segment.index]
         start_s, end_s = self._time(closed.start_sample), self._time(closed.end_sample)
-        timings = []
-        for w in words:
-            w_start = min(max(start_s + w.start_s, start_s), end_s)
-            w_end = min(max(start_s + w.end_s, w_start), end_s)
-            timings.append(
-                WordTiming(
-                    w.text.strip(),
-                    round(w_start, 3),
-                    round(w_end, 3),
-                    round(float(w.probability), 4),
-                )
-            )
         text = "".join(w.text for w in words).strip()
         if text:
             self._history.append(text)
         self._finals_sent += 1
-        self._out.append(Final(segment.index, text, start_s, end_s, tuple(timings)))
+        self._out.append(
+            Final(segment.index, text, start_s, end_s, _timings(words, start_s, end_s))
+        )
 
     def _explain_losses(
         self,

@@ -136,6 +136,14 @@ def test_interim_results_then_speech_final_at_each_pause(
         ]
         assert before, f"no interim result before {_transcript(final)!r}"
         assert before[-1]["_at"] < final["_at"]
+        for interim in before:  # interim results carry their words and times too
+            alternative = interim["channel"]["alternatives"][0]
+            spoken = [w["punctuated_word"] for w in alternative["words"]]
+            assert spoken == _transcript(interim).split(), interim
+            assert 0 < alternative["confidence"] <= 1
+            for w in alternative["words"]:
+                end = interim["start"] + interim["duration"] + 0.001
+                assert interim["start"] <= w["start"] <= w["end"] <= end, interim
         words = final["channel"]["alternatives"][0]["words"]
         assert words and 0 < final["channel"]["alternatives"][0]["confidence"] <= 1
         for w in words:

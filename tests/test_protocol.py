@@ -355,3 +355,16 @@ def test_text_is_sent_as_utf8_not_escaped() -> None:
     text = Final(segment=0, text="grüße 東京", start=0.0, end=1.0).to_json()
 
     assert "grüße 東京" in text
+
+
+def test_a_partial_keeps_its_words_off_the_native_wire() -> None:
+    words = (WordTiming("hello", 0.1, 0.4, 0.9),)
+    partial = Partial(segment=0, text="hello", start=0.0, end=0.5, stable="", words=words)
+    assert json.loads(partial.to_json()) == {
+        "type": "partial",
+        "segment": 0,
+        "text": "hello",
+        "start": 0.0,
+        "end": 0.5,
+        "stable": "",
+    }

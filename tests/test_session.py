@@ -731,11 +731,7 @@ def _shifted(message: ServerMessage, offset_s: float, first: int) -> ServerMessa
 
     if isinstance(message, SpeechStart | SpeechEnd):
         return replace(message, t=t(message.t))
-    if isinstance(message, Partial):
-        return replace(
-            message, segment=message.segment + first, start=t(message.start), end=t(message.end)
-        )
-    if isinstance(message, Final):
+    if isinstance(message, Partial | Final):
         words = tuple(replace(w, start=t(w.start), end=t(w.end)) for w in message.words)
         return replace(
             message,

@@ -23,8 +23,8 @@ Query parameters, and what each does here:
 
 `is_final: true` results are the session's finals (a segment of speech, cut at a pause,
 at `vad.max_segment_s`, or by `Finalize`), with their words' times and probabilities
-(`confidence`) and the mean of them; interim results carry the transcript only (no
-words, confidence 0). Client messages: `KeepAlive` (accepted; the idle rule of
+(`confidence`) and the mean of them; interim results carry the same for the words shown
+so far (a later result may revise them). Client messages: `KeepAlive` (accepted; the idle rule of
 `limits.idle_timeout_s` still counts audio only), `Finalize` (the open segment's final
 now, `from_finalize: true`), `CloseStream` (the last finals, `Metadata`, close 1000).
 Keys: `Authorization: Token KEY` (Deepgram's form) or `Bearer KEY`, or the browser's
@@ -40,7 +40,7 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +61,7 @@ from streaming.protocol import (
     SpeechEnd,
     SpeechStart,
     StreamParams,
+    WordTiming,
 )
 
 log = logging.getLogger(__name__)
@@ -201,13 +202,14 @@ class DeepgramOutlet:
             self._speech_ends.append((message.t, self.finalizing))
         elif isinstance(message, Partial):
             if self.params.interim_results and message.text:
+                words, confidence = self._words(message.words)
                 self.queue.put(
                     self._results(
                         message.start,
                         message.end,
                         self._text(message.text),
-                        0.0,
-                        [],
+                        confidence,
+                        words,
                         is_final=False,
                         speech_final=False,
                     )
@@ -244,18 +246,7 @@ class DeepgramOutlet:
         ended = [by for t, by in self._speech_ends if t <= final.end + 0.05]
         self._speech_ends = [(t, by) for t, by in self._speech_ends if t > final.end + 0.05]
         from_finalize = any(ended)
-        timed = [w for w in final.words if _bare(w.word)]
-        words: list[dict[str, Any]] = [
-            {
-                "word": _bare(w.word).lower(),
-                "start": w.start,
-                "end": w.end,
-                "confidence": w.probability,
-                **({"punctuated_word": w.word} if self.params.punctuate else {}),
-            }
-            for w in timed
-        ]
-        confidence = round(sum(w.probability for w in timed) / len(timed), 4) if timed else 0.0
+        words, confidence = self._words(final.words)
         speech_final = (not all(ended) if ended else False) and (
             self.params.endpointing_ms is not None
         )
@@ -271,9 +262,26 @@ class DeepgramOutlet:
                 from_finalize=from_finalize,
             )
         )
-        if timed:
-            self._last_word_end = timed[-1].end
+        if words:
+            self._last_word_end = words[-1]["end"]
         self.check_utterance_end()
+
+    def _words(self, timings: Sequence[WordTiming]) -> tuple[list[dict[str, Any]], float]:
+        """Deepgram's `words` (punctuation only in `punctuated_word`) and their mean
+        probability as the alternative's `confidence`."""
+        timed = [w for w in timings if _bare(w.word)]
+        words: list[dict[str, Any]] = [
+            {
+                "word": _bare(w.word).lower(),
+                "start": w.start,
+                "end": w.end,
+                "confidence": w.probability,
+                **({"punctuated_word": w.word} if self.params.punctuate else {}),
+            }
+            for w in timed
+        ]
+        confidence = round(sum(w.probability for w in timed) / len(timed), 4) if timed else 0.0
+        return words, confidence
 
     def check_utterance_end(self) -> None:
         """`UtteranceEnd` once `utterance_end_ms` of audio after the last final word
