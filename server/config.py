@@ -292,6 +292,7 @@ class CompatSection(_Section):
     port: int = Field(8000, ge=0, le=65535)  # speaches' port; 0: any free port
     max_upload_bytes: int = Field(25 * 1024 * 1024, ge=1024)  # OpenAI's own limit: 25 MB
     max_uploads: int = Field(2, ge=1)  # files transcribed at once; more get HTTP 429
+    max_uploads_per_client: int = Field(1, ge=1)  # of those, one client's at once; 429
     max_upload_s: float = Field(3600.0, gt=0)  # longest file, in seconds of audio
 
 

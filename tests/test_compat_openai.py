@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import re
 import threading
+import time
 from collections.abc import Iterator
 
 import av
@@ -314,6 +315,64 @@ def test_more_uploads_than_compat_max_uploads_get_429(other_speech: Utterance) -
         result = first["result"]
         assert isinstance(result, openai.types.audio.Transcription)
         assert scripted_words(result.text)
+
+
+def test_one_client_cannot_take_every_upload_slot(other_speech: Utterance) -> None:
+    """Two clients behind a trusted proxy: the first may hold one upload
+    (compat.max_uploads_per_client), so a second slot is left for the other."""
+    engine = ScriptedWhisper()
+    settings = settings_with(
+        compat={"enabled": True, "max_uploads": 2, "max_uploads_per_client": 1},
+        server={"trusted_proxies": ["127.0.0.1/32"]},
+    )
+
+    def behind_proxy(live: LiveServer, address: str) -> openai.OpenAI:
+        return openai.OpenAI(
+            base_url=f"{live.compat_url}/v1",
+            api_key=KEY,
+            max_retries=0,
+            default_headers={"X-Forwarded-For": address},
+        )
+
+    with serving(engine, settings) as live:
+        assert live.app.compat is not None
+        state = live.app.compat.state
+        greedy, other = behind_proxy(live, "203.0.113.7"), behind_proxy(live, "203.0.113.8")
+        engine.gate.clear()  # uploads wait in the engine
+        results: dict[str, object] = {}
+
+        def upload(name: str, client: openai.OpenAI) -> threading.Thread:
+            def run() -> None:
+                results[name] = client.audio.transcriptions.create(
+                    file=_speech_file(other_speech), model="whisper-1"
+                )
+
+            thread = threading.Thread(target=run)
+            thread.start()
+            return thread
+
+        def wait_for_uploads(n: int) -> None:
+            deadline = time.monotonic() + 10
+            while state.uploads < n and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert state.uploads == n
+
+        first = upload("greedy", greedy)
+        wait_for_uploads(1)
+        with pytest.raises(openai.RateLimitError) as caught:
+            greedy.audio.transcriptions.create(file=_speech_file(other_speech), model="whisper-1")
+        assert "compat.max_uploads_per_client" in caught.value.message
+        assert caught.value.response.headers["Retry-After"] == "1"
+        second = upload("other", other)
+        wait_for_uploads(2)  # the other client got the slot the greedy one could not take
+        engine.gate.set()
+        first.join(30)
+        second.join(30)
+        for name in ("greedy", "other"):
+            result = results[name]
+            assert isinstance(result, openai.types.audio.Transcription), name
+            assert scripted_words(result.text)
+        assert state.uploads == 0 and not state.uploads_by_client
 
 
 def test_unknown_models_and_paths_get_404_and_a_foreign_host_421(

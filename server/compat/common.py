@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,7 @@ class CompatState:
     gate: Gate
     draining: bool = False
     uploads: int = 0  # files being received, decoded or transcribed now
+    uploads_by_client: Counter[str] = field(default_factory=Counter)  # the same, per address
     created: int = field(default_factory=lambda: int(time.time()))  # for /v1/models
 
     def model_id(self) -> str:

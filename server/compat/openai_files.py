@@ -5,7 +5,8 @@ to 16 kHz mono (server/compat/decode.py), and transcribed as the benchmark's off
 baseline is (streaming/longform.py: windows of 15-25 s cut at quiet points, each
 prompted with the previous window's text), on the server's scheduler at
 `BACKGROUND` priority, so a live session's step always goes first. At most
-`compat.max_uploads` files are taken at once; more are refused with HTTP 429.
+`compat.max_uploads` files are taken at once, `compat.max_uploads_per_client` of them
+from one client (its address); more are refused with HTTP 429.
 
 Multipart fields: `file`, `model` (any name: the served model answers), `language`,
 `prompt` (the first window's prompt), `response_format` (`json`, `text`, `srt`,
@@ -32,7 +33,7 @@ from typing import Any
 import numpy as np
 from aiohttp import BodyPartReader, web
 
-from server.compat.common import ApiError, CompatState, request_key
+from server.compat.common import ApiError, CompatState, client_address, request_key
 from server.compat.decode import AudioTooLong, UndecodableAudio, decode_to_16k
 from server.scheduler import BACKGROUND
 from streaming.audio import MODEL_SAMPLE_RATE_HZ
@@ -508,6 +509,28 @@ def _client_left(request: web.Request) -> bool:
 _REFUSALS = {401: "auth", 503: "shutdown", 429: "max_uploads", 413: "upload_size"}
 
 
+def _upload_refusal(state: CompatState, client: str) -> ApiError | None:
+    """HTTP 429 when the server, or this client, has as many uploads as it may have."""
+    cfg = state.host.settings.compat
+    if state.uploads >= cfg.max_uploads:
+        message = (
+            f"{state.uploads} files are being transcribed, the most at once "
+            "(compat.max_uploads); try again shortly"
+        )
+    elif state.uploads_by_client[client] >= cfg.max_uploads_per_client:
+        # Else one client could hold every slot and deny uploads to everyone else.
+        message = (
+            f"{state.uploads_by_client[client]} of your files are being transcribed, the "
+            "most one client may have at once (compat.max_uploads_per_client); try again "
+            "when one is done"
+        )
+    else:
+        return None
+    return ApiError(
+        429, message, type="requests", code="rate_limit_exceeded", headers={"Retry-After": "1"}
+    )
+
+
 def _check_key(state: CompatState, request: web.Request) -> None:
     if not state.gate.key_ok(request_key(request)):
         raise ApiError(
@@ -521,6 +544,7 @@ def _check_key(state: CompatState, request: web.Request) -> None:
 
 async def transcriptions(state: CompatState, request: web.Request) -> web.StreamResponse:
     cfg = state.host.settings.compat
+    client = client_address(request, state)
     try:
         _check_key(state, request)
         if state.draining:
@@ -530,15 +554,8 @@ async def transcriptions(state: CompatState, request: web.Request) -> web.Stream
                 type="server_error",
                 code="server_shutting_down",
             )
-        if state.uploads >= cfg.max_uploads:
-            raise ApiError(
-                429,
-                f"{state.uploads} files are being transcribed, the most at "
-                "once (compat.max_uploads); try again shortly",
-                type="requests",
-                code="rate_limit_exceeded",
-                headers={"Retry-After": "1"},
-            )
+        if (refusal := _upload_refusal(state, client)) is not None:
+            raise refusal
         declared = request.content_length
         if declared is not None and declared > cfg.max_upload_bytes + FORM_OVERHEAD_BYTES:
             raise ApiError(
@@ -553,6 +570,7 @@ async def transcriptions(state: CompatState, request: web.Request) -> web.Stream
         state.host.metrics.refused_sessions.labels(reason).inc()
         return exc.response()
     state.uploads += 1
+    state.uploads_by_client[client] += 1
     started = time.monotonic()
     try:
         upload = await read_upload(request, cfg.max_upload_bytes)
@@ -593,6 +611,9 @@ async def transcriptions(state: CompatState, request: web.Request) -> web.Stream
         return exc.response()
     finally:
         state.uploads -= 1
+        state.uploads_by_client[client] -= 1
+        if not state.uploads_by_client[client]:
+            del state.uploads_by_client[client]
 
 
 def _model(state: CompatState) -> dict[str, Any]:
