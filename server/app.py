@@ -153,7 +153,7 @@ class TranscriptionServer:
         if limits.drain_grace_s > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._hurry.wait(), limits.drain_grace_s)
-        routes.accepting = False
+        routes.accepting = self.host.accepting = False
         if self.compat is not None:
             self.compat.stop_accepting()
         timeout = limits.shutdown_timeout_s

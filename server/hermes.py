@@ -248,6 +248,9 @@ class HermesAsr:
         if previous is not None:
             log.info("%s: started again; the earlier one is dropped", listening.name)
             self._end(previous)
+        if not self.host.accepting:
+            self._fail(listening, "the server is shutting down")
+            return
         if self.host.active_sessions >= self.settings.limits.max_sessions:
             self._fail(
                 listening,

@@ -55,6 +55,7 @@ class Host(Protocol):
     settings: Settings
     metrics: Metrics
     sinks: list[SessionSink]
+    accepting: bool  # False once a drain's grace has ended: refuse new sessions
 
     @property
     def engine_name(self) -> str: ...
@@ -95,6 +96,8 @@ class SessionHost:
             release_memory_every_s=settings.model.release_memory_s,
         )
         self.sinks: list[SessionSink] = []
+        # False once a drain's grace has ended: every front door refuses new sessions.
+        self.accepting = True
         self._drivers: set[SessionDriver] = set()
         if settings.vad.detector == "silero":  # load the model once, before any session
             from server.vad_silero import check_available

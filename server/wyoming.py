@@ -444,7 +444,7 @@ class WyomingHandler(AsyncEventHandler):
         transcribe, self.transcribe = self.transcribe, None
         try:
             rate, channels = audio_format(first)
-            if service.draining:
+            if service.draining or not host.accepting:
                 raise ProtocolError("shutting_down", "the server is shutting down")
             if host.active_sessions >= limits.max_sessions:
                 raise ProtocolError(

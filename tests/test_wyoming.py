@@ -559,3 +559,27 @@ def test_zeroconf_announces_a_reachable_address_for_a_wildcard_bind() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as own:
         own.bind((address, 0))  # an address of this machine, not a guess
     assert service_name("kitchen.pi") == f"kitchen-pi.{SERVICE_TYPE}"
+
+
+def test_a_drain_refuses_new_commands_after_its_grace_while_a_live_one_finishes() -> None:
+    """SIGTERM (`live.stop()`): past `limits.drain_grace_s` a new voice command gets an
+    error event, as the other front doors refuse; the command being spoken gets its
+    transcript."""
+    long_pcm, short_pcm = pcm16(speech_like(6.0, bursts=2)), pcm16(speech_like(2.0, bursts=1))
+    limits = {"drain_grace_s": 0.5, "shutdown_timeout_s": 10.0}
+    with wyoming_server(limits=limits) as (live, port):
+
+        async def run() -> tuple[Heard, Heard]:
+            speaking = asyncio.create_task(voice_command(port, long_pcm, speed=1.0))
+            await asyncio.sleep(1.5)
+            live.stop()
+            await asyncio.sleep(1.0)  # past the grace
+            refused = await voice_command(port, short_pcm, speed=4.0)
+            return await asyncio.wait_for(speaking, TIMEOUT_S), refused
+
+        finished, refused = asyncio.run(run())
+    [(_, error)] = refused.of("error")
+    assert Error.from_event(error).code == "shutting_down", refused.types
+    assert not refused.of("transcript")
+    assert scripted_words(finished.transcript), finished.types
+    assert finished.types[-1] == "transcript-stop"
