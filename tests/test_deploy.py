@@ -136,12 +136,39 @@ def test_the_haproxy_config_is_valid() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_the_dockerfile_runs_as_a_user_with_a_health_check_and_the_bundled_model() -> None:
-    text = (DEPLOY / "Dockerfile").read_text()
+DOCKERFILES = ("Dockerfile", "Dockerfile.cuda")
+
+
+def _image_env(text: str) -> dict[str, str]:
+    """The WHISPERSTREAM_* variables a Dockerfile's ENV lines set."""
+    code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    instructions = code.replace("\\\n", " ").splitlines()
+    env = " ".join(line[4:] for line in instructions if line.startswith("ENV "))
+    return dict(re.findall(r"(WHISPERSTREAM_\w+)=(\S+)", env))
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+def test_the_dockerfile_runs_as_a_user_with_a_health_check_and_the_bundled_model(
+    dockerfile: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    text = (DEPLOY / dockerfile).read_text()
     assert re.search(r"^USER 10001", text, re.M)
     assert re.search(r"^HEALTHCHECK .*\n.*/healthz", text, re.M)
-    assert "pip install /src" in text  # the package, whose dependency bundles the model
+    assert re.search(r'pip install "?/src', text)  # the package; a dependency bundles the model
     assert 'ENTRYPOINT ["whisperstream"]' in text
+    settings = _settings_from(_image_env(text), monkeypatch, tmp_path)  # every one valid
+    assert settings.server.host == "0.0.0.0" and settings.server.port == 8765
+
+
+def test_the_cuda_image_serves_on_the_gpu_with_both_engines(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    text = (DEPLOY / "Dockerfile.cuda").read_text()
+    assert re.search(r"^FROM nvidia/cuda:12\.\S*cudnn", text, re.M)  # CTranslate2: CUDA 12, cuDNN
+    assert 'pip install "/src[torch]"' in text
+    settings = _settings_from(_image_env(text), monkeypatch, tmp_path)
+    assert settings.model.device == "cuda"
+    assert settings.model.compute_type == "int8_float16"
 
 
 def _docker_unusable() -> str | None:
@@ -158,13 +185,14 @@ def _docker_unusable() -> str | None:
     return None
 
 
-def test_the_dockerfile_builds_an_image_that_runs_as_a_user() -> None:
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+def test_the_dockerfile_builds_an_image_that_runs_as_a_user(dockerfile: str) -> None:
     unusable = _docker_unusable()
     if unusable is not None:
         pytest.skip(unusable)
-    tag = "whisperstream:test-deploy"
+    tag = f"whisperstream:test-deploy-{dockerfile.lower().replace('.', '-')}"
     build = subprocess.run(
-        ["docker", "build", "-f", str(DEPLOY / "Dockerfile"), "-t", tag, str(ROOT)],
+        ["docker", "build", "-f", str(DEPLOY / dockerfile), "-t", tag, str(ROOT)],
         capture_output=True,
         text=True,
         timeout=1800,
