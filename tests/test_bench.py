@@ -339,11 +339,21 @@ def test_bench_runs_end_to_end_against_servers_it_starts(
     ends = [w["end"] for w in logged["words"]]
     assert ends == sorted(ends) and 0 < ends[-1] <= three_sentences.duration_s
 
-    # The log alone is enough to analyse the runs again, to the same figures.
+    figures = report["runs"][0]["figures"]
+    assert figures["offline_cpu_s_per_audio_s"] > 0  # the baseline's cost, measured
+    assert figures["server_cpu_vs_offline"] == pytest.approx(
+        figures["server_cpu_s_per_audio_s"] / figures["offline_cpu_s_per_audio_s"], abs=0.01
+    )
+    # The log alone is enough to analyse the runs again, to the same figures (but the
+    # offline pass, which runs again, and so costs what it costs this time).
     again = tmp_path / "again.json"
     assert main(["bench", "--from", str(out), "--out", str(again)]) == 0
+    measured_again = ("wall_s", "offline_cpu_s_per_audio_s", "server_cpu_vs_offline")
     for before, after in zip(report["runs"], json.loads(again.read_text())["runs"], strict=True):
-        assert after["figures"] == {**before["figures"], "wall_s": after["figures"]["wall_s"]}
+        assert after["figures"] == {
+            **before["figures"],
+            **{k: after["figures"][k] for k in measured_again},
+        }
 
 
 def test_an_engine_variant_sets_model_engine() -> None:

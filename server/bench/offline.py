@@ -4,6 +4,7 @@ model as the server, and the reference words force-aligned to the audio."""
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,10 @@ class OfflineResult:
     text: str
     windows: list[tuple[float, float]]
     ref: list[RefWord]
+    # CPU seconds of the transcription (not of the reference alignment), and the audio's
+    # length: the baseline the server's CPU per audio second is held against.
+    cpu_s: float = 0.0
+    audio_s: float = 0.0
 
 
 def offline_transcribe(
@@ -138,14 +143,20 @@ def offline_pass(
         results: dict[str, OfflineResult] = {}
         for item in items:
             audio = read_audio_16k(item.wav)
+            began = time.process_time()
             windows, texts = offline_transcribe(engine, audio)
+            cpu_s = time.process_time() - began
             ref = (
                 first[item.id].ref
                 if first is not None
                 else reference_times(engine, audio, normalize(item.text), windows, texts)
             )
             results[item.id] = OfflineResult(
-                " ".join(t for t in texts if t), [(a / 16_000, b / 16_000) for a, b in windows], ref
+                " ".join(t for t in texts if t),
+                [(a / 16_000, b / 16_000) for a, b in windows],
+                ref,
+                cpu_s=cpu_s,
+                audio_s=len(audio) / 16_000,
             )
             progress.advance(task)
         offline[key] = results

@@ -113,6 +113,10 @@ def run_figures(
         )
     speech_min = speech_s / 60
     cpu_s = run.server.get("cpu_s")
+    baseline = [offline[i] for i in {r.item.id for r in run.records}]  # files streamed again: once
+    baseline_audio_s = sum(r.audio_s for r in baseline)
+    offline_cpu = sum(r.cpu_s for r in baseline) / baseline_audio_s if baseline_audio_s else None
+    server_cpu = cpu_s / audio_s if cpu_s is not None and audio_s else None
     model = run.server.get("model") or {}
     figures: dict[str, Any] = {
         "variant": run.variant.name,
@@ -145,8 +149,10 @@ def run_figures(
             for kind, values in pooled.items()
         },
         "server_cpu_s": rounded(cpu_s),
-        "server_cpu_s_per_audio_s": rounded(cpu_s / audio_s, 4)
-        if cpu_s is not None and audio_s
+        "server_cpu_s_per_audio_s": rounded(server_cpu, 4),
+        "offline_cpu_s_per_audio_s": rounded(offline_cpu, 4),
+        "server_cpu_vs_offline": rounded(server_cpu / offline_cpu, 2)
+        if server_cpu is not None and offline_cpu
         else None,
         "model_steps_per_audio_s": {
             kind: rounded(model[f"steps_{kind}"] / audio_s, 3) if audio_s else None
@@ -218,6 +224,11 @@ def table_rows(figures: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
         ),
         ("stable retractions", [str(f["stable_retractions"]) for f in figures]),
         ("server CPU s / audio s", [num(f["server_cpu_s_per_audio_s"], ".3f") for f in figures]),
+        (
+            "offline CPU s / audio s (same model)",
+            [num(f.get("offline_cpu_s_per_audio_s"), ".3f") for f in figures],
+        ),
+        ("server CPU / offline CPU", [num(f.get("server_cpu_vs_offline"), ".2f") for f in figures]),
         ("model steps / audio s, partial + final", [steps(f) for f in figures]),
         (
             "model busy s / audio s",
