@@ -177,6 +177,43 @@ def test_stop_on_silence_ends_the_voice_command_at_the_first_pause(
     assert "weather" not in text.lower(), text
 
 
+def test_a_drain_refuses_new_commands_after_its_grace_while_a_live_one_finishes(
+    engine: object, broker: Broker, three_sentences: Utterance
+) -> None:
+    """SIGTERM (`live.stop()`): past `limits.drain_grace_s` a new startListening gets
+    hermes/error/asr, as the other front doors refuse; the command being spoken gets its
+    textCaptured."""
+    settings = _settings(broker.port).model_copy(
+        update={"limits": Settings().limits.model_copy(update={"drain_grace_s": 0.3})}
+    )
+
+    async def scenario(stop: Any) -> Subscriber:
+        async with Subscriber(broker.port, ["hermes/asr/#", "hermes/error/#"]) as sub:
+            await _wait_until_listening(broker.port, sub)
+            async with aiomqtt.Client("127.0.0.1", broker.port) as client:
+                start = {"siteId": "hall", "sessionId": "live", "stopOnSilence": False}
+                await client.publish("hermes/asr/startListening", json.dumps(start))
+                await _send_audio(client, "hall", three_sentences.path, speed=0)
+                stop()
+                await asyncio.sleep(0.8)  # past the grace
+                late = {"siteId": "porch", "sessionId": "late"}
+                await client.publish("hermes/asr/startListening", json.dumps(late))
+                await sub.wait_for(lambda: bool(_for(sub, "/error/asr", "late")), 10, "error")
+                await client.publish(
+                    "hermes/asr/stopListening", json.dumps({"siteId": "hall", "sessionId": "live"})
+                )
+                await sub.wait_for(lambda: bool(_for(sub, "/textCaptured", "live")), 30, "text")
+            return sub
+
+    with serving(engine, settings) as live:  # type: ignore[arg-type]
+        sub = asyncio.run(scenario(live.stop))
+    [error] = _for(sub, "hermes/error/asr", "late")
+    assert "shutting down" in error["error"] and error["siteId"] == "porch"
+    assert not _for(sub, "hermes/asr/textCaptured", "late")
+    [captured] = _for(sub, "hermes/asr/textCaptured", "live")
+    assert wer(three_sentences.text, captured["text"]) <= 0.15, captured["text"]
+
+
 def test_other_sites_unknown_languages_and_bad_frames_get_no_transcript(
     engine: object, broker: Broker, other_speech: Utterance
 ) -> None:
