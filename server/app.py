@@ -106,6 +106,7 @@ class TranscriptionServer:
                 self.routes.starting = "loading the model"
                 log.info("listening; loading model %r ...", self.settings.model.name)
                 await engine.load()
+            self.host.model_ready.set()
             self.host.scheduler.start()
             try:
                 if self.compat is not None:

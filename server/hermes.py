@@ -251,6 +251,9 @@ class HermesAsr:
         if not self.host.accepting:
             self._fail(listening, "the server is shutting down")
             return
+        if not self.host.model_ready.is_set():
+            self._fail(listening, "the model is still loading; try again shortly")
+            return
         if self.host.active_sessions >= self.settings.limits.max_sessions:
             self._fail(
                 listening,

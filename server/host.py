@@ -56,6 +56,7 @@ class Host(Protocol):
     metrics: Metrics
     sinks: list[SessionSink]
     accepting: bool  # False once a drain's grace has ended: refuse new sessions
+    model_ready: asyncio.Event  # set once the engine can transcribe
 
     @property
     def engine_name(self) -> str: ...
@@ -98,6 +99,9 @@ class SessionHost:
         self.sinks: list[SessionSink] = []
         # False once a drain's grace has ended: every front door refuses new sessions.
         self.accepting = True
+        # Set once the engine can transcribe (a deferred model has loaded): what a front
+        # door that starts before the model (Wyoming, Hermes) waits for.
+        self.model_ready = asyncio.Event()
         self._drivers: set[SessionDriver] = set()
         if settings.vad.detector == "silero":  # load the model once, before any session
             from server.vad_silero import check_available

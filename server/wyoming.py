@@ -417,7 +417,7 @@ class WyomingHandler(AsyncEventHandler):
 
     async def handle_event(self, event: Event) -> bool:
         if Describe.is_type(event.type):
-            await self.write_event(self.service.info_event)
+            await self.write_event(await self.service.ready())
         elif Transcribe.is_type(event.type):
             self.transcribe = Transcribe.from_event(event)
             self.dropping = False
@@ -444,6 +444,7 @@ class WyomingHandler(AsyncEventHandler):
         transcribe, self.transcribe = self.transcribe, None
         try:
             rate, channels = audio_format(first)
+            await service.ready()  # a command that comes while the model loads waits for it
             if service.draining or not host.accepting:
                 raise ProtocolError("shutting_down", "the server is shutting down")
             if host.active_sessions >= limits.max_sessions:
@@ -521,7 +522,7 @@ class WyomingHandler(AsyncEventHandler):
                 command.audio_stopped = True
                 driver.stop()
             elif Describe.is_type(event.type):
-                command.outlet.send(self.service.info_event)
+                command.outlet.send(await self.service.ready())
             else:
                 log.debug("session %s: %s during a voice command ignored", driver.id, event.type)
 
@@ -569,13 +570,20 @@ class WyomingService:
             max_audio_s=self.cfg.max_command_s,
             max_audio_key="wyoming.max_command_s",
         )
-        self.info = build_info(host, self.cfg.stop_on_silence)
-        self.info_event = self.info.event()
+        self._info_event: Event | None = None  # built once the model has loaded
         self.draining = False
         self.connections: set[asyncio.Task[Any]] = set()
         self._drivers: set[SessionDriver] = set()
         self._idle = asyncio.Event()  # set while no voice command is being served
         self._idle.set()
+
+    async def ready(self) -> Event:
+        """The `info` event, once the model has loaded: the port opens with the server's,
+        before the model (whose languages `info` lists) has loaded, as /readyz says."""
+        await self.host.model_ready.wait()
+        if self._info_event is None:
+            self._info_event = build_info(self.host, self.cfg.stop_on_silence).event()
+        return self._info_event
 
     @contextlib.contextmanager
     def serving(self, driver: SessionDriver) -> Iterator[None]:

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import soxr
 from fakes import ScriptedWhisper, free_port, scripted_words
-from harness import LiveServer, serving, settings_with
+from harness import LiveServer, serve_command, serving, settings_with
 from speech import Utterance, read_pcm, wer
 from wyoming.asr import Transcribe, Transcript, TranscriptChunk
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
@@ -583,3 +583,22 @@ def test_a_drain_refuses_new_commands_after_its_grace_while_a_live_one_finishes(
     assert not refused.of("transcript")
     assert scripted_words(finished.transcript), finished.types
     assert finished.types[-1] == "transcript-stop"
+
+
+@pytest.mark.model
+def test_whisperstream_serve_with_wyoming_loads_the_model_then_serves_a_command(
+    three_sentences: Utterance,
+) -> None:
+    """`whisperstream serve` as a user starts it for Home Assistant: the model loads after
+    the ports open (the Wyoming service must not ask it for its languages before), then
+    describe and a voice command are served."""
+    port = free_port()
+    env = {"WHISPERSTREAM_WYOMING__ENABLED": "true", "WHISPERSTREAM_WYOMING__PORT": str(port)}
+    samples, rate = read_pcm(three_sentences.path)
+    audio = soxr.resample(samples.astype(np.float32) / 32768.0, rate, SR)
+    with serve_command(env) as served:
+        info = asyncio.run(describe(port))
+        heard = asyncio.run(voice_command(port, pcm16(audio), speed=4.0))
+        assert served.process.poll() is None
+    assert info.asr and info.asr[0].models[0].name == "whisper-tiny.en (bundled)"
+    assert wer(three_sentences.text, heard.transcript) <= 0.15, heard.transcript
