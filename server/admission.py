@@ -71,10 +71,10 @@ class Refusal:
     text: str
 
 
-def session_refusal(host: SessionHost, address: str, *, draining: bool) -> Refusal | None:
+def session_refusal(host: SessionHost, address: str) -> Refusal | None:
     """Why a new live session from `address` cannot start now, or None."""
     limits = host.settings.limits
-    if draining:
+    if not host.accepting:
         return Refusal(
             http.HTTPStatus.SERVICE_UNAVAILABLE, "shutdown", "server shutting down; try again later"
         )

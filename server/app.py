@@ -154,9 +154,7 @@ class TranscriptionServer:
         if limits.drain_grace_s > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._hurry.wait(), limits.drain_grace_s)
-        routes.accepting = self.host.accepting = False
-        if self.compat is not None:
-            self.compat.stop_accepting()
+        self.host.accepting = False  # every front door refuses new sessions from now on
         timeout = limits.shutdown_timeout_s
         deadline = loop.time() + timeout
         finish_at = deadline - min(FINISH_WINDOW_S, timeout / 2)

@@ -174,7 +174,6 @@ class HttpRoutes:
         # it does. Set by the server (app.py), as are the two below.
         self.starting: str | None = "starting"
         self.draining = False  # from SIGTERM on: /readyz answers 503
-        self.accepting = True  # new sessions are admitted (False once a drain's grace ends)
 
     def not_ready(self) -> str | None:
         """Why a balancer should send this replica no new session now, or None."""
@@ -294,7 +293,7 @@ class HttpRoutes:
                 f"server not ready yet ({self.starting}); try again shortly\n",
             )
         address = client_address(connection, self.settings.server.trusted_proxies)
-        refusal = session_refusal(self.host, address, draining=not self.accepting)
+        refusal = session_refusal(self.host, address)
         if refusal is not None:
             return self._refuse(connection, refusal.status, refusal.reason, refusal.text + "\n")
         return None

@@ -83,13 +83,9 @@ class CompatServer:
         scheme = "https" if ssl_context else "http"
         log.info("compat: OpenAI and Deepgram APIs at %s://%s:%d/v1", scheme, cfg.host, self.port)
 
-    def stop_accepting(self) -> None:
-        """Shutdown begins: new uploads and sessions are refused; live ones finish."""
-        self.state.draining = True
-
     async def close(self) -> None:
         """Stop listening, wait (up to limits.shutdown_timeout_s) for what is running."""
-        self.stop_accepting()
+        self.state.host.accepting = False  # new uploads and sessions are refused meanwhile
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

@@ -29,7 +29,6 @@ class CompatState:
 
     host: SessionHost
     gate: Gate
-    draining: bool = False
     uploads: int = 0  # files being received, decoded or transcribed now
     uploads_by_client: Counter[str] = field(default_factory=Counter)  # the same, per address
     created: int = field(default_factory=lambda: int(time.time()))  # for /v1/models
@@ -52,7 +51,7 @@ def client_address(request: web.BaseRequest, state: CompatState) -> str:
 def admission_refusal(state: CompatState, request: web.BaseRequest) -> tuple[Refusal | None, str]:
     """Why a new live session cannot start now (counted), or None; and the client's address."""
     address = client_address(request, state)
-    refusal = session_refusal(state.host, address, draining=state.draining)
+    refusal = session_refusal(state.host, address)
     if refusal is not None:
         state.host.metrics.refused_sessions.labels(refusal.reason).inc()
     return refusal, address

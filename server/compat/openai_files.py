@@ -547,7 +547,7 @@ async def transcriptions(state: CompatState, request: web.Request) -> web.Stream
     client = client_address(request, state)
     try:
         _check_key(state, request)
-        if state.draining:
+        if not state.host.accepting:
             raise ApiError(
                 503,
                 "the server is shutting down; try again later",
