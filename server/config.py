@@ -155,6 +155,7 @@ class StreamingSection(_Section):
     logprob_threshold: float = -1.0
     policy: Policy = "local_agreement"
     alignatt_edge_s: float = Field(0.5, ge=0.0, le=5.0)
+    tail_gap_s: float = Field(1.0, ge=0.0, le=28.0)
 
     def policy_options(self) -> PolicyOptions:
         return PolicyOptions(
@@ -172,6 +173,7 @@ class StreamingSection(_Section):
             logprob_threshold=self.logprob_threshold,
             policy=self.policy,
             alignatt_edge_s=self.alignatt_edge_s,
+            tail_gap_s=self.tail_gap_s,
         )
 
     def audio_format(self) -> AudioFormat:

@@ -58,6 +58,11 @@ class PolicyOptions:
     logprob_threshold: float = -1.0
     policy: Policy = "local_agreement"
     alignatt_edge_s: float = 0.5  # AlignAtt: promise words ending this far from the edge
+    # A final whose last word ends this long before the VAD's end of speech missed words
+    # (measured: a misheard promised prefix after which the decoder stopped, 4 words lost
+    # of a sentence): the audio after that word is decoded again, without the prefix,
+    # and what it hears is appended. 0: never.
+    tail_gap_s: float = 1.0
 
     def __post_init__(self) -> None:
         if self.alignatt_edge_s < 0:
@@ -68,6 +73,8 @@ class PolicyOptions:
             raise ValueError("streaming.holdback_s must not be negative")
         if self.endpoint_silence_s < 0:
             raise ValueError("streaming.endpoint_silence_s must not be negative")
+        if self.tail_gap_s < 0:
+            raise ValueError("streaming.tail_gap_s must not be negative")
 
 
 def _same(a: Word, b: Word) -> bool:

@@ -68,6 +68,7 @@ class Job:
     request: DecodeRequest
     final: bool
     start_sample: int  # where the decoded audio starts in the stream
+    tail: bool = False  # decodes the audio after a final's last word (tail_gap_s)
 
     @property
     def audio_seconds(self) -> float:
@@ -95,6 +96,14 @@ class _Segment:
     # both showed (what a reader saw twice in a row): the final must explain any it lacks.
     shown: tuple[Word, ...] = ()
     shown_twice: tuple[Word, ...] = ()
+    # A final that stopped well before the end of speech, waiting for its tail decode:
+    # its words, what explains their losses, and where the tail starts (samples from the
+    # segment start).
+    ending: list[Word] | None = None
+    ending_heard: Hypothesis | None = None
+    ending_hallucinated: bool = False
+    ending_echo: tuple[Word, ...] = ()
+    tail_start: int = 0
 
 
 def _timings(words: Sequence[Word], start_s: float, end_s: float) -> tuple[WordTiming, ...]:
@@ -138,6 +147,19 @@ def _words_within(words: Sequence[Word], tokens: int) -> int:
 
 def _text(words: Sequence[Word]) -> str:
     return "".join(w.text for w in words).strip()
+
+
+def _norm(text: str) -> str:
+    return "".join(c for c in text.lower() if c.isalnum())
+
+
+def _overlap(before: Sequence[Word], after: Sequence[Word]) -> int:
+    """How many leading words of `after` say again the last words of `before` (a decode
+    that starts at a word boundary the alignment placed early hears that word again)."""
+    for k in range(min(len(before), len(after)), 0, -1):
+        if [_norm(w.text) for w in after[:k]] == [_norm(w.text) for w in before[-k:]]:
+            return k
+    return 0
 
 
 class Session:
@@ -274,12 +296,28 @@ class Session:
             return None
         segment = self._to_finalize[0]
         assert segment.closed is not None
+        if segment.ending is not None:
+            return self._tail_job(segment, segment.ending)
         return Job(
             self.id,
             segment.index,
             self._request(segment, segment.closed.audio, True),
             True,
             segment.start_sample + segment.window_start,
+        )
+
+    def _tail_job(self, segment: _Segment, ending: list[Word]) -> Job:
+        """Decode what follows the final's last word, with no forced prefix (the prefix
+        is what the decoder could not get past), its text as the prompt."""
+        assert segment.closed is not None
+        text = _text(ending)
+        request = DecodeRequest(
+            audio=segment.closed.audio[segment.tail_start :],
+            prompt=text[-WINDOW_CONTEXT_CHARS:],
+            language=self.config.language,
+        )
+        return Job(
+            self.id, segment.index, request, True, segment.start_sample + segment.tail_start, True
         )
 
     def _partial_job(self) -> Job | None:
@@ -335,10 +373,14 @@ class Session:
 
     def _finalize_heard(self) -> None:
         """Finalize closed segments, in order, whose last partial step heard them out."""
-        while self._to_finalize and self._heard_to_the_end(self._to_finalize[0]):
+        while (
+            self._to_finalize
+            and self._to_finalize[0].ending is None
+            and self._heard_to_the_end(self._to_finalize[0])
+        ):
             segment = self._to_finalize[0]
             assert segment.heard is not None
-            self._finalize(
+            self._close(
                 segment,
                 list(segment.previous),
                 drop_hallucination(segment.heard, self.config.policy),
@@ -362,6 +404,10 @@ class Session:
             hypothesis.no_speech_prob,
             hypothesis.avg_logprob,
         )
+        if job.tail:
+            self._finish_tail(segment, shifted)
+            self._finalize_heard()
+            return
         kept = self._keep_promises(segment, shifted)
         words = drop_trailing_echo(kept, keep=len(segment.committed))
         log.debug(
@@ -375,7 +421,7 @@ class Session:
             len(segment.committed),
         )
         if job.final:
-            self._finalize(
+            self._close(
                 segment,
                 words,
                 drop_hallucination(hypothesis, self.config.policy),
@@ -474,6 +520,61 @@ class Session:
         segment.window_start = max(segment.window_start, int(cut_s * MODEL_SAMPLE_RATE_HZ))
         segment.trimmed = k
 
+    def _close(
+        self,
+        segment: _Segment,
+        words: list[Word],
+        hallucinated: bool,
+        heard: Hypothesis | None = None,
+        echo: Sequence[Word] = (),
+    ) -> None:
+        """Finalize the segment, unless its words stop more than tail_gap_s before the
+        VAD's end of speech: then its tail is decoded first (`_tail_job`)."""
+        closed = segment.closed
+        assert closed is not None
+        if hallucinated:
+            words = list(segment.committed)
+        gap_s = self.config.policy.tail_gap_s
+        speech_end_s = (closed.speech_end_sample - segment.start_sample) / MODEL_SAMPLE_RATE_HZ
+        if gap_s > 0 and words and words[-1].end_s < speech_end_s - gap_s:
+            log.debug(
+                "session %s: the final of segment %d ends at %.2f s, speech at %.2f s: "
+                "decoding its tail",
+                self.id,
+                segment.index,
+                words[-1].end_s,
+                speech_end_s,
+            )
+            segment.ending, segment.ending_heard, segment.ending_echo = words, heard, tuple(echo)
+            segment.ending_hallucinated = hallucinated
+            segment.tail_start = max(0, int(words[-1].end_s * MODEL_SAMPLE_RATE_HZ))
+            return
+        self._finalize(segment, words, hallucinated, heard, echo)
+
+    def _finish_tail(self, segment: _Segment, tail: Hypothesis) -> None:
+        """Append what the tail decode heard after the final's last word: words centred
+        after it, less any that repeat the final's last words, unless the decode looks
+        invented (Whisper fills noise with "Thank you.")."""
+        ending = segment.ending
+        assert ending is not None
+        last = ending[-1]
+        added: list[Word] = []
+        if not drop_hallucination(tail, self.config.policy):
+            added = [w for w in tail.words if (w.start_s + w.end_s) / 2 > last.end_s]
+            added = added[_overlap(ending, added) :]
+        words = drop_trailing_echo(ending + added, keep=len(ending))
+        if added:
+            log.debug(
+                "session %s: the tail of segment %d added %r",
+                self.id,
+                segment.index,
+                _text(words[len(ending) :]),
+            )
+        segment.ending = None
+        self._finalize(
+            segment, words, segment.ending_hallucinated, segment.ending_heard, segment.ending_echo
+        )
+
     def _finalize(
         self,
         segment: _Segment,
@@ -482,12 +583,11 @@ class Session:
         heard: Hypothesis | None = None,
         echo: Sequence[Word] = (),
     ) -> None:
-        """Send the segment's final: `words` (or only the promised ones, when the
-        hypothesis `heard` is `hallucinated`); `echo`, what the session's echo guard cut."""
+        """Send the segment's final, `words`. For the DEBUG line on lost words: whether
+        the hypothesis `heard` was `hallucinated` (then `words` start with the promised
+        ones only), and `echo`, what the session's echo guard cut."""
         closed = segment.closed
         assert closed is not None
-        if hallucinated:
-            words = segment.committed
         promised = len(_tokens(segment.committed))
         if _common_tokens(segment.committed, words) < promised:
             # _keep_promises makes this impossible; should a path ever skip it, the

@@ -779,3 +779,71 @@ def test_resuming_from_the_end_of_a_final_gives_the_rest_of_the_transcript(three
     done = resumed.messages[-1]
     assert isinstance(done, Done)
     assert done.segments == 3 and done.audio_seconds == pytest.approx(len(THREE) / SR, abs=1e-3)
+
+
+# A final that stops short of the end of speech (tail_gap_s) -------------------------------
+
+TEN, TEN_SPOKEN = compose([0.5, list(range(10)), 1.0])
+
+
+def stops_after(seconds: float) -> Rewrite:
+    """A decoder that, past a misheard prefix, gives up: no word after `seconds` of the
+    stream, except when decoding a final's tail (no prefix)."""
+
+    def rewrite(job: Job, hypothesis: Hypothesis) -> Hypothesis:
+        if job.tail:
+            return hypothesis
+        start_s = job.start_sample / SR
+        kept = tuple(w for w in hypothesis.words if start_s + w.start_s < seconds)
+        return replace(hypothesis, words=kept)
+
+    return rewrite
+
+
+@pytest.mark.parametrize("config", [CONFIG, DECODE_FINALS], ids=["endpoint step", "decoded"])
+def test_a_final_that_stops_short_of_the_speech_gets_its_tail_decoded(
+    config: SessionConfig,
+) -> None:
+    run = run_session(TEN, config=config, rewrite=stops_after(1.8))
+    assert [words_of(f) for f in run.finals] == [[f"w{k}" for k in range(10)]]
+    tails = [j for j in run.jobs if j.tail]
+    assert len(tails) == 1
+    # no forced prefix (what the decoder could not get past), the words so far as prompt
+    assert tails[0].request.prefix_tokens == ()
+    assert tails[0].request.prompt == "w0 w1 w2 w3"
+    timings = run.finals[0].words
+    assert [round(w.start, 2) for w in timings[4:]] == [
+        round(s.start / SR, 2) for s in TEN_SPOKEN[4:]
+    ]
+    assert_promises_kept(run)
+
+
+def test_without_the_tail_guard_those_words_are_lost() -> None:
+    config = replace(CONFIG, policy=replace(CONFIG.policy, tail_gap_s=0.0))
+    run = run_session(TEN, config=config, rewrite=stops_after(1.8))
+    assert [words_of(f) for f in run.finals] == [["w0", "w1", "w2", "w3"]]
+    assert not any(j.tail for j in run.jobs)
+
+
+def test_a_final_that_reaches_the_end_of_speech_costs_no_tail_decode() -> None:
+    run = run_session(TEN)
+    assert [words_of(f) for f in run.finals] == [[f"w{k}" for k in range(10)]]
+    assert not any(j.tail for j in run.jobs)
+
+
+def test_a_tail_that_looks_invented_or_repeats_the_last_word_adds_nothing_invented() -> None:
+    def invented(job: Job, hypothesis: Hypothesis) -> Hypothesis:
+        if job.tail:
+            return Hypothesis((make_word(99, 0.1, 0.5),), no_speech_prob=0.9, avg_logprob=-1.5)
+        return stops_after(1.8)(job, hypothesis)
+
+    run = run_session(TEN, rewrite=invented)
+    assert [words_of(f) for f in run.finals] == [["w0", "w1", "w2", "w3"]]
+
+    def repeats(job: Job, hypothesis: Hypothesis) -> Hypothesis:
+        if job.tail:  # hears the end of w3 again before the words that follow it
+            return replace(hypothesis, words=(make_word(3, 0.0, 0.1), *hypothesis.words))
+        return stops_after(1.8)(job, hypothesis)
+
+    run = run_session(TEN, rewrite=repeats)
+    assert [words_of(f) for f in run.finals] == [[f"w{k}" for k in range(10)]]
