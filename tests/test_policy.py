@@ -334,8 +334,9 @@ def test_alignatt_promises_heard_words_from_one_hypothesis() -> None:
 def test_alignatt_early_on_promises_only_words_the_model_is_sure_of() -> None:
     current = sentence(" the", " quick", " brown", " fox")
     current[1] = replace(current[1], probability=0.3)
-    assert texts(attended_prefix(current, 2.5, ALIGNATT)) == [" the"]  # window < 3 s
-    assert texts(attended_prefix(current, 3.5, ALIGNATT)) == [" the", " quick", " brown"]
+    early = replace(ALIGNATT, early_commit_s=3.0)
+    assert texts(attended_prefix(current, 2.5, early)) == [" the"]  # window < 3 s
+    assert texts(attended_prefix(current, 3.5, early)) == [" the", " quick", " brown"]
 
 
 def test_alignatt_of_nothing_is_nothing() -> None:
