@@ -145,7 +145,7 @@ class StreamingSection(_Section):
     holdback_s: float = Field(0.3, ge=0.0)
     prompt_chars: int = Field(0, ge=0)
     max_window_s: float = Field(0.0, ge=0.0, le=28.0)
-    early_commit_s: float = Field(2.0, ge=0.0, le=28.0)
+    early_commit_s: float = Field(3.0, ge=0.0, le=28.0)
     early_commit_probability: float = Field(0.6, ge=0.0, le=1.0)
     tentative: Tentative = "agreed"
     tentative_edge_s: float = Field(0.5, ge=0.0, le=5.0)
