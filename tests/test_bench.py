@@ -342,7 +342,9 @@ def test_bench_runs_end_to_end_against_servers_it_starts(
     figures = report["runs"][0]["figures"]
     assert figures["offline_cpu_s_per_audio_s"] > 0  # the baseline's cost, measured
     assert figures["server_cpu_vs_offline"] == pytest.approx(
-        figures["server_cpu_s_per_audio_s"] / figures["offline_cpu_s_per_audio_s"], abs=0.01
+        # both figures are rounded to 3 decimals, the ratio is not: a relative tolerance
+        figures["server_cpu_s_per_audio_s"] / figures["offline_cpu_s_per_audio_s"],
+        rel=0.05,
     )
     # The log alone is enough to analyse the runs again, to the same figures (but the
     # offline pass, which runs again, and so costs what it costs this time).
