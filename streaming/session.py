@@ -23,6 +23,7 @@ from streaming.policy import (
     PolicyOptions,
     drop_hallucination,
     drop_trailing_echo,
+    normalize_word,
     promised_prefix,
     tentative_words,
 )
@@ -75,6 +76,19 @@ class Job:
         return len(self.request.audio) / MODEL_SAMPLE_RATE_HZ
 
 
+@dataclass(frozen=True)
+class _Ending:
+    """A segment's final words, and what explains any the partials showed that they lack
+    (the DEBUG line of `_explain_losses`): whether the hypothesis `heard` was
+    `hallucinated` (then the words are the promised ones only), and `echo`, what the
+    session's echo guard cut."""
+
+    words: list[Word]
+    hallucinated: bool = False
+    heard: Hypothesis | None = None
+    echo: tuple[Word, ...] = ()
+
+
 @dataclass
 class _Segment:
     index: int
@@ -96,14 +110,9 @@ class _Segment:
     # both showed (what a reader saw twice in a row): the final must explain any it lacks.
     shown: tuple[Word, ...] = ()
     shown_twice: tuple[Word, ...] = ()
-    # A final that stopped well before the end of speech, waiting for its tail decode:
-    # its words, what explains their losses, and where the tail starts (samples from the
-    # segment start).
-    ending: list[Word] | None = None
-    ending_heard: Hypothesis | None = None
-    ending_hallucinated: bool = False
-    ending_echo: tuple[Word, ...] = ()
-    tail_start: int = 0
+    # A final that stopped well before the end of speech, waiting for the decode of the
+    # audio after its last word.
+    ending: _Ending | None = None
 
 
 def _timings(words: Sequence[Word], start_s: float, end_s: float) -> tuple[WordTiming, ...]:
@@ -149,15 +158,11 @@ def _text(words: Sequence[Word]) -> str:
     return "".join(w.text for w in words).strip()
 
 
-def _norm(text: str) -> str:
-    return "".join(c for c in text.lower() if c.isalnum())
-
-
 def _overlap(before: Sequence[Word], after: Sequence[Word]) -> int:
     """How many leading words of `after` say again the last words of `before` (a decode
     that starts at a word boundary the alignment placed early hears that word again)."""
     for k in range(min(len(before), len(after)), 0, -1):
-        if [_norm(w.text) for w in after[:k]] == [_norm(w.text) for w in before[-k:]]:
+        if list(map(normalize_word, after[:k])) == list(map(normalize_word, before[-k:])):
             return k
     return 0
 
@@ -306,19 +311,17 @@ class Session:
             segment.start_sample + segment.window_start,
         )
 
-    def _tail_job(self, segment: _Segment, ending: list[Word]) -> Job:
+    def _tail_job(self, segment: _Segment, ending: _Ending) -> Job:
         """Decode what follows the final's last word, with no forced prefix (the prefix
         is what the decoder could not get past), its text as the prompt."""
         assert segment.closed is not None
-        text = _text(ending)
+        start = max(0, int(ending.words[-1].end_s * MODEL_SAMPLE_RATE_HZ))
         request = DecodeRequest(
-            audio=segment.closed.audio[segment.tail_start :],
-            prompt=text[-WINDOW_CONTEXT_CHARS:],
+            audio=segment.closed.audio[start:],
+            prompt=_text(ending.words)[-WINDOW_CONTEXT_CHARS:],
             language=self.config.language,
         )
-        return Job(
-            self.id, segment.index, request, True, segment.start_sample + segment.tail_start, True
-        )
+        return Job(self.id, segment.index, request, True, segment.start_sample + start, True)
 
     def _partial_job(self) -> Job | None:
         if not self.config.interim or self._active is None:
@@ -382,9 +385,11 @@ class Session:
             assert segment.heard is not None
             self._close(
                 segment,
-                list(segment.previous),
-                drop_hallucination(segment.heard, self.config.policy),
-                segment.heard,
+                _Ending(
+                    list(segment.previous),
+                    drop_hallucination(segment.heard, self.config.policy),
+                    segment.heard,
+                ),
             )
         self._maybe_done()
 
@@ -423,10 +428,12 @@ class Session:
         if job.final:
             self._close(
                 segment,
-                words,
-                drop_hallucination(hypothesis, self.config.policy),
-                hypothesis,
-                echo=kept[len(words) :],
+                _Ending(
+                    words,
+                    drop_hallucination(hypothesis, self.config.policy),
+                    hypothesis,
+                    tuple(kept[len(words) :]),
+                ),
             )
         else:
             segment.heard_until = job.start_sample + len(job.request.audio)
@@ -520,20 +527,14 @@ class Session:
         segment.window_start = max(segment.window_start, int(cut_s * MODEL_SAMPLE_RATE_HZ))
         segment.trimmed = k
 
-    def _close(
-        self,
-        segment: _Segment,
-        words: list[Word],
-        hallucinated: bool,
-        heard: Hypothesis | None = None,
-        echo: Sequence[Word] = (),
-    ) -> None:
+    def _close(self, segment: _Segment, ending: _Ending) -> None:
         """Finalize the segment, unless its words stop more than tail_gap_s before the
         VAD's end of speech: then its tail is decoded first (`_tail_job`)."""
         closed = segment.closed
         assert closed is not None
-        if hallucinated:
-            words = list(segment.committed)
+        if ending.hallucinated:
+            ending = replace(ending, words=list(segment.committed))
+        words = ending.words
         gap_s = self.config.policy.tail_gap_s
         speech_end_s = (closed.speech_end_sample - segment.start_sample) / MODEL_SAMPLE_RATE_HZ
         if gap_s > 0 and words and words[-1].end_s < speech_end_s - gap_s:
@@ -545,11 +546,9 @@ class Session:
                 words[-1].end_s,
                 speech_end_s,
             )
-            segment.ending, segment.ending_heard, segment.ending_echo = words, heard, tuple(echo)
-            segment.ending_hallucinated = hallucinated
-            segment.tail_start = max(0, int(words[-1].end_s * MODEL_SAMPLE_RATE_HZ))
+            segment.ending = ending
             return
-        self._finalize(segment, words, hallucinated, heard, echo)
+        self._finalize(segment, ending)
 
     def _finish_tail(self, segment: _Segment, tail: Hypothesis) -> None:
         """Append what the tail decode heard after the final's last word: words centred
@@ -557,37 +556,27 @@ class Session:
         invented (Whisper fills noise with "Thank you.")."""
         ending = segment.ending
         assert ending is not None
-        last = ending[-1]
+        last = ending.words[-1]
         added: list[Word] = []
         if not drop_hallucination(tail, self.config.policy):
             added = [w for w in tail.words if (w.start_s + w.end_s) / 2 > last.end_s]
-            added = added[_overlap(ending, added) :]
-        words = drop_trailing_echo(ending + added, keep=len(ending))
+            added = added[_overlap(ending.words, added) :]
+        words = drop_trailing_echo(ending.words + added, keep=len(ending.words))
         if added:
             log.debug(
                 "session %s: the tail of segment %d added %r",
                 self.id,
                 segment.index,
-                _text(words[len(ending) :]),
+                _text(words[len(ending.words) :]),
             )
         segment.ending = None
-        self._finalize(
-            segment, words, segment.ending_hallucinated, segment.ending_heard, segment.ending_echo
-        )
+        self._finalize(segment, replace(ending, words=words))
 
-    def _finalize(
-        self,
-        segment: _Segment,
-        words: list[Word],
-        hallucinated: bool,
-        heard: Hypothesis | None = None,
-        echo: Sequence[Word] = (),
-    ) -> None:
-        """Send the segment's final, `words`. For the DEBUG line on lost words: whether
-        the hypothesis `heard` was `hallucinated` (then `words` start with the promised
-        ones only), and `echo`, what the session's echo guard cut."""
+    def _finalize(self, segment: _Segment, ending: _Ending) -> None:
+        """Send the segment's final, `ending.words`."""
         closed = segment.closed
         assert closed is not None
+        words = ending.words
         promised = len(_tokens(segment.committed))
         if _common_tokens(segment.committed, words) < promised:
             # _keep_promises makes this impossible; should a path ever skip it, the
@@ -598,7 +587,7 @@ class Session:
                 segment.index,
             )
             words = list(segment.committed) + words[_words_within(words, promised) :]
-        self._explain_losses(segment, words, hallucinated, heard, echo)
+        self._explain_losses(segment, words, ending)
         self._to_finalize.popleft()
         del self._segments[segment.index]
         start_s, end_s = self._time(closed.start_sample), self._time(closed.end_sample)
@@ -610,23 +599,17 @@ class Session:
             Final(segment.index, text, start_s, end_s, _timings(words, start_s, end_s))
         )
 
-    def _explain_losses(
-        self,
-        segment: _Segment,
-        words: Sequence[Word],
-        hallucinated: bool,
-        heard: Hypothesis | None,
-        echo: Sequence[Word],
-    ) -> None:
+    def _explain_losses(self, segment: _Segment, words: Sequence[Word], ending: _Ending) -> None:
         """A DEBUG line for words the partials showed two steps in a row that the final
-        lacks, with the reason."""
+        (`words`, those of `ending` after the promise check) lacks, with the reason."""
+        heard, echo = ending.heard, ending.echo
         shown = segment.shown_twice
         same = _common_tokens(shown, words)
         lost = shown[_words_within(shown, same) :]
         if not lost:
             return
         rest = words[_words_within(words, same) :]
-        if hallucinated:
+        if ending.hallucinated:
             why = "the hallucination filter took the final's unpromised words for invented text"
             if heard is not None:
                 why += (
