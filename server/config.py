@@ -98,6 +98,9 @@ class ModelSection(_Section):
     max_batch_size: int = Field(8, ge=1, le=64)
     timestamps: bool = False
     release_memory_s: float = Field(2.0, ge=0.0)  # see server/memory.py; 0: never
+    # torch engine: a step encodes again only its window's last this many seconds
+    # (server/engines/torch_whisper/encoder_reuse.py); 0: every window whole
+    encoder_reuse_s: float = Field(2.0, ge=0.0, le=28.0)
 
     @property
     def worker_count(self) -> int:

@@ -48,6 +48,10 @@ class DecodeRequest:
     # alignment heads attend within this many seconds of the audio's end (0: decode to
     # the end). Others decode to the end, and the policy cuts by word times.
     stop_edge_s: float = 0.0
+    # Names one growing window (a session's live window of one segment): the next
+    # request with this key starts with the same audio, longer. An engine may keep
+    # what it computed from that audio for it (the torch engine's encoder states).
+    stream_key: str = ""
 
 
 class EngineLoadError(RuntimeError):

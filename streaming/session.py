@@ -294,6 +294,7 @@ class Session:
             stop_edge_s=policy.alignatt_edge_s
             if policy.policy == "alignatt" and not final
             else 0.0,
+            stream_key=f"{self.id}/{segment.index}/{segment.window_start}",
         )
 
     def _final_job(self) -> Job | None:

@@ -7,7 +7,7 @@ PyTorch is needed only by those who choose it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
@@ -37,13 +37,20 @@ def build_engine(model: ModelSection) -> WhisperEngine:
                 f"model.engine: torch needs PyTorch, which is not installed ({exc}): "
                 f"{TORCH_INSTALL}, or use model.engine: ctranslate2"
             ) from exc
-        backend: Callable[..., WhisperEngine] = TorchWhisper
-    else:
-        from server.engines.ct2 import CTranslate2Whisper
+        return TorchWhisper(
+            model.name,
+            model.compute_type,
+            model.cpu_threads,
+            model.beam_size,
+            timestamps=model.timestamps,
+            workers=model.worker_count,
+            feature_threads=model.feature_threads,
+            device=model.device,
+            encoder_reuse_s=model.encoder_reuse_s,
+        )
+    from server.engines.ct2 import CTranslate2Whisper
 
-        backend = CTranslate2Whisper
-    # Both backends take the same arguments.
-    return backend(
+    return CTranslate2Whisper(
         model.name,
         model.compute_type,
         model.cpu_threads,

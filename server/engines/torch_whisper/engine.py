@@ -48,11 +48,14 @@ from server.engines.decoding import (
 )
 from server.engines.models import BUNDLED_MODEL, load_tokenizer, resolve_model_path
 from server.engines.torch_whisper.alignment import attention_matrix, dtw
+from server.engines.torch_whisper.encoder_reuse import EncoderStates, KeptEncoding
 from server.engines.torch_whisper.model import (
+    KV,
     KVCache,
     Whisper,
     audio_positions,
     quantize_int8,
+    stack_rows,
 )
 from server.engines.torch_whisper.weights import (
     LoadedWeights,
@@ -148,10 +151,13 @@ class TorchWhisper:
         workers: int = 1,
         feature_threads: int = 1,
         device: str = "cpu",
+        encoder_reuse_s: float = 0.0,
     ) -> None:
         """As CTranslate2Whisper's arguments; `cpu_threads` sets PyTorch's intra-op
         threads for the whole process (0: PyTorch's default), and calls from `workers`
-        threads run at once on the one model."""
+        threads run at once on the one model. With `encoder_reuse_s`, a request with a
+        stream key reuses the encoder states of its audio over that many seconds before
+        its end from the previous request with the key (encoder_reuse.py; 0: never)."""
         if beam_size != 1:
             raise EngineLoadError(
                 "the torch engine decodes greedily: set model.beam_size: 1 "
@@ -178,6 +184,8 @@ class TorchWhisper:
                 f"the torch engine has no compute type {compute_type!r} on {device}; "
                 f"use one of {', '.join(sorted(kinds))}"
             )
+        self._reuse_s = encoder_reuse_s
+        self._states = EncoderStates() if encoder_reuse_s > 0 else None
         self.compute = kinds[compute_type]
         self.device = torch.device(device)
         self.dtype = DTYPES[self.compute]
@@ -279,24 +287,93 @@ class TorchWhisper:
                 results[i] = hypothesis
         return results
 
-    def _encode(self, audios: list[np.ndarray]) -> tuple[Tensor, list[int]]:
-        """Encoder output [batch, positions, state] of each window plus TAIL_PAD_S of
-        silence, and the mel frames each one has."""
+    def _encode(
+        self, audios: list[np.ndarray], keys: Sequence[str] = ()
+    ) -> tuple[list[KV], list[int]]:
+        """The decoder's cross-attention keys and values (per layer, [batch, head,
+        positions, state/head]) of each window plus TAIL_PAD_S of silence, and the mel
+        frames each one has. A window with a stream key reuses the positions kept for
+        it by its previous step (encoder_reuse.py) and keeps those now over
+        `encoder_reuse_s` before its end."""
         tail = int(TAIL_PAD_S * MODEL_SAMPLE_RATE_HZ)
         mels = [self._features(np.pad(a, (0, tail)), padding=0) for a in audios]
         frames = [m.shape[-1] for m in mels]
-        batch = np.zeros((len(mels), self.dims.n_mels, max(frames)), dtype=np.float32)
-        for i, mel in enumerate(mels):
-            batch[i, :, : mel.shape[-1]] = mel
-        mel_t = torch.from_numpy(batch).to(self.device, self.dtype)
-        return self.model.encoder(mel_t, frames), frames
+        keys = [k if self._states is not None else "" for k in keys] or [""] * len(audios)
+        kept = [
+            self._states.take(k, a) if k and self._states is not None else None
+            for k, a in zip(keys, audios, strict=True)
+        ]
+        starts = [k.positions if k else 0 for k in kept]
+        encoder, decoder = self.model.encoder, self.model.decoder
+        new_rows, new_kv = encoder.extend(
+            [torch.from_numpy(m).to(self.device, self.dtype) for m in mels],
+            starts,
+            [k.self_kv if k else None for k in kept],
+        )
+        new_cross = decoder.cross_keys_values(stack_rows(new_rows))
+        total = max(audio_positions(f) for f in frames)
+        cross: list[KV] = []
+        for layer, (k_new, v_new) in enumerate(new_cross):
+            k_all = k_new.new_zeros((len(audios), *k_new.shape[1:2], total, k_new.shape[3]))
+            v_all = k_all.clone()
+            for i, (old, start, n) in enumerate(zip(kept, starts, map(len, new_rows), strict=True)):
+                if old is not None:
+                    k_all[i, :, :start] = old.cross_kv[layer][0][0]
+                    v_all[i, :, :start] = old.cross_kv[layer][1][0]
+                k_all[i, :, start : start + n] = k_new[i, :, :n]
+                v_all[i, :, start : start + n] = v_new[i, :, :n]
+            cross.append((k_all, v_all))
+        for i, key in enumerate(keys):
+            if key and self._states is not None:
+                self._keep(key, audios[i], kept[i], starts[i], new_rows[i], new_kv[i], cross, i)
+        return cross, frames
+
+    def _keep(
+        self,
+        key: str,
+        audio: np.ndarray,
+        old: KeptEncoding | None,
+        start: int,
+        rows: Tensor,
+        self_kv: list[KV],
+        cross: list[KV],
+        i: int,
+    ) -> None:
+        """Keep window i's positions over `encoder_reuse_s` before its end for its next
+        step (those already kept stay)."""
+        seconds = len(audio) / MODEL_SAMPLE_RATE_HZ - self._reuse_s
+        upto = max(start, audio_positions(int(seconds * MODEL_SAMPLE_RATE_HZ) // HOP_SAMPLES))
+        if upto <= 0:
+            return
+        more = upto - start
+        kv = [(k[:, :, :more], v[:, :, :more]) for k, v in self_kv]
+        output = rows[:more]
+        if old is not None:
+            kv = [
+                (torch.cat([ko, k], dim=2), torch.cat([vo, v], dim=2))
+                for (ko, vo), (k, v) in zip(old.self_kv, kv, strict=True)
+            ]
+            output = torch.cat([old.output, output])
+        assert self._states is not None
+        self._states.put(
+            key,
+            KeptEncoding(
+                audio.copy(),
+                upto,
+                kv,
+                output,
+                [
+                    (k[i : i + 1, :, :upto].clone(), v[i : i + 1, :, :upto].clone())
+                    for k, v in cross
+                ],
+            ),
+        )
 
     def _transcribe_batch(self, requests: Sequence[DecodeRequest]) -> list[Hypothesis]:
         max_samples = int(MAX_WINDOW_S * MODEL_SAMPLE_RATE_HZ)
         audios = [np.asarray(r.audio, dtype=np.float32)[:max_samples] for r in requests]
-        audio, mel_frames = self._encode(audios)
+        cross_kv, mel_frames = self._encode(audios, [r.stream_key for r in requests])
         decoder = self.model.decoder
-        cross_kv = decoder.cross_keys_values(audio)
         heard = [(0, audio_positions(f)) for f in mel_frames]
 
         tokenizers = [self._tokenizers.get(r.language) for r in requests]
@@ -515,7 +592,7 @@ class TorchWhisper:
                 for w, g in zip(words, groups, strict=True)
             ]
         with torch.inference_mode():
-            encoded, _ = self._encode([audio])
+            cross_kv, mel_frames = self._encode([audio])
             decoder = self.model.decoder
             sequence = [*tokenizer.sot_sequence, tokenizer.no_timestamps, *tokens, tokenizer.eot]
             n = len(sequence)
@@ -533,10 +610,10 @@ class TorchWhisper:
                 torch.tensor([sequence], device=self.device),
                 torch.arange(n, device=self.device)[None],
                 cache,
-                decoder.cross_keys_values(encoded),
+                cross_kv,
                 [(0, n)],
                 [(0, n)],
-                [(0, encoded.shape[1])],
+                [(0, audio_positions(mel_frames[0]))],
                 scores,
             )
             n_task = len(tokenizer.sot_sequence)

@@ -67,6 +67,7 @@ class Mlp(nn.Module):
         return out
 
 
+KV = tuple[Tensor, Tensor]  # keys and values [batch, head, time, state/head]
 Spans = list[tuple[int, int]]  # per request of a batch: its rows [lo, hi) along time
 
 
@@ -251,6 +252,52 @@ class AudioEncoder(nn.Module):
             x = block(x, spans)
         out: Tensor = self.ln_post(x)
         return out
+
+    def extend(
+        self, mels: list[Tensor], starts: list[int], past: list[list[KV] | None]
+    ) -> tuple[list[Tensor], list[list[KV]]]:
+        """Window i's encoder output from position `starts[i]` on, its earlier positions
+        not computed again: their keys and values `past[i]` (per layer, [1, head,
+        starts[i], state/head], as an earlier call returned them) stand in for them, as
+        a decoder's cache does. `mels[i]`: [n_mels, frames], the whole window. Returns per
+        window its new rows [len, state] and per layer their keys and values. With every
+        start 0 this is `forward`, window by window."""
+        rows: list[Tensor] = []
+        for mel, start in zip(mels, starts, strict=True):
+            # conv2's position p reads conv1's frames 2p-1..2p+1, conv1's frame f mel
+            # frames f-1..f+1: from mel frame 2·start-2 on, all but the first output is
+            # exact (that one saw conv1's zero padding).
+            cut = max(0, 2 * start - 2)
+            x = F.gelu(self.conv2(F.gelu(self.conv1(mel[None, :, cut:]))))[0].t()
+            x = x[1:] if start else x
+            rows.append(x + self.positional_embedding[start : start + len(x)].to(x.dtype))
+        lengths = [len(r) for r in rows]
+        x = stack_rows(rows)
+        new_kv: list[list[KV]] = [[] for _ in rows]
+        for layer, block in enumerate(cast(list[EncoderBlock], list(self.blocks))):
+            attn = block.attn
+            q, k, v = (_heads(t, attn.n_head) for t in attn.qkv(block.attn_ln(x)).chunk(3, dim=-1))
+            out = q.new_zeros(q.shape)
+            for i, n in enumerate(lengths):
+                ki, vi = k[i : i + 1, :, :n], v[i : i + 1, :, :n]
+                new_kv[i].append((ki, vi))
+                before = past[i]
+                if before is not None:
+                    ki = torch.cat([before[layer][0], ki], dim=2)
+                    vi = torch.cat([before[layer][1], vi], dim=2)
+                out[i : i + 1, :, :n] = F.scaled_dot_product_attention(q[i : i + 1, :, :n], ki, vi)
+            x = x + attn.out(_merge(out))
+            x = x + block.mlp(block.mlp_ln(x))
+        x = self.ln_post(x)
+        return [x[i, :n] for i, n in enumerate(lengths)], new_kv
+
+
+def stack_rows(rows: list[Tensor]) -> Tensor:
+    """[len_i, state] rows as one zero-padded [batch, max len, state]."""
+    out = rows[0].new_zeros((len(rows), max(len(r) for r in rows), rows[0].shape[1]))
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
 
 
 def audio_positions(frames: int) -> int:
