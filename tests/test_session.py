@@ -818,6 +818,27 @@ def test_a_final_that_stops_short_of_the_speech_gets_its_tail_decoded(
     assert_promises_kept(run)
 
 
+def test_a_segments_windows_share_a_stream_key_and_each_extends_the_last() -> None:
+    # The torch engine reuses encoder states by stream key when the audio continues:
+    # every keyed request must start with the previous one's audio, a segment's steps
+    # and final sharing one key; a tail (other audio) has none.
+    run = run_session(TEN, config=DECODE_FINALS, rewrite=stops_after(1.8))
+    last: dict[str, np.ndarray] = {}
+    for job in run.jobs:
+        key = job.request.stream_key
+        if job.tail:
+            assert key == ""
+            continue
+        assert key.startswith(f"s1/{job.segment}/")
+        if key in last:
+            previous = last[key]
+            assert np.array_equal(job.request.audio[: len(previous)], previous)
+        last[key] = job.request.audio
+    assert len(last) == 1 and any(j.final and not j.tail for j in run.jobs)
+    three = run_session(THREE, config=DECODE_FINALS)
+    assert len({j.request.stream_key for j in three.jobs}) == 3  # one per segment
+
+
 def test_without_the_tail_guard_those_words_are_lost() -> None:
     config = replace(CONFIG, policy=replace(CONFIG.policy, tail_gap_s=0.0))
     run = run_session(TEN, config=config, rewrite=stops_after(1.8))

@@ -28,6 +28,7 @@ from server.engines.decoding import MAX_WINDOW_S  # noqa: E402
 from server.engines.models import resolve_model_path  # noqa: E402
 from server.engines.torch_whisper import TorchWhisper  # noqa: E402
 from server.engines.torch_whisper.alignment import dtw  # noqa: E402
+from server.engines.torch_whisper.model import EncoderBlock  # noqa: E402
 from server.engines.torch_whisper.weights import (  # noqa: E402
     OPENAI_ALIGNMENT_HEADS,
     convert_ct2,
@@ -258,6 +259,96 @@ def test_alignatt_stops_decoding_where_attention_reaches_the_live_edge(
     assert stopped.tokens == whole.tokens[: len(stopped.tokens)]  # the same words, fewer
     assert calls_stopped < calls_whole
     assert stopped.words[-1].end_s <= window_s - 0.2, (stopped.words[-1], window_s)
+
+
+@pytest.fixture(scope="module")
+def reusing_engine() -> TorchWhisper:
+    """int8, as served, keeping encoder positions 2 s before a window's end."""
+    return TorchWhisper(cpu_threads=1, encoder_reuse_s=2.0)
+
+
+def _encoded_rows(engine: TorchWhisper) -> tuple[list[int], Callable[[], None]]:
+    """Per encoder call, how many positions (of the widest window) it computed."""
+    rows: list[int] = []
+
+    def hook(_module: Any, args: tuple[Any, ...]) -> None:
+        rows.append(int(args[0].shape[1]))
+
+    first: EncoderBlock = engine.model.encoder.blocks[0]  # type: ignore[assignment]
+    handle = first.attn.qkv.register_forward_pre_hook(hook)
+    return rows, handle.remove
+
+
+def _grow(audio: np.ndarray, step_s: float = 0.3) -> list[np.ndarray]:
+    """A live window as a session sends it: longer by a step each time."""
+    step = int(step_s * RATE)
+    return [audio[:end] for end in range(step, len(audio) + step, step)]
+
+
+def test_a_growing_window_encodes_only_its_last_seconds_again(
+    reusing_engine: TorchWhisper, speech_16k: np.ndarray, three_sentences: Utterance
+) -> None:
+    # The longest sentence, stepped as a session steps it: each step computes the
+    # positions of its last 2 s, the step's new audio and the tail pad, not the window.
+    a, b = max(_sentence_spans(speech_16k), key=lambda s: s[1] - s[0])
+    sentence = speech_16k[a:b]
+    rows, remove = _encoded_rows(reusing_engine)
+    try:
+        for window in _grow(sentence):
+            hypothesis = reusing_engine.transcribe([DecodeRequest(window, stream_key="s/0/0")])[0]
+    finally:
+        remove()
+    whole = reusing_engine.transcribe([DecodeRequest(sentence)])[0]
+    positions = len(sentence) // 320 + 50  # 50 a second, and TAIL_PAD_S (1 s)
+    assert rows[0] < 0.3 * 50 + 50 + 2  # the first step: the whole (short) window
+    assert max(rows[-3:]) <= (2.0 + 0.3 + 1.0) * 50 + 2 < positions
+    # The same words as the window encoded whole (by error rate: int8 rounding).
+    assert wer(whole.text, hypothesis.text) <= 0.1, (whole.text, hypothesis.text)
+    assert wer(" ".join(three_sentences.sentences), hypothesis.text) < 0.8  # one sentence
+
+
+def test_a_window_that_does_not_continue_its_key_is_encoded_whole(
+    reusing_engine: TorchWhisper, speech_16k: np.ndarray
+) -> None:
+    (a, b), (c, d) = _sentence_spans(speech_16k)[:2]
+    reusing_engine.transcribe([DecodeRequest(speech_16k[a:b], stream_key="t/0/0")])
+    other = speech_16k[c:d]
+    rows, remove = _encoded_rows(reusing_engine)
+    try:
+        again = reusing_engine.transcribe([DecodeRequest(other, stream_key="t/0/0")])[0]
+    finally:
+        remove()
+    assert rows == [len(other) // 320 + 50]  # every position computed again
+    assert again.tokens == reusing_engine.transcribe([DecodeRequest(other)])[0].tokens
+
+
+def test_growing_windows_decode_alike_in_a_batch_and_alone(
+    reusing_engine: TorchWhisper, speech_16k: np.ndarray
+) -> None:
+    # Two sessions' windows, kept states of different lengths in one batch: each
+    # decodes exactly as it does alone.
+    (a, b), (c, d) = _sentence_spans(speech_16k)[:2]
+    first, second = _grow(speech_16k[a:b]), _grow(speech_16k[c:d])
+    steps = min(len(first), len(second))
+    first, second = first[:steps], second[len(second) - steps :]
+    alone = [
+        (
+            reusing_engine.transcribe([DecodeRequest(x, stream_key="a1")])[0].tokens,
+            reusing_engine.transcribe([DecodeRequest(y, stream_key="b1")])[0].tokens,
+        )
+        for x, y in zip(first, second, strict=True)
+    ]
+    batched = [
+        tuple(
+            h.tokens
+            for h in reusing_engine.transcribe(
+                [DecodeRequest(x, stream_key="a2"), DecodeRequest(y, stream_key="b2")]
+            )
+        )
+        for x, y in zip(first, second, strict=True)
+    ]
+    assert batched == alone
+    assert alone[-1][0] and alone[-1][1]
 
 
 def test_weights_convert_from_model_bin_and_the_conversion_is_cached(
