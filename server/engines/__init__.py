@@ -47,6 +47,7 @@ def build_engine(model: ModelSection) -> WhisperEngine:
             feature_threads=model.feature_threads,
             device=model.device,
             encoder_reuse_s=model.encoder_reuse_s,
+            drafts=model.drafts,
         )
     from server.engines.ct2 import CTranslate2Whisper
 
