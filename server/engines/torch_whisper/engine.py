@@ -8,6 +8,14 @@ position, the probabilities of the prefix tokens, the no-speech probability), th
 decodes greedily with a key/value cache. The cross-attention scores of the alignment
 heads come out of the same passes, so word timings need no second decoder pass.
 
+Two savings on a session's next step, where most of the window and of its transcript
+are what the previous step had: the encoder computes only the window's last
+`encoder_reuse_s` seconds again (encoder_reuse.py), and the tokens the previous step
+decoded after the prefix (the request's draft) are read in the first pass too; the
+greedy choice at each draft row says whether decoding would have chosen that token, so
+the draft is kept up to the first token it would not choose, and decoding goes on from
+there (`_check_drafts`).
+
 Windows of different lengths share a batch without padding each other: every window is
 encoded on its own length (plus TAIL_PAD_S of silence, as the CTranslate2 engine does),
 and masks keep them apart, so a window decodes the same in a batch as alone.
