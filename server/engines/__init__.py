@@ -8,7 +8,7 @@ PyTorch is needed only by those who choose it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -29,6 +29,13 @@ class WhisperEngine(Engine, Protocol):
 
 def build_engine(model: ModelSection) -> WhisperEngine:
     """The engine `model` asks for (`model.engine`: ctranslate2 or torch)."""
+    # Both backends take these; the torch engine's own savings come on top.
+    common: dict[str, Any] = {
+        "timestamps": model.timestamps,
+        "workers": model.worker_count,
+        "feature_threads": model.feature_threads,
+        "device": model.device,
+    }
     if model.engine == "torch":
         try:
             from server.engines.torch_whisper import TorchWhisper
@@ -42,12 +49,9 @@ def build_engine(model: ModelSection) -> WhisperEngine:
             model.compute_type,
             model.cpu_threads,
             model.beam_size,
-            timestamps=model.timestamps,
-            workers=model.worker_count,
-            feature_threads=model.feature_threads,
-            device=model.device,
             encoder_reuse_s=model.encoder_reuse_s,
             drafts=model.drafts,
+            **common,
         )
     from server.engines.ct2 import CTranslate2Whisper
 
@@ -56,10 +60,7 @@ def build_engine(model: ModelSection) -> WhisperEngine:
         model.compute_type,
         model.cpu_threads,
         model.beam_size,
-        timestamps=model.timestamps,
-        workers=model.worker_count,
-        feature_threads=model.feature_threads,
-        device=model.device,
+        **common,
     )
 
 
