@@ -52,9 +52,6 @@ class DecodeRequest:
     # request with this key starts with the same audio, longer. An engine may keep
     # what it computed from that audio for it (the torch engine's encoder states).
     stream_key: str = ""
-    # What the previous step decoded after the prefix: an engine may check these
-    # tokens in one pass instead of decoding them one by one (the result is the same).
-    draft_tokens: tuple[int, ...] = ()
 
 
 class EngineLoadError(RuntimeError):

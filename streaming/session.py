@@ -286,18 +286,15 @@ class Session:
         history = " ".join(self._history)[-policy.prompt_chars :] if policy.prompt_chars else ""
         context = "".join(w.text for w in segment.committed[: segment.trimmed]).strip()
         prompt = f"{history} {context[-WINDOW_CONTEXT_CHARS:]}".strip()
-        prefix = tuple(t for w in segment.committed[segment.trimmed :] for t in w.tokens)
-        heard = segment.heard.tokens if segment.heard is not None else ()
         return DecodeRequest(
             audio=audio[segment.window_start :],
-            prefix_tokens=prefix,
+            prefix_tokens=tuple(t for w in segment.committed[segment.trimmed :] for t in w.tokens),
             prompt=prompt,
             language=self.config.language,
             stop_edge_s=policy.alignatt_edge_s
             if policy.policy == "alignatt" and not final
             else 0.0,
             stream_key=f"{self.id}/{segment.index}/{segment.window_start}",
-            draft_tokens=heard[len(prefix) :] if heard[: len(prefix)] == prefix else (),
         )
 
     def _final_job(self) -> Job | None:

@@ -839,34 +839,6 @@ def test_a_segments_windows_share_a_stream_key_and_each_extends_the_last() -> No
     assert len({j.request.stream_key for j in three.jobs}) == 3  # one per segment
 
 
-def test_each_step_offers_what_the_last_partial_step_heard_after_the_prefix_as_a_draft() -> None:
-    # The torch engine checks a draft in one pass: it must be the last partial step's
-    # tokens after the words promised since (nothing when they do not start with them).
-    heard: list[tuple[Job, Hypothesis]] = []
-
-    def record(job: Job, hypothesis: Hypothesis) -> Hypothesis:
-        heard.append((job, hypothesis))
-        return hypothesis
-
-    run = run_session(THREE, config=DECODE_FINALS, rewrite=record)
-    last: dict[int, Hypothesis] = {}
-    drafts = 0
-    for job, hypothesis in heard:
-        request = job.request
-        before = last.get(job.segment)
-        if before is None:
-            assert request.draft_tokens == ()
-        else:
-            prefix = request.prefix_tokens
-            assert before.tokens[: len(prefix)] == prefix  # promised words were heard
-            assert request.draft_tokens == before.tokens[len(prefix) :]
-            drafts += bool(request.draft_tokens)
-        if not job.final:
-            last[job.segment] = hypothesis
-    assert drafts >= len(heard) // 2
-    assert [words_of(f) for f in run.finals] == THREE_TEXTS
-
-
 def test_without_the_tail_guard_those_words_are_lost() -> None:
     config = replace(CONFIG, policy=replace(CONFIG.policy, tail_gap_s=0.0))
     run = run_session(TEN, config=config, rewrite=stops_after(1.8))

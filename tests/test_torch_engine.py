@@ -179,10 +179,6 @@ def _batch_requests(audio: np.ndarray, engine: TorchWhisper) -> list[DecodeReque
         DecodeRequest(audio[a0:b0], prefix_tokens=whole.tokens[:6]),
         DecodeRequest(audio[a1:b1], prompt=whole.text),
         DecodeRequest(audio[a1 : a1 + 2 * RATE], prefix_tokens=whole.tokens[:2]),
-        # drafts: right, half right, with a prefix
-        DecodeRequest(audio[a0:b0], draft_tokens=whole.tokens),
-        DecodeRequest(audio[a0:b0], draft_tokens=whole.tokens[:4] + whole.tokens[:3]),
-        DecodeRequest(audio[a0:b0], prefix_tokens=whole.tokens[:2], draft_tokens=whole.tokens[2:5]),
         DecodeRequest(audio[:100]),  # too short to hold a word
     ]
 
@@ -241,49 +237,6 @@ def test_a_40_token_prefix_is_read_in_one_decoder_pass(
     assert lengths[0] == 2 + 40
     assert all(n == 1 for n in lengths[1:])
     assert len(lengths) - 1 <= new + 2, (lengths, new)
-
-
-def test_a_draft_that_the_model_would_decode_is_checked_in_the_first_pass(
-    torch_engine: TorchWhisper, speech_16k: np.ndarray
-) -> None:
-    # The previous step's words as a draft: one pass reads the prefix and the draft,
-    # and only the tokens after it (here the end of text) are decoded one by one.
-    a, b = _sentence_spans(speech_16k)[0]
-    window = speech_16k[a:b]
-    plain = torch_engine.transcribe([DecodeRequest(window)])[0]
-    prefix, draft = plain.tokens[:3], plain.tokens[3:]
-    assert len(draft) >= 5
-    lengths, remove = _decoder_calls(torch_engine)
-    try:
-        checked = torch_engine.transcribe(
-            [DecodeRequest(window, prefix_tokens=prefix, draft_tokens=draft)]
-        )[0]
-    finally:
-        remove()
-    assert lengths[0] == 2 + len(prefix) + len(draft)
-    assert len(lengths) <= 3, lengths  # the end of text, and at most one more token
-    assert wer(plain.text, checked.text) <= 0.1, (plain.text, checked.text)
-    for u, v in zip(plain.words, checked.words, strict=False):
-        assert abs(u.start_s - v.start_s) <= 0.1 and abs(u.end_s - v.end_s) <= 0.1
-
-
-def test_a_wrong_draft_changes_nothing_but_its_cost(
-    torch_engine: TorchWhisper, speech_16k: np.ndarray
-) -> None:
-    # Another sentence's tokens: rejected at once, the window decodes as without them.
-    (a, b), (c, d) = _sentence_spans(speech_16k)[:2]
-    window = speech_16k[a:b]
-    wrong = torch_engine.transcribe([DecodeRequest(speech_16k[c:d])])[0].tokens
-    plain = torch_engine.transcribe([DecodeRequest(window)])[0]
-    drafted = torch_engine.transcribe([DecodeRequest(window, draft_tokens=wrong)])[0]
-    assert drafted.tokens == plain.tokens
-    assert [(w.start_s, w.end_s) for w in drafted.words] == [
-        (w.start_s, w.end_s) for w in plain.words
-    ]
-    # Half right: the right half is taken, the rest decoded.
-    half = plain.tokens[: len(plain.tokens) // 2] + wrong[:4]
-    again = torch_engine.transcribe([DecodeRequest(window, draft_tokens=half)])[0]
-    assert wer(plain.text, again.text) <= 0.1, (plain.text, again.text)
 
 
 def test_alignatt_stops_decoding_where_attention_reaches_the_live_edge(

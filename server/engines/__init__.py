@@ -50,7 +50,6 @@ def build_engine(model: ModelSection) -> WhisperEngine:
             model.cpu_threads,
             model.beam_size,
             encoder_reuse_s=model.encoder_reuse_s,
-            drafts=model.drafts,
             **common,
         )
     from server.engines.ct2 import CTranslate2Whisper

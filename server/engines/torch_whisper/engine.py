@@ -8,13 +8,9 @@ position, the probabilities of the prefix tokens, the no-speech probability), th
 decodes greedily with a key/value cache. The cross-attention scores of the alignment
 heads come out of the same passes, so word timings need no second decoder pass.
 
-Two savings on a session's next step, where most of the window and of its transcript
-are what the previous step had: the encoder computes only the window's last
-`encoder_reuse_s` seconds again (encoder_reuse.py), and the tokens the previous step
-decoded after the prefix (the request's draft) are read in the first pass too; the
-greedy choice at each draft row says whether decoding would have chosen that token, so
-the draft is kept up to the first token it would not choose, and decoding goes on from
-there (`_check_drafts`).
+A session's next step has most of its window in common with the previous one: with
+`encoder_reuse_s`, the encoder computes only the window's last seconds again
+(encoder_reuse.py).
 
 Windows of different lengths share a batch without padding each other: every window is
 encoded on its own length (plus TAIL_PAD_S of silence, as the CTranslate2 engine does),
@@ -140,7 +136,6 @@ class _Row:
     duration_s: float
     frames: int  # mel frames of the real audio (without the tail pad)
     stop_edge: int  # AlignAtt: stop where attention reaches this many last positions
-    draft: list[int] = field(default_factory=list)  # read after the start, checked
     new: list[int] = field(default_factory=list)
     new_probs: list[float] = field(default_factory=list)
     logprob_sum: float = 0.0  # of the new tokens: as CTranslate2, forced ones count 0
@@ -161,15 +156,12 @@ class TorchWhisper:
         feature_threads: int = 1,
         device: str = "cpu",
         encoder_reuse_s: float = 0.0,
-        drafts: bool = True,
     ) -> None:
         """As CTranslate2Whisper's arguments; `cpu_threads` sets PyTorch's intra-op
         threads for the whole process (0: PyTorch's default), and calls from `workers`
         threads run at once on the one model. With `encoder_reuse_s`, a request with a
         stream key reuses the encoder states of its audio over that many seconds before
-        its end from the previous request with the key (encoder_reuse.py; 0: never).
-        With `drafts`, a request's draft tokens are checked in the first decoder pass
-        (else ignored: decoded one by one)."""
+        its end from the previous request with the key (encoder_reuse.py; 0: never)."""
         if beam_size != 1:
             raise EngineLoadError(
                 "the torch engine decodes greedily: set model.beam_size: 1 "
@@ -197,7 +189,6 @@ class TorchWhisper:
                 f"use one of {', '.join(sorted(kinds))}"
             )
         self._reuse_s = encoder_reuse_s
-        self._drafts = drafts
         self._states = EncoderStates() if encoder_reuse_s > 0 else None
         self.compute = kinds[compute_type]
         self.device = torch.device(device)
@@ -403,9 +394,6 @@ class TorchWhisper:
                 decode_budget(len(start), duration_s), len(prompt) + len(tokenizer.sot_sequence)
             )
             max_new = max(1, min(steps - len(prefix), self.dims.n_text_ctx - len(start)))
-            # AlignAtt stops by the attention of each chosen token: no draft there.
-            drafted = self._drafts and not request.stop_edge_s
-            draft = list(request.draft_tokens)[: max_new - 1] if drafted else []
             rows.append(
                 _Row(
                     start,
@@ -416,12 +404,11 @@ class TorchWhisper:
                     duration_s,
                     len(samples) // HOP_SAMPLES,
                     round(request.stop_edge_s * TOKENS_PER_SECOND),
-                    draft,
                 )
             )
-        width = max(len(r.start) + len(r.draft) for r in rows)
+        width = max(len(r.start) for r in rows)
         for r in rows:
-            r.pad = width - len(r.start) - len(r.draft)
+            r.pad = width - len(r.start)
             r.sot_at += r.pad
         total = width + max(r.max_new for r in rows) + 1
         batch = len(rows)
@@ -430,8 +417,8 @@ class TorchWhisper:
         tokens = torch.full((batch, width), self.eot, dtype=torch.long)
         positions = torch.zeros((batch, width), dtype=torch.long)
         for i, r in enumerate(rows):
-            tokens[i, r.pad :] = torch.tensor(r.start + r.draft)
-            positions[i, r.pad :] = torch.arange(len(r.start) + len(r.draft))
+            tokens[i, r.pad :] = torch.tensor(r.start)
+            positions[i, r.pad :] = torch.arange(len(r.start))
         tokens, positions = tokens.to(self.device), positions.to(self.device)
         spans = [(r.pad, width) for r in rows]
 
@@ -459,12 +446,15 @@ class TorchWhisper:
         no_speech = decoder.logits(specials[:, None])[:, 0].softmax(dim=-1)[
             :, tokenizers[0].no_speech
         ]
-        next_tokens, chosen = self._check_drafts(hidden, rows, cache, layer_scores)
+        logits = decoder.logits(hidden[:, -1:])[:, 0]
 
         step = 0
-        while chosen:  # else every request stopped at the edge before its first token
+        while True:
             # Every chosen token goes through the decoder once more, the end of text
             # included: its row of cross-attention scores is part of the alignment.
+            next_tokens, chosen = self._choose(logits, rows, step)
+            if not chosen:  # every request stopped at the edge before this token
+                break
             pos = torch.tensor([len(r.start) + len(r.new) - 1 for r in rows], device=self.device)[
                 :, None
             ]
@@ -486,7 +476,6 @@ class TorchWhisper:
             if all(r.ended for r in rows):
                 break
             logits = decoder.logits(hidden[:, -1:])[:, 0]
-            next_tokens, chosen = self._choose(logits, rows)
 
         # [batch, alignment heads, every token fed, audio positions]
         fed = torch.cat([torch.cat(layers, dim=1) for layers in calls], dim=2)
@@ -506,8 +495,7 @@ class TorchWhisper:
                 out.append([])
                 continue
             # Row width - 1 - p + k predicts prefix token k: no-timestamps, then the prefix.
-            end = width - 1 - len(r.draft)
-            picked = hidden[i : i + 1, end - len(r.prefix) : end]
+            picked = hidden[i : i + 1, width - 1 - len(r.prefix) : width - 1]
             text = self.model.decoder.text_logits(picked)[0].log_softmax(dim=-1)
             targets = torch.tensor(r.prefix, device=self.device)[:, None]
             out.append(text.gather(1, targets)[:, 0].exp().tolist())
@@ -529,95 +517,31 @@ class TorchWhisper:
             if int(attention.argmax()) >= heard - r.stop_edge:
                 r.ended = True
 
-    def _check_drafts(
-        self, hidden: Tensor, rows: list[_Row], cache: KVCache, scores: list[Tensor]
-    ) -> tuple[Tensor, bool]:
-        """The first pass's choices. A request's draft (what its previous step decoded
-        after the prefix) was read after its start: the greedy choice at each draft
-        row is what decoding one token at a time would choose there, so the draft
-        tokens up to the first that the model would not choose are taken as decoded,
-        and the choice at that row is the next token, as if decoded without a draft.
-        The rejected draft rows are then moved out of the cache and the alignment
-        scores (the request's rows shift right by as many), so that the rest decodes
-        as usual. Returns each request's next token to feed and whether any was chosen."""
-        width = hidden.shape[1]
-        out = torch.full((len(rows),), self.eot, dtype=torch.long, device=self.device)
-        any_chosen = False
-        for i, r in enumerate(rows):
-            if r.ended:  # AlignAtt: stopped at the edge before the first token
-                continue
-            any_chosen = True
-            d = len(r.draft)
-            # Per request, the kernels it gets alone (Int8Linear); the first row as a
-            # step's [1, 1, state], so that a draft rejected at once changes nothing.
-            logits = self.model.decoder.logits(hidden[i : i + 1, width - 1 - d : width - d])[0]
-            if d:
-                after = self.model.decoder.logits(hidden[i : i + 1, width - d :])[0]
-                logits = torch.cat([logits, after])
-            chosen, logprobs, text_probs = self._greedy(logits, r)
-            taken = 0
-            while taken < d and chosen[taken] == r.draft[taken]:
-                taken += 1
-            for j in range(taken + 1):
-                self._record(r, chosen[j], logprobs[j], text_probs[j])
-            out[i] = chosen[taken]
-            rejected = d - taken
-            if rejected:
-                lo = r.pad
-                for t in [*cache.keys, *cache.values]:
-                    t[i, :, lo + rejected : width] = t[i, :, lo : width - rejected].clone()
-                for t in scores:  # per layer [batch, heads, tokens, audio]
-                    t[i, :, lo + rejected : width] = t[i, :, lo : width - rejected].clone()
-                r.pad += rejected
-                r.sot_at += rejected
-        return out, any_chosen
-
-    def _greedy(self, logits: Tensor, r: _Row) -> tuple[list[int], list[float], list[float]]:
-        """Greedy choices at consecutive rows of one request ([rows, vocab] logits, the
-        first row predicting its next new token): tokens, log-probabilities, and
-        probabilities among the text tokens."""
-        text_probs = logits[:, : self.eot].softmax(dim=-1)
-        logits = logits.clone()
-        logits[:, self._suppress] = float("-inf")
-        if not r.prefix and not r.new:  # as CTranslate2's suppress_blank: no blank start
-            logits[0, self._suppress_begin] = float("-inf")
-        logprobs = logits.log_softmax(dim=-1)
-        chosen = logprobs.argmax(dim=-1)
-        rows = torch.arange(len(chosen), device=logits.device)
-        picked_text = text_probs[rows, chosen.clamp(max=self.eot - 1)]
-        return (
-            chosen.tolist(),
-            logprobs[rows, chosen].tolist(),
-            [
-                p if t < self.eot else 0.0
-                for t, p in zip(chosen.tolist(), picked_text.tolist(), strict=True)
-            ],
-        )
-
-    def _record(self, r: _Row, token: int, logprob: float, text_prob: float) -> None:
-        r.new.append(token)
-        r.logprob_sum += logprob
-        r.new_probs.append(text_prob)
-        if token == self.eot or len(r.new) >= r.max_new:
-            r.ended = True
-
-    def _choose(self, logits: Tensor, rows: list[_Row]) -> tuple[Tensor, bool]:
+    def _choose(self, logits: Tensor, rows: list[_Row], step: int) -> tuple[Tensor, bool]:
         """Greedy choice of each unfinished request's next token (end of text for the
         finished ones), and whether any was chosen; records its probabilities."""
         text_probs = logits[:, : self.eot].softmax(dim=-1)
         logits = logits.clone()
         logits[:, self._suppress] = float("-inf")
+        if step == 0:
+            for i, r in enumerate(rows):
+                if not r.prefix:  # as CTranslate2's suppress_blank: no blank start
+                    logits[i, self._suppress_begin] = float("-inf")
         logprobs = logits.log_softmax(dim=-1)
-        picked = logprobs.argmax(dim=-1).tolist()
-        out = torch.full((len(rows),), self.eot, dtype=torch.long, device=self.device)
+        chosen = logprobs.argmax(dim=-1)
+        picked = chosen.tolist()
+        out = torch.full_like(chosen, self.eot)
         any_chosen = False
         for i, (r, token) in enumerate(zip(rows, picked, strict=True)):
             if r.ended:
                 continue
             any_chosen = True
-            text_prob = float(text_probs[i, token]) if token < self.eot else 0.0
-            self._record(r, token, float(logprobs[i, token]), text_prob)
+            r.new.append(token)
+            r.logprob_sum += float(logprobs[i, token])
+            r.new_probs.append(float(text_probs[i, token]) if token < self.eot else 0.0)
             out[i] = token
+            if token == self.eot or len(r.new) >= r.max_new:
+                r.ended = True
         return out, any_chosen
 
     def _hypothesis(
