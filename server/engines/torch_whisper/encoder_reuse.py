@@ -31,10 +31,13 @@ class KeptEncoding:
     """A window's first `positions` encoder positions, as computed by earlier steps."""
 
     audio: np.ndarray  # the last window they were used with: the next must extend it
-    positions: int
     self_kv: list[KV]  # per encoder layer, [1, head, positions, state/head]
     output: Tensor  # [positions, state]
     cross_kv: list[KV]  # per decoder layer, [1, head, positions, state/head]
+
+    @property
+    def positions(self) -> int:
+        return len(self.output)
 
 
 class EncoderStates:
@@ -65,6 +68,3 @@ class EncoderStates:
             self._kept[key] = kept
             while len(self._kept) > self._capacity:
                 self._kept.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._kept)

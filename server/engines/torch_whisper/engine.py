@@ -302,9 +302,11 @@ class TorchWhisper:
         tail = int(TAIL_PAD_S * MODEL_SAMPLE_RATE_HZ)
         mels = [self._features(np.pad(a, (0, tail)), padding=0) for a in audios]
         frames = [m.shape[-1] for m in mels]
-        keys = [k if self._states is not None else "" for k in keys] or [""] * len(audios)
+        states = self._states
+        if states is None or not keys:
+            keys = [""] * len(audios)
         kept = [
-            self._states.take(k, a) if k and self._states is not None else None
+            states.take(k, a) if states is not None and k else None
             for k, a in zip(keys, audios, strict=True)
         ]
         starts = [k.positions if k else 0 for k in kept]
@@ -328,7 +330,7 @@ class TorchWhisper:
                 v_all[i, :, start : start + n] = v_new[i, :, :n]
             cross.append((k_all, v_all))
         for i, key in enumerate(keys):
-            if key and self._states is not None:
+            if key:
                 self._keep(key, audios[i], kept[i], starts[i], new_rows[i], new_kv[i], cross, i)
         return cross, frames
 
@@ -363,7 +365,6 @@ class TorchWhisper:
             key,
             KeptEncoding(
                 audio.copy(),
-                upto,
                 kv,
                 output,
                 [

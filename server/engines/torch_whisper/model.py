@@ -173,11 +173,6 @@ class EncoderBlock(nn.Module):
         self.mlp_ln = nn.LayerNorm(n_state)
         self.mlp = Mlp(n_state)
 
-    def forward(self, x: Tensor, spans: Spans) -> Tensor:
-        x = x + self.attn(self.attn_ln(x), spans, spans, causal=False)
-        out: Tensor = x + self.mlp(self.mlp_ln(x))
-        return out
-
 
 class DecoderBlock(nn.Module):
     def __init__(self, n_state: int, n_head: int) -> None:
@@ -234,25 +229,6 @@ class AudioEncoder(nn.Module):
         )
         self.ln_post = nn.LayerNorm(d)
 
-    def forward(self, mel: Tensor, frames: list[int]) -> Tensor:
-        """mel [batch, n_mels, frames]; `frames[i]`: mel frames of window i (the rest is
-        zero padding). Returns [batch, positions, state]; rows past a window's own
-        `audio_positions` are zero, and every later step leaves them out."""
-        x = F.gelu(self.conv1(mel))
-        if min(frames) != mel.shape[-1]:  # conv2 must see zeros past each window, as alone
-            valid = (
-                torch.arange(mel.shape[-1], device=mel.device)[None, :]
-                < torch.tensor(frames, device=mel.device)[:, None]
-            )
-            x = x * valid[:, None, :].to(x.dtype)
-        x = F.gelu(self.conv2(x)).transpose(1, 2)
-        x = x + self.positional_embedding[: x.shape[1]].to(x.dtype)
-        spans = [(0, audio_positions(f)) for f in frames]
-        for block in self.blocks:
-            x = block(x, spans)
-        out: Tensor = self.ln_post(x)
-        return out
-
     def extend(
         self, mels: list[Tensor], starts: list[int], past: list[list[KV] | None]
     ) -> tuple[list[Tensor], list[list[KV]]]:
@@ -260,8 +236,8 @@ class AudioEncoder(nn.Module):
         not computed again: their keys and values `past[i]` (per layer, [1, head,
         starts[i], state/head], as an earlier call returned them) stand in for them, as
         a decoder's cache does. `mels[i]`: [n_mels, frames], the whole window. Returns per
-        window its new rows [len, state] and per layer their keys and values. With every
-        start 0 this is `forward`, window by window."""
+        window its new rows [len, state] and per layer their keys and values. Each window
+        is computed on its own rows only, so a batch changes no window's result."""
         rows: list[Tensor] = []
         for mel, start in zip(mels, starts, strict=True):
             # conv2's position p reads conv1's frames 2p-1..2p+1, conv1's frame f mel
