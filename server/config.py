@@ -151,6 +151,7 @@ class StreamingSection(_Section):
     max_window_s: float = Field(0.0, ge=0.0, le=28.0)
     early_commit_s: float = Field(3.0, ge=0.0, le=28.0)
     early_commit_probability: float = Field(0.6, ge=0.0, le=1.0)
+    early_commit_agreements: int = Field(0, ge=0, le=100)
     tentative: Tentative = "agreed"
     tentative_edge_s: float = Field(0.5, ge=0.0, le=5.0)
     tentative_edge_probability: float = Field(0.9, ge=0.0, le=1.0)
@@ -161,6 +162,13 @@ class StreamingSection(_Section):
     alignatt_edge_s: float = Field(0.5, ge=0.0, le=5.0)
     tail_gap_s: float = Field(1.0, ge=0.0, le=28.0)
 
+    @field_validator("early_commit_agreements")
+    @classmethod
+    def _more_than_local_agreement(cls, value: int) -> int:
+        if value in (1, 2):  # two hypotheses agreeing is LocalAgreement itself
+            raise ValueError("must be 0 (off) or at least 3")
+        return value
+
     def policy_options(self) -> PolicyOptions:
         return PolicyOptions(
             step_s=self.step_s,
@@ -169,6 +177,7 @@ class StreamingSection(_Section):
             max_window_s=self.max_window_s,
             early_commit_s=self.early_commit_s,
             early_commit_probability=self.early_commit_probability,
+            early_commit_agreements=self.early_commit_agreements,
             tentative=self.tentative,
             tentative_edge_s=self.tentative_edge_s,
             tentative_edge_probability=self.tentative_edge_probability,

@@ -42,6 +42,10 @@ class PolicyOptions:
     # utterances, +0.5 on the long-form ones (noisy ones most), so 3 s stays.
     early_commit_s: float = 3.0
     early_commit_probability: float = 0.6
+    # ...or if this many consecutive hypotheses (this one included) have heard it so: a
+    # mishearing of a short window tends to change as the window grows, a word heard the
+    # same for several steps less so. 0: the probability alone decides.
+    early_commit_agreements: int = 0
     # Partials show promised words and then the tentative words worth showing: "all" of
     # them, or those two consecutive hypotheses "agreed" on; but not a word ending within
     # tentative_edge_s of the live edge (often cut mid-word, then revised) unless the
@@ -78,6 +82,9 @@ class PolicyOptions:
             raise ValueError("streaming.endpoint_silence_s must not be negative")
         if self.tail_gap_s < 0:
             raise ValueError("streaming.tail_gap_s must not be negative")
+        # (two hypotheses agreeing is LocalAgreement itself: early_commit_s 0 says that)
+        if self.early_commit_agreements < 0 or self.early_commit_agreements in (1, 2):
+            raise ValueError("streaming.early_commit_agreements must be 0 (off) or at least 3")
 
 
 def _same(a: Word, b: Word) -> bool:
@@ -109,19 +116,37 @@ def tentative_words(
 
 
 def agreed_prefix(
-    previous: Sequence[Word], current: Sequence[Word], window_s: float, options: PolicyOptions
+    previous: Sequence[Word],
+    current: Sequence[Word],
+    window_s: float,
+    options: PolicyOptions,
+    earlier: Sequence[Sequence[Word]] = (),
 ) -> list[Word]:
-    """Words of `current` that `previous` agrees on and that are safe to promise."""
+    """Words of `current` that `previous` agrees on and that are safe to promise.
+
+    `earlier`: the hypotheses before `previous`, newest last (for
+    `early_commit_agreements`)."""
     agreed: list[Word] = []
     limit = window_s - options.holdback_s
     early = window_s < options.early_commit_s
-    for before, now in zip(previous, current[:-1], strict=False):
+    for k, (before, now) in enumerate(zip(previous, current[:-1], strict=False)):
         if not _same(before, now) or now.end_s > limit:
             break
-        if early and min(before.probability, now.probability) < options.early_commit_probability:
+        if (
+            early
+            and min(before.probability, now.probability) < options.early_commit_probability
+            and not _heard_alike(k, now, earlier, options.early_commit_agreements - 2)
+        ):
             break
         agreed.append(now)
     return agreed
+
+
+def _heard_alike(k: int, word: Word, earlier: Sequence[Sequence[Word]], count: int) -> bool:
+    """Whether the `count` newest of `earlier` (count > 0) all have `word` as word k."""
+    if count <= 0 or len(earlier) < count:
+        return False
+    return all(k < len(h) and _same(h[k], word) for h in earlier[-count:])
 
 
 def attended_prefix(current: Sequence[Word], window_s: float, options: PolicyOptions) -> list[Word]:
@@ -139,12 +164,17 @@ def attended_prefix(current: Sequence[Word], window_s: float, options: PolicyOpt
 
 
 def promised_prefix(
-    previous: Sequence[Word], current: Sequence[Word], window_s: float, options: PolicyOptions
+    previous: Sequence[Word],
+    current: Sequence[Word],
+    window_s: float,
+    options: PolicyOptions,
+    earlier: Sequence[Sequence[Word]] = (),
 ) -> list[Word]:
-    """The words of `current` that `options.policy` promises."""
+    """The words of `current` that `options.policy` promises (`earlier`: as
+    `agreed_prefix`'s)."""
     if options.policy == "alignatt":
         return attended_prefix(current, window_s, options)
-    return agreed_prefix(previous, current, window_s, options)
+    return agreed_prefix(previous, current, window_s, options, earlier)
 
 
 # Whisper's best-known inventions on silence and noise (it was trained on subtitles).

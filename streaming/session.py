@@ -95,6 +95,7 @@ class _Segment:
     start_sample: int
     committed: list[Word] = field(default_factory=list)
     previous: tuple[Word, ...] = ()
+    earlier: tuple[tuple[Word, ...], ...] = ()  # hypotheses before `previous`, newest last
     decoded_samples: int = 0
     last_partial: tuple[str, str] = ("", "")  # text and stable of the last partial sent
     # Sliding window: audio before window_start (samples from the segment start) is no
@@ -473,7 +474,8 @@ class Session:
         window_s = (
             job.start_sample - segment.start_sample
         ) / MODEL_SAMPLE_RATE_HZ + job.audio_seconds  # the window's end, from the segment start
-        agreed = promised_prefix(segment.previous, words, window_s, self.config.policy)
+        policy = self.config.policy
+        agreed = promised_prefix(segment.previous, words, window_s, policy, segment.earlier)
         # Promise only while the segment is live: once it is closed (a length cut may land
         # while this job is in flight) agreed words can lie beyond its audio, and forcing
         # them into its final would repeat them in the next segment.
@@ -485,6 +487,8 @@ class Session:
         shown = tentative_words(
             segment.previous, words, len(segment.committed), window_s, self.config.policy
         )
+        keep = max(policy.early_commit_agreements - 2, 0)
+        segment.earlier = (*segment.earlier, segment.previous)[-keep:] if keep else ()
         segment.previous = tuple(words)
         twice = _words_within(shown, _common_tokens(segment.shown, shown))
         segment.shown_twice, segment.shown = tuple(shown[:twice]), tuple(shown)

@@ -281,6 +281,27 @@ def test_early_on_words_the_model_is_unsure_of_are_not_promised() -> None:
     assert len(agreed_prefix(before, now, 3.5, sure)) == 4  # past the early phase: any
 
 
+def test_early_on_an_unsure_word_heard_alike_long_enough_is_promised() -> None:
+    steady = PolicyOptions(holdback_s=0.0, early_commit_s=3.0, early_commit_agreements=4)
+    heard = _words("the weather today is sunny")
+    unsure = [replace(w, probability=0.3) if w.text == " weather" else w for w in heard]
+    misheard = [replace(w, tokens=(99,)) if w.text == " weather" else w for w in unsure]
+    # Four hypotheses in a row (these two and two earlier) heard "weather" alike.
+    assert len(agreed_prefix(unsure, unsure, 2.0, steady, [unsure, unsure])) == 4
+    # One of the four heard it otherwise, or there were only three: not yet.
+    assert texts(agreed_prefix(unsure, unsure, 2.0, steady, [misheard, unsure])) == [" the"]
+    assert texts(agreed_prefix(unsure, unsure, 2.0, steady, [unsure])) == [" the"]
+    # Off (the default), the probability alone decides, however long it was heard alike.
+    off = replace(steady, early_commit_agreements=0)
+    assert texts(agreed_prefix(unsure, unsure, 2.0, off, [unsure] * 9)) == [" the"]
+
+
+@pytest.mark.parametrize("agreements", [-1, 1, 2])
+def test_early_commit_agreements_must_ask_more_than_local_agreement(agreements: int) -> None:
+    with pytest.raises(ValueError, match="early_commit_agreements"):
+        PolicyOptions(early_commit_agreements=agreements)
+
+
 # tentative_words -------------------------------------------------------------------------
 
 
