@@ -144,3 +144,37 @@ def test_alignatt_promises_from_one_hypothesis_and_asks_partials_to_stop_at_the_
         assert final.text.startswith(stable[name]), (final.text, stable[name])
     assert stable["local_agreement"] == ""  # never two hypotheses alike
     assert stable["alignatt"].startswith("w0 w1 w2"), stable
+
+
+class UnsureEngine:
+    """Hears a word per half second, the same words every call, each with probability
+    0.3: below the early-commit probability."""
+
+    name = "unsure"
+
+    def transcribe(self, requests: Sequence[DecodeRequest]) -> list[Hypothesis]:
+        return [self._one(r) for r in requests]
+
+    @staticmethod
+    def _one(request: DecodeRequest) -> Hypothesis:
+        heard = int(len(request.audio) / 16_000 / 0.5)
+        return Hypothesis(
+            tuple(Word(f" w{i}", i * 0.5, i * 0.5 + 0.4, 0.3, (100 + i,)) for i in range(heard))
+        )
+
+
+def test_early_words_heard_alike_step_after_step_are_promised_before_the_early_phase_ends() -> None:
+    audio = (np.ones(16_000 * 5) * 0.3 * 32767).astype("<i2")
+    first_promise: dict[int, float] = {}
+    for agreements in (0, 4):
+        policy = PolicyOptions(early_commit_s=3.0, early_commit_agreements=agreements)
+        session = Session("s", SessionConfig(policy=policy), EnergyClassifier())
+        messages, _ = _run(session, UnsureEngine(), audio)
+        first_promise[agreements] = min(
+            m.end - m.start for m in messages if isinstance(m, Partial) and m.stable
+        )
+        final = next(m for m in messages if isinstance(m, Final))
+        assert final.text.startswith("w0 w1 w2 w3 w4 w5 w6"), final.text
+    # Off, unsure words wait for a 3 s window; four steps alike (1.2 s) promise them sooner.
+    assert first_promise[0] >= 3.0, first_promise
+    assert first_promise[4] < 2.5, first_promise
