@@ -587,3 +587,25 @@ def test_what_the_torch_engine_cannot_do_is_refused_with_the_setting_to_change()
     if not torch.cuda.is_available():
         with pytest.raises(EngineLoadError, match="PyTorch finds no CUDA GPU"):
             build_engine(ModelSection(engine="torch", device="cuda"))
+
+
+def test_int8_layers_multiply_alike_with_either_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where torch._int_mm is slow (a plain loop on CPUs PyTorch has no int8 kernel for),
+    inputs of many rows and the int8 weights are multiplied as float32 instead: the same
+    products, so the engine hears the same words on every CPU; a decoding step's single
+    rows take fbgemm's kernel either way."""
+    from server.engines.torch_whisper import model
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(1536, 96)  # 1536 inputs: sums past float32's exact 2**24
+    layers = {}
+    for slow in (False, True):
+        monkeypatch.setattr(model, "int8_products_are_slow", lambda slow=slow: slow)
+        layers[slow] = model.Int8Linear(linear)
+        assert (layers[slow].weight_float_t is not None) == slow
+    for x in (torch.randn(2, 50, 1536), torch.randn(3, 1, 1536)):  # an encoder, a step
+        with torch.no_grad():
+            reference, fast, slow_out = linear(x), layers[False](x), layers[True](x)
+        assert fast.shape == slow_out.shape == reference.shape
+        assert float((fast - reference).norm() / reference.norm()) < 0.02
+        assert float((slow_out - fast).abs().max()) < 1e-4 * float(fast.abs().max())

@@ -22,7 +22,10 @@ products. weights.py maps openai-whisper, Hugging Face and CTranslate2 weights o
 
 from __future__ import annotations
 
+import functools
+import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
@@ -375,6 +378,30 @@ def _has_vnni() -> bool:
 REDUCE_RANGE = not _has_vnni()  # fbgemm's 7-bit inputs, where 8 bits could saturate
 
 
+@functools.cache
+def int8_products_are_slow() -> bool:
+    """Whether torch._int_mm is much slower here than a float32 matrix product.
+
+    On the CPU it is oneDNN's int8 kernel only where PyTorch has one for the CPU; elsewhere
+    a plain loop (measured on an AMD EPYC with AVX2 and no AVX-512: 235 ms against 4 ms in
+    float32 for 256 x 384 by 384 x 1536, so that one stream's steps fell ten seconds
+    behind). Timed once rather than guessed from CPU flags, which PyTorch's choice of
+    kernel does not document; the gap is too wide for timing noise to flip it."""
+    a, b = torch.ones(64, 384, dtype=torch.int8), torch.ones(384, 384, dtype=torch.int8)
+    af, bf = a.float(), b.float()
+
+    def best(product: Callable[[], Tensor]) -> float:
+        product()  # warm up: oneDNN builds its kernel on the first call
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            product()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best(lambda: torch._int_mm(a, b)) > 4 * best(lambda: af @ bf)
+
+
 class Int8Linear(nn.Module):
     """A linear layer in int8: weights per output row, inputs per input row, int32 sums.
 
@@ -387,12 +414,16 @@ class Int8Linear(nn.Module):
     Two kernels: torch._int_mm for inputs of many rows (the encoder, a prefix), and
     fbgemm's dynamic linear, row by row, for the few rows of a decoding step: it is the
     faster matrix-vector product (measured: 0.5 against 2 ms for tiny.en's 51864 x 384
-    output projection), and on one row its one scale is the row's own.
+    output projection), and on one row its one scale is the row's own. Where
+    torch._int_mm is slow (`int8_products_are_slow`), the same int8 rows and weights are
+    multiplied as float32 instead: their integer products summed exactly while a sum stays
+    under 2**24, and rounded by float32 past it.
     """
 
     weight_t: Tensor
     weight_scale: Tensor
     bias: Tensor | None
+    weight_float_t: Tensor | None
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -403,6 +434,9 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_scale", scale)
         bias = linear.bias.detach().float() if linear.bias is not None else None
         self.register_buffer("bias", bias)
+        self.register_buffer(
+            "weight_float_t", self.weight_t.float() if int8_products_are_slow() else None
+        )
         with warnings.catch_warnings():  # quantized tensors are deprecated, not yet gone
             warnings.simplefilter("ignore")
             packed_weight = torch.quantize_per_channel(
@@ -434,10 +468,13 @@ class Int8Linear(nn.Module):
             # (abs().amax() and a multiplication: vector_norm and a division by a column
             # took 15 times as long here.)
             peak = rows.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
-            quantized = (rows * (127 / peak)).round_().to(torch.int8)
-            out = torch._int_mm(quantized, self.weight_t).float() * (
-                peak * (self.weight_scale / 127)
+            quantized = (rows * (127 / peak)).round_()
+            sums = (
+                quantized @ self.weight_float_t  # integers, as torch._int_mm sums them
+                if self.weight_float_t is not None
+                else torch._int_mm(quantized.to(torch.int8), self.weight_t).float()
             )
+            out = sums * (peak * (self.weight_scale / 127))
             if self.bias is not None:
                 out = out + self.bias
         return out.reshape(*x.shape[:-1], out.shape[-1])
