@@ -53,6 +53,18 @@ def spoken_words(text: str) -> list[str]:
     return [DIGITS.get(w, w) for w in re.findall(r"[\w']+", text.lower())]
 
 
+def lost_words(reference: str, hypothesis: str) -> list[str]:
+    """Reference words the hypothesis has nothing for: a misheard word ("change" for
+    "changed", as CPU kernels and step timing vary) reached the finals; a deleted one is
+    lost."""
+    ref = spoken_words(reference)
+    return [
+        ref[i]
+        for i, (kind, _) in enumerate(align(ref, spoken_words(hypothesis)))
+        if kind == "delete"
+    ]
+
+
 def recall(reference: str, hypothesis: str) -> float:
     ref = spoken_words(reference)
     hits = sum(kind == "equal" for kind, _ in align(ref, spoken_words(hypothesis)))
@@ -85,9 +97,9 @@ def test_every_word_of_a_repeated_phrase_reaches_the_finals(
     assert streamed.close_code == 1000
     finals = sentence_finals(streamed, repeated)
     missed = [
-        (reference, final)
+        (reference, final, lost_words(reference, final))
         for reference, final in zip(REPEATS, finals, strict=False)
-        if recall(reference, final) < 1.0
+        if lost_words(reference, final)
     ]
     assert not missed, missed
 
