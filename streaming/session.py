@@ -117,15 +117,22 @@ class _Segment:
 
 
 def _timings(words: Sequence[Word], start_s: float, end_s: float) -> tuple[WordTiming, ...]:
-    """Words of a segment's hypothesis as the stream's times, inside start_s..end_s."""
-    timings = []
+    """Words of a segment's hypothesis as the stream's times, inside start_s..end_s.
+
+    Punctuation that came as a word of its own (a "," after a forced prefix that ended
+    before it) joins the word before it, as the text reads: a client that rebuilds the
+    text from the words (Deepgram's `punctuated_word`) gets the same text."""
+    timings: list[WordTiming] = []
     for w in words:
         w_start = min(max(start_s + w.start_s, start_s), end_s)
         w_end = min(max(start_s + w.end_s, w_start), end_s)
+        text = w.text.strip()
+        if timings and not any(c.isalnum() for c in text) and not w.text[:1].isspace():
+            last = timings[-1]
+            timings[-1] = replace(last, word=last.word + text, end=max(last.end, round(w_end, 3)))
+            continue
         timings.append(
-            WordTiming(
-                w.text.strip(), round(w_start, 3), round(w_end, 3), round(float(w.probability), 4)
-            )
+            WordTiming(text, round(w_start, 3), round(w_end, 3), round(float(w.probability), 4))
         )
     return tuple(timings)
 

@@ -83,6 +83,34 @@ def test_promised_words_are_never_repeated_when_the_engine_regroups_them() -> No
     assert final.text == "streaming speech recognition, spoken words"
 
 
+def test_words_read_as_the_text_when_punctuation_comes_as_a_word_of_its_own() -> None:
+    # As CTranslate2Whisper groups them after the prefix "streaming speech recognition":
+    # "," a word of its own. Deepgram's clients rebuild the transcript from the words.
+    class LonePunctuationEngine:
+        name = "lone-punctuation"
+
+        def transcribe(self, requests: Sequence[DecodeRequest]) -> list[Hypothesis]:
+            tokens = [1, 2, 3, 4, 5, 6]
+            return [
+                Hypothesis(
+                    tuple(
+                        Word(TEXT[t], i * 0.3, i * 0.3 + 0.25, 0.9, (t,))
+                        for i, t in enumerate(tokens)
+                    )
+                )
+                for _ in requests
+            ]
+
+    session = Session("s", SessionConfig(), EnergyClassifier())
+    audio = (np.ones(16_000 * 4) * 0.3 * 32767).astype("<i2")
+    messages, _ = _run(session, LonePunctuationEngine(), audio)
+    shown = [m for m in messages if isinstance(m, Partial | Final) and m.text]
+    assert any("recognition," in m.text for m in shown), [m.text for m in shown]
+    for message in shown:
+        assert [w.word for w in message.words] == message.text.split(), message
+        assert all(w.start <= w.end for w in message.words), message
+
+
 def _run(session: Session, engine: Any, audio: np.ndarray) -> tuple[list[Any], list[Any]]:
     messages, jobs = [], []
     for offset in range(0, len(audio), 1600):
