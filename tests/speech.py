@@ -105,3 +105,13 @@ def word_errors(reference: str, hypothesis: str) -> int:
         return len(ref.split())
     out = jiwer.process_words(ref, hyp)
     return int(out.substitutions + out.deletions + out.insertions)
+
+
+def one_file_manifest(utterance: Utterance, folder: Path) -> Path:
+    """A bench manifest in `folder` of the one recording, its wav beside it."""
+    import json
+
+    (folder / "speech.wav").symlink_to(utterance.path)
+    manifest = folder / "manifest.jsonl"
+    manifest.write_text(json.dumps({"wav": "speech.wav", "text": utterance.text}) + "\n")
+    return manifest

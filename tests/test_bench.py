@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from speech import Utterance
+from speech import Utterance, one_file_manifest
 
 from server.bench.errors import BenchError
 from server.bench.manifest import Item, load_manifest, load_manifests
@@ -288,9 +288,7 @@ def test_a_report_from_before_lost_phrases_is_analysed_again_with_them(tmp_path:
 def test_bench_runs_end_to_end_against_servers_it_starts(
     tmp_path: Path, three_sentences: Utterance, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    manifest = tmp_path / "manifest.jsonl"
-    (tmp_path / "speech.wav").symlink_to(three_sentences.path)
-    manifest.write_text(json.dumps({"wav": "speech.wav", "text": three_sentences.text}) + "\n")
+    manifest = one_file_manifest(three_sentences, tmp_path)
     out = tmp_path / "report.json"
     code = main(
         [
