@@ -44,11 +44,12 @@ class PolicyOptions:
     early_commit_probability: float = 0.6
     # ...or if this many consecutive hypotheses (this one included) have heard it so: a
     # mishearing of a short window tends to change as the window grows, a word heard the
-    # same for several steps less so. 0: the probability alone decides. Measured, 3
-    # against 0 (75 real utterances, AMD EPYC): settled p90 1.33 against 2.06 s,
-    # revisions 5.5 against 9.7 a minute, WER 4.6 against 4.7 %; 4 and 6 were between.
-    # On long-form recordings WER +0.4 points; the same over all 81 (README "Engines").
-    early_commit_agreements: int = 3
+    # same for several steps less so. 0 (off): the probability alone decides. 3 settles
+    # the slowest words ~0.5 s sooner (75 real utterances: p90 1.33 against 2.06 s) but
+    # its forced unsure prefixes derail the decoder: over the 81 real recordings with
+    # every step on time WER 4.84 against 4.47 % (long-form 5.18 against 4.37 %), and
+    # with "it" promised, "It was very, very, very cold." lost a "very" (README "Engines").
+    early_commit_agreements: int = 0
     # Partials show promised words and then the tentative words worth showing: "all" of
     # them, or those two consecutive hypotheses "agreed" on; but not a word ending within
     # tentative_edge_s of the live edge (often cut mid-word, then revised) unless the
