@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Coroutine, Mapping
+from dataclasses import replace
 from typing import Any, Protocol
 
 from server.config import LimitsSection, Settings
@@ -35,6 +36,18 @@ def frame_classifier(options: VadOptions) -> FrameClassifier:
 
         return SileroClassifier(options.silero_threshold)
     return WebRtcClassifier(options.aggressiveness)
+
+
+def configured_session(settings: Settings) -> SessionConfig:
+    """A session's settings as the config gives them, before a client's parameters; the
+    audio format is the stream's own (`session_config`), 16 kHz pcm_s16le here."""
+    s = settings.streaming
+    return SessionConfig(
+        language=s.language,
+        interim=s.interim,
+        vad=settings.vad.options(),
+        policy=s.policy_options(),
+    )
 
 
 def driver_limits(limits: LimitsSection) -> DriverLimits:
@@ -151,12 +164,11 @@ class SessionHost:
                 "this model transcribes English only (language=en)",
                 fatal=True,
             )
-        return SessionConfig(
+        return replace(
+            configured_session(self.settings),
             audio=audio,
             language=language,
             interim=s.interim if params.interim is None else params.interim,
-            vad=self.settings.vad.options(),
-            policy=s.policy_options(),
             offset_s=params.offset_s or 0.0,
             first_segment=params.first_segment or 0,
         )

@@ -19,17 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from server.bench.errors import BenchError
 from server.bench.machine import machine_line
 from server.bench.manifest import Item, load_manifest, read_audio_16k
 from server.bench.scoring import normalize, word_errors
 from server.bench.variants import Variant, parse_variant, variant_settings
-from server.host import frame_classifier
+from server.host import configured_session, frame_classifier
+from streaming.audio import to_pcm_s16le
 from streaming.engine import Engine
 from streaming.protocol import Final, Stop
-from streaming.session import Session, SessionConfig
+from streaming.session import Session
 
 FRAME_BYTES = 640  # 20 ms of 16 kHz pcm_s16le, a browser's frame
 
@@ -61,10 +60,6 @@ def replay(session: Session, engine: Engine, pcm: bytes) -> Replayed:
     return Replayed(" ".join(finals), steps)
 
 
-def _pcm16(audio: np.ndarray) -> bytes:
-    return bytes((np.clip(audio, -1.0, 1.0) * 32767).astype("<i2").tobytes())
-
-
 def run_variant(
     variant: Variant, config: Path | None, manifests: Sequence[tuple[Path, list[Item]]]
 ) -> dict[str, Any]:
@@ -73,19 +68,14 @@ def run_variant(
 
     settings = variant_settings(config, variant)
     engine = build_engine(settings.model)
-    session_config = SessionConfig(  # as SessionHost.session_config gives a client
-        language=settings.streaming.language,
-        interim=settings.streaming.interim,
-        vad=settings.vad.options(),
-        policy=settings.streaming.policy_options(),
-    )
+    session_config = configured_session(settings)  # 16 kHz pcm_s16le, as replay sends
     files: list[dict[str, Any]] = []
     cpu0 = time.process_time()
     for manifest, items in manifests:
         for item in items:
             audio = read_audio_16k(item.wav)
             session = Session(item.id, session_config, frame_classifier(session_config.vad))
-            replayed = replay(session, engine, _pcm16(audio))
+            replayed = replay(session, engine, to_pcm_s16le(audio))
             ref = normalize(item.text)
             files.append(
                 {
