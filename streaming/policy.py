@@ -47,7 +47,7 @@ class PolicyOptions:
     # same for several steps less so. 0 (off): the probability alone decides. 3 settles
     # the slowest words ~0.5 s sooner (75 real utterances: p90 1.33 against 2.06 s) but
     # its forced unsure prefixes derail the decoder: over the 81 real recordings with
-    # every step on time WER 4.84 against 4.47 % (long-form 5.18 against 4.37 %), and
+    # every step on time WER 4.73 against 4.47 % (long-form 4.95 against 4.44 %), and
     # with "it" promised, "It was very, very, very cold." lost a "very" (README "Engines").
     early_commit_agreements: int = 0
     # Partials show promised words and then the tentative words worth showing: "all" of
