@@ -49,6 +49,21 @@ def test_every_step_of_a_segment_runs_when_its_audio_has_come() -> None:
     assert np.all(growth <= step_s + 0.03), engine.windows_s
 
 
+def test_each_message_is_stamped_with_the_audio_that_had_come() -> None:
+    session = Session("s", SessionConfig(), EnergyClassifier())
+    audio = np.concatenate([np.zeros(16_000), np.ones(16_000 * 2) * 0.3, np.zeros(16_000)])
+
+    replayed = replay(session, CountingEngine(), (audio * 32767).astype("<i2").tobytes())
+
+    times = [t for t, _ in replayed.messages]
+    assert times == sorted(times) and times[-1] == 4.0
+    kinds = {m["type"]: t for t, m in reversed(replayed.messages)}  # each kind's first
+    assert 1.0 <= kinds["speech_start"] < 1.3, replayed.messages
+    assert 1.0 < kinds["partial"] < 3.0
+    # The final comes once the VAD has heard the end of speech, within the second after.
+    assert 3.0 < kinds["final"] < 4.0
+
+
 @pytest.mark.model
 def test_two_variants_over_the_test_speech(
     tmp_path: Path, three_sentences: Utterance, capsys: pytest.CaptureFixture[str]
@@ -62,12 +77,19 @@ def test_two_variants_over_the_test_speech(
     assert code == 0
     printed = capsys.readouterr().out
     assert "| | base | finals |" in printed and "| WER, manifest.jsonl |" in printed
+    assert "| word → settled p50 / p90 |" in printed
     report = json.loads(out.read_text())
     for run in report["runs"]:
         (file,) = run["files"]
         assert file["words"] == len(three_sentences.text.split())
         assert file["errors"] <= 0.1 * file["words"], file["text"]
     base, finals = (run["files"][0] for run in report["runs"])
+    # Words settle in partials soon after they are said; without partials, in finals,
+    # after the end of their sentence (up to its length and the VAD's 0.45 s later).
+    assert len(base["settled"]) >= 0.9 * base["words"]
+    assert 0.0 < np.median(base["settled"]) < 1.5, base["settled"]
+    assert np.median(finals["settled"]) > np.median(base["settled"]) + 0.3
+    assert max(finals["segment_end_to_final"]) < 1.5, finals
     assert base["steps"] >= three_sentences.duration_s / 0.3 / 2, base
     assert finals["steps"] == len(three_sentences.sentences), finals  # one final each
     assert report["runs"][1]["overrides"] == {"WHISPERSTREAM_STREAMING__INTERIM": "false"}

@@ -5,8 +5,10 @@ engine answers each step before the next 20 ms of audio arrives: no step is skip
 nothing depends on how fast the machine is or what else runs on it. So two policies
 compare on their words alone (WER of the finals), and a rerun on the same CPU gives the
 same figures; a real-time run (`whisperstream bench`) differs by a few words from run to
-run as steps are skipped. How soon words come and what they cost is that bench's to
-measure, at real-time pace; this one says what a policy does to the words.
+run as steps are skipped. It also gives the policy's own latencies: each message counts as
+sent when the audio that let it out had come (no model time, no queue), against the
+reference words' times force-aligned as the bench does; a real-time run adds the steps'
+compute and queueing to these. What words cost is that bench's to measure.
 """
 
 from __future__ import annotations
@@ -22,48 +24,76 @@ from typing import Any
 from server.bench.errors import BenchError
 from server.bench.machine import machine_line
 from server.bench.manifest import Item, load_manifest, read_audio_16k
-from server.bench.scoring import normalize, word_errors
+from server.bench.offline import offline_transcribe, reference_times
+from server.bench.scoring import (
+    RefWord,
+    analyse_session,
+    normalize,
+    percentile,
+    speech_seconds,
+    word_errors,
+)
 from server.bench.variants import Variant, parse_variant, variant_settings
 from server.host import configured_session, frame_classifier
 from streaming.audio import to_pcm_s16le
 from streaming.engine import Engine
-from streaming.protocol import Final, Stop
+from streaming.protocol import Final, ServerMessage, Stop
 from streaming.session import Session
 
 FRAME_BYTES = 640  # 20 ms of 16 kHz pcm_s16le, a browser's frame
+BYTES_PER_S = 32_000
+LATENCIES = ("first_correct", "settled", "segment_end_to_final")
+LATENCY_LABELS = ("word → first correct", "word → settled", "segment end → final")
 
 
 @dataclass
 class Replayed:
     text: str
     steps: int  # engine calls, partial and final
+    # Every message the session sent, as on the wire, with the audio time (s) that had
+    # come when it was sent.
+    messages: list[tuple[float, dict[str, Any]]]
 
 
 def replay(session: Session, engine: Engine, pcm: bytes) -> Replayed:
     """Stream `pcm` (16 kHz pcm_s16le) through `session`, each job answered at once."""
     steps = 0
+    sent: list[tuple[float, ServerMessage]] = []
 
-    def answer() -> None:
+    def answer(now_s: float) -> None:
         nonlocal steps
         while (job := session.next_job()) is not None:
             session.complete_job(job, engine.transcribe([job.request])[0])
             steps += 1
+        sent.extend((now_s, m) for m in session.take_messages())
 
     for offset in range(0, len(pcm), FRAME_BYTES):
         session.receive_audio(pcm[offset : offset + FRAME_BYTES])
-        answer()
+        answer(min(offset + FRAME_BYTES, len(pcm)) / BYTES_PER_S)
     session.receive_message(Stop())
-    answer()
+    answer(len(pcm) / BYTES_PER_S)
     if not session.done:
         raise BenchError("the session did not finish after its audio")
-    finals = [m.text for m in session.take_messages() if isinstance(m, Final) and m.text]
-    return Replayed(" ".join(finals), steps)
+    finals = [m.text for _, m in sent if isinstance(m, Final) and m.text]
+    return Replayed(" ".join(finals), steps, [(t, m.to_dict()) for t, m in sent])
+
+
+def reference(engine: Any, audio: Any, text: str) -> list[RefWord]:
+    """The reference words' times, force-aligned as the real-time bench aligns them."""
+    windows, texts = offline_transcribe(engine, audio)
+    return reference_times(engine, audio, normalize(text), windows, texts)
 
 
 def run_variant(
-    variant: Variant, config: Path | None, manifests: Sequence[tuple[Path, list[Item]]]
+    variant: Variant,
+    config: Path | None,
+    manifests: Sequence[tuple[Path, list[Item]]],
+    references: dict[str, list[RefWord]],
 ) -> dict[str, Any]:
-    """Every file of every manifest through one variant's engine and session settings."""
+    """Every file of every manifest through one variant's engine and session settings.
+
+    `references`: the reference words' times by file id, filled in by the first variant
+    (with its engine) for those that follow."""
     from server.engines import build_engine
 
     settings = variant_settings(config, variant)
@@ -77,6 +107,12 @@ def run_variant(
             session = Session(item.id, session_config, frame_classifier(session_config.vad))
             replayed = replay(session, engine, to_pcm_s16le(audio))
             ref = normalize(item.text)
+            if item.id not in references:
+                aligning = time.process_time()
+                references[item.id] = reference(engine, audio, item.text)
+                cpu0 += time.process_time() - aligning  # (not the variant's to pay)
+            timed = references[item.id]
+            analysis = analyse_session(timed, replayed.messages)
             files.append(
                 {
                     "manifest": str(manifest),
@@ -85,6 +121,9 @@ def run_variant(
                     "errors": word_errors(ref, normalize(replayed.text)),
                     "steps": replayed.steps,
                     "audio_s": round(len(audio) / 16_000, 3),
+                    "speech_s": round(speech_seconds(timed), 3),
+                    "revisions": analysis.revisions,
+                    **{kind: analysis.latencies(kind) for kind in LATENCIES},
                     "text": replayed.text,
                 }
             )
@@ -118,7 +157,21 @@ def table(runs: Sequence[dict[str, Any]], manifests: Sequence[Path]) -> str:
         audio_s = sum(f["audio_s"] for f in r["files"])
         steps.append(f"{sum(f['steps'] for f in r['files']) / audio_s:.2f}" if audio_s else "-")
     lines.append("| model steps / audio s | " + " | ".join(steps) + " |")
+    for kind, label in zip(LATENCIES, LATENCY_LABELS, strict=True):
+        cells = [_percentiles([v for f in r["files"] for v in f[kind]]) for r in runs]
+        lines.append(f"| {label} p50 / p90 | " + " | ".join(cells) + " |")
+    rates = []
+    for r in runs:
+        speech_min = sum(f["speech_s"] for f in r["files"]) / 60
+        revisions = sum(f["revisions"] for f in r["files"])
+        rates.append(f"{revisions / speech_min:.1f}" if speech_min else "-")
+    lines.append("| partial revisions / min of speech | " + " | ".join(rates) + " |")
     return "\n".join(lines)
+
+
+def _percentiles(values: Sequence[float]) -> str:
+    p50, p90 = percentile(values, 50), percentile(values, 90)
+    return "-" if p50 is None or p90 is None else f"{p50:.2f} / {p90:.2f} s"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         if len({v.name for v in variants}) != len(variants):
             raise BenchError("--variant names must differ")
         manifests = [(m, load_manifest(m, args.limit)) for m in args.manifest]
-        runs = [run_variant(v, args.config, manifests) for v in variants]
+        references: dict[str, list[RefWord]] = {}
+        runs = [run_variant(v, args.config, manifests, references) for v in variants]
     except BenchError as exc:
         parser.exit(2, f"error: {exc}\n")
     report = {"machine": machine_line(), "runs": runs}
