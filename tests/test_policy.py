@@ -273,7 +273,9 @@ def test_short_repeats_and_promised_words_are_kept() -> None:
 
 
 def test_early_on_words_the_model_is_unsure_of_are_not_promised() -> None:
-    sure = PolicyOptions(holdback_s=0.0, early_commit_s=3.0, early_commit_probability=0.6)
+    sure = PolicyOptions(
+        holdback_s=0.0, early_commit_s=3.0, early_commit_probability=0.6, early_commit_context_s=0
+    )
     before = _words("the weather today is sunny")
     now = [replace(w, probability=0.3) if w.text == " weather" else w for w in before]
     assert [w.text for w in agreed_prefix(before, now, 2.0, sure)] == [" the"]
@@ -282,7 +284,9 @@ def test_early_on_words_the_model_is_unsure_of_are_not_promised() -> None:
 
 
 def test_early_on_an_unsure_word_heard_alike_long_enough_is_promised() -> None:
-    steady = PolicyOptions(holdback_s=0.0, early_commit_s=3.0, early_commit_agreements=4)
+    steady = PolicyOptions(
+        holdback_s=0.0, early_commit_s=3.0, early_commit_agreements=4, early_commit_context_s=0
+    )
     heard = _words("the weather today is sunny")
     unsure = [replace(w, probability=0.3) if w.text == " weather" else w for w in heard]
     misheard = [replace(w, tokens=(99,)) if w.text == " weather" else w for w in unsure]
@@ -294,6 +298,24 @@ def test_early_on_an_unsure_word_heard_alike_long_enough_is_promised() -> None:
     # Off (the default), the probability alone decides, however long it was heard alike.
     off = replace(steady, early_commit_agreements=0)
     assert texts(agreed_prefix(unsure, unsure, 2.0, off, [unsure] * 9)) == [" the"]
+
+
+def test_early_on_an_unsure_word_with_enough_audio_after_it_is_promised() -> None:
+    heard = PolicyOptions(holdback_s=0.0, early_commit_s=3.0, early_commit_context_s=1.5)
+    words = _words("the weather today is sunny")  # "weather" ends at 0.55 s
+    unsure = [replace(w, probability=0.3) if w.text == " weather" else w for w in words]
+    assert texts(agreed_prefix(unsure, unsure, 2.0, heard)) == [" the"]  # 1.45 s after it
+    assert len(agreed_prefix(unsure, unsure, 2.1, heard)) == 4  # 1.55 s after it
+    # Two hypotheses must still agree on it, and off (0) the probability alone decides.
+    misheard = [replace(w, tokens=(99,)) if w.text == " weather" else w for w in unsure]
+    assert texts(agreed_prefix(misheard, unsure, 2.1, heard)) == [" the"]
+    off = replace(heard, early_commit_context_s=0)
+    assert texts(agreed_prefix(unsure, unsure, 2.9, off)) == [" the"]
+
+
+def test_early_commit_context_must_not_be_negative() -> None:
+    with pytest.raises(ValueError, match="early_commit_context_s"):
+        PolicyOptions(early_commit_context_s=-0.1)
 
 
 @pytest.mark.parametrize("agreements", [-1, 1, 2])
@@ -355,9 +377,12 @@ def test_alignatt_promises_heard_words_from_one_hypothesis() -> None:
 def test_alignatt_early_on_promises_only_words_the_model_is_sure_of() -> None:
     current = sentence(" the", " quick", " brown", " fox")
     current[1] = replace(current[1], probability=0.3)
-    early = replace(ALIGNATT, early_commit_s=3.0)
+    early = replace(ALIGNATT, early_commit_s=3.0, early_commit_context_s=0)
     assert texts(attended_prefix(current, 2.5, early)) == [" the"]  # window < 3 s
     assert texts(attended_prefix(current, 3.5, early)) == [" the", " quick", " brown"]
+    # early_commit_context_s is LocalAgreement's: however much AlignAtt heard after it.
+    heard = replace(early, early_commit_context_s=1.5)
+    assert texts(attended_prefix(current, 2.9, heard)) == [" the"]
 
 
 def test_alignatt_of_nothing_is_nothing() -> None:

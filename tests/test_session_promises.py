@@ -191,18 +191,24 @@ class UnsureEngine:
         )
 
 
-def test_early_words_heard_alike_step_after_step_are_promised_before_the_early_phase_ends() -> None:
+def test_early_words_heard_alike_or_heard_past_are_promised_before_the_early_phase_ends() -> None:
     audio = (np.ones(16_000 * 5) * 0.3 * 32767).astype("<i2")
-    first_promise: dict[int, float] = {}
-    for agreements in (0, 4):
-        policy = PolicyOptions(early_commit_s=3.0, early_commit_agreements=agreements)
+    first_promise: dict[str, float] = {}
+    rules = {
+        "off": PolicyOptions(early_commit_agreements=0, early_commit_context_s=0),
+        "alike": PolicyOptions(early_commit_agreements=4, early_commit_context_s=0),
+        "heard after": PolicyOptions(early_commit_agreements=0, early_commit_context_s=1.5),
+    }
+    for rule, policy in rules.items():
         session = Session("s", SessionConfig(policy=policy), EnergyClassifier())
         messages, _ = _run(session, UnsureEngine(), audio)
-        first_promise[agreements] = min(
+        first_promise[rule] = min(
             m.end - m.start for m in messages if isinstance(m, Partial) and m.stable
         )
         final = next(m for m in messages if isinstance(m, Final))
         assert final.text.startswith("w0 w1 w2 w3 w4 w5 w6"), final.text
-    # Off, unsure words wait for a 3 s window; four steps alike (1.2 s) promise them sooner.
-    assert first_promise[0] >= 3.0, first_promise
-    assert first_promise[4] < 2.5, first_promise
+    # Off, unsure words wait for a 3 s window (early_commit_s); four steps alike (1.2 s)
+    # promise them sooner, and so does 1.5 s of audio after the first word (ends at 0.4 s).
+    assert first_promise["off"] >= 3.0, first_promise
+    assert first_promise["alike"] < 2.5, first_promise
+    assert first_promise["heard after"] < 2.5, first_promise
