@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from server.bench.errors import BenchError
 from server.bench.machine import machine_line
@@ -39,6 +39,11 @@ from streaming.audio import to_pcm_s16le
 from streaming.engine import Engine
 from streaming.protocol import Final, ServerMessage, Stop
 from streaming.session import Session
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from server.engines import WhisperEngine
 
 FRAME_BYTES = 640  # 20 ms of 16 kHz pcm_s16le, a browser's frame
 BYTES_PER_S = 32_000
@@ -78,7 +83,7 @@ def replay(session: Session, engine: Engine, pcm: bytes) -> Replayed:
     return Replayed(" ".join(finals), steps, [(t, m.to_dict()) for t, m in sent])
 
 
-def reference(engine: Any, audio: Any, text: str) -> list[RefWord]:
+def reference(engine: WhisperEngine, audio: np.ndarray, text: str) -> list[RefWord]:
     """The reference words' times, force-aligned as the real-time bench aligns them."""
     windows, texts = offline_transcribe(engine, audio)
     return reference_times(engine, audio, normalize(text), windows, texts)
