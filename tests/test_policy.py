@@ -303,7 +303,7 @@ def test_early_on_an_unsure_word_heard_alike_long_enough_is_promised() -> None:
 def test_early_on_an_unsure_word_with_enough_audio_after_it_is_promised() -> None:
     heard = PolicyOptions(holdback_s=0.0, early_commit_s=3.0, early_commit_context_s=1.5)
     words = _words("the weather today is sunny")  # "weather" ends at 0.55 s
-    unsure = [replace(w, probability=0.3) if w.text == " weather" else w for w in words]
+    unsure = [replace(w, probability=0.5) if w.text == " weather" else w for w in words]
     assert texts(agreed_prefix(unsure, unsure, 2.0, heard)) == [" the"]  # 1.45 s after it
     assert len(agreed_prefix(unsure, unsure, 2.1, heard)) == 4  # 1.55 s after it
     # Two hypotheses must still agree on it, and off (0) the probability alone decides.
@@ -316,6 +316,28 @@ def test_early_on_an_unsure_word_with_enough_audio_after_it_is_promised() -> Non
 def test_early_commit_context_must_not_be_negative() -> None:
     with pytest.raises(ValueError, match="early_commit_context_s"):
         PolicyOptions(early_commit_context_s=-0.1)
+
+
+def test_a_word_below_the_context_floor_waits_however_much_was_heard_after_it() -> None:
+    floored = PolicyOptions(
+        holdback_s=0.0,
+        early_commit_s=3.0,
+        early_commit_context_s=1.5,
+        early_commit_context_probability=0.4,
+    )
+    words = _words("the weather today is sunny")  # "weather" ends at 0.55 s
+    doubtful = [replace(w, probability=0.3) if w.text == " weather" else w for w in words]
+    unsure = [replace(w, probability=0.45) if w.text == " weather" else w for w in words]
+    assert texts(agreed_prefix(doubtful, doubtful, 2.9, floored)) == [" the"]
+    assert len(agreed_prefix(unsure, unsure, 2.1, floored)) == 4
+    # Past the early phase the floor has no say: agreement alone promises.
+    assert len(agreed_prefix(doubtful, doubtful, 3.1, floored)) == 4
+
+
+@pytest.mark.parametrize("floor", [-0.1, 1.1])
+def test_early_commit_context_probability_must_be_a_probability(floor: float) -> None:
+    with pytest.raises(ValueError, match="early_commit_context_probability"):
+        PolicyOptions(early_commit_context_probability=floor)
 
 
 @pytest.mark.parametrize("agreements", [-1, 1, 2])

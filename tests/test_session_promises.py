@@ -176,7 +176,7 @@ def test_alignatt_promises_from_one_hypothesis_and_asks_partials_to_stop_at_the_
 
 class UnsureEngine:
     """Hears a word per half second, the same words every call, each with probability
-    0.3: below the early-commit probability."""
+    0.5: below the early-commit probability (0.6), above the default context floor."""
 
     name = "unsure"
 
@@ -187,7 +187,7 @@ class UnsureEngine:
     def _one(request: DecodeRequest) -> Hypothesis:
         heard = int(len(request.audio) / 16_000 / 0.5)
         return Hypothesis(
-            tuple(Word(f" w{i}", i * 0.5, i * 0.5 + 0.4, 0.3, (100 + i,)) for i in range(heard))
+            tuple(Word(f" w{i}", i * 0.5, i * 0.5 + 0.4, 0.5, (100 + i,)) for i in range(heard))
         )
 
 
@@ -198,6 +198,11 @@ def test_early_words_heard_alike_or_heard_past_are_promised_before_the_early_pha
         "off": PolicyOptions(early_commit_agreements=0, early_commit_context_s=0),
         "alike": PolicyOptions(early_commit_agreements=4, early_commit_context_s=0),
         "heard after": PolicyOptions(early_commit_agreements=0, early_commit_context_s=1.5),
+        "heard after, below the floor": PolicyOptions(
+            early_commit_agreements=0,
+            early_commit_context_s=1.5,
+            early_commit_context_probability=0.55,
+        ),
     }
     for rule, policy in rules.items():
         session = Session("s", SessionConfig(policy=policy), EnergyClassifier())
@@ -208,7 +213,9 @@ def test_early_words_heard_alike_or_heard_past_are_promised_before_the_early_pha
         final = next(m for m in messages if isinstance(m, Final))
         assert final.text.startswith("w0 w1 w2 w3 w4 w5 w6"), final.text
     # Off, unsure words wait for a 3 s window (early_commit_s); four steps alike (1.2 s)
-    # promise them sooner, and so does 1.5 s of audio after the first word (ends at 0.4 s).
+    # promise them sooner, and so does 1.5 s of audio after the first word (ends at 0.4 s)
+    # unless the model gives the words less than early_commit_context_probability.
     assert first_promise["off"] >= 3.0, first_promise
+    assert first_promise["heard after, below the floor"] >= 3.0, first_promise
     assert first_promise["alike"] < 2.5, first_promise
     assert first_promise["heard after"] < 2.5, first_promise
