@@ -153,7 +153,7 @@ class StreamingSection(_Section):
     early_commit_probability: float = Field(0.6, ge=0.0, le=1.0)
     early_commit_agreements: int = Field(0, ge=0, le=100)
     early_commit_context_s: float = Field(1.5, ge=0.0, le=28.0)
-    early_commit_context_probability: float = Field(0.4, ge=0.0, le=1.0)
+    early_commit_context_probability: float = Field(0.5, ge=0.0, le=1.0)
     tentative: Tentative = "agreed"
     tentative_edge_s: float = Field(0.5, ge=0.0, le=5.0)
     tentative_edge_probability: float = Field(0.9, ge=0.0, le=1.0)

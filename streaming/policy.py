@@ -55,11 +55,11 @@ class PolicyOptions:
     # window's first words tends to change once the model has heard more of what follows,
     # and the words it is least sure of are those it mishears. Without the floor, 1.5 s
     # cost long-form recordings words (16 streams: 179 against 161 errors). With 1.5 and
-    # 0.4, over the 81 real recordings (AMD EPYC, README "Engines"): every step on time
-    # 118 against 122 errors, settled p90 1.48 against 1.88 s; at real time 115 against
-    # 113 errors, p90 1.59 against 1.99 s; 16 streams 171 errors each, p90 2.45 / 2.70 s.
+    # a floor, over the 81 real recordings at real time (AMD EPYC, README "Engines"): 0.5
+    # made 111 errors against 113 without the rule, settled p90 1.67 against 1.99 s; 0.4
+    # settled them by 1.59 s but made 115 (4 more in noisy long-form speech, in two runs).
     early_commit_context_s: float = 1.5
-    early_commit_context_probability: float = 0.4
+    early_commit_context_probability: float = 0.5
     # Partials show promised words and then the tentative words worth showing: "all" of
     # them, or those two consecutive hypotheses "agreed" on; but not a word ending within
     # tentative_edge_s of the live edge (often cut mid-word, then revised) unless the
