@@ -154,6 +154,7 @@ class StreamingSection(_Section):
     early_commit_agreements: int = Field(0, ge=0, le=100)
     early_commit_context_s: float = Field(1.5, ge=0.0, le=28.0)
     early_commit_context_probability: float = Field(0.5, ge=0.0, le=1.0)
+    early_commit_ignore_case: bool = True
     tentative: Tentative = "agreed"
     tentative_edge_s: float = Field(0.5, ge=0.0, le=5.0)
     tentative_edge_probability: float = Field(0.9, ge=0.0, le=1.0)
@@ -182,6 +183,7 @@ class StreamingSection(_Section):
             early_commit_agreements=self.early_commit_agreements,
             early_commit_context_s=self.early_commit_context_s,
             early_commit_context_probability=self.early_commit_context_probability,
+            early_commit_ignore_case=self.early_commit_ignore_case,
             tentative=self.tentative,
             tentative_edge_s=self.tentative_edge_s,
             tentative_edge_probability=self.tentative_edge_probability,

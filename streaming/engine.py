@@ -21,6 +21,16 @@ class Word:
     end_s: float
     probability: float
     tokens: tuple[int, ...]
+    # A window's first word only: the model's probability of the same word with its
+    # first letter in the other case (" the" for " The"), which an engine reports when
+    # both spellings are one token each. Whether a window starts a sentence is not in its
+    # audio, so a first word's probability is often split between the two.
+    other_case_probability: float = 0.0
+
+    @property
+    def caseless_probability(self) -> float:
+        """The model's probability of this word, its letter case aside."""
+        return min(1.0, self.probability + self.other_case_probability)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ import pytest
 
 from server.config import ModelSection
 from server.engines import WhisperEngine, build_engine
-from server.engines.models import resolve_model_path
+from server.engines.decoding import Tokenizers, other_case_token
+from server.engines.models import load_tokenizer, resolve_model_path
 from streaming.engine import EngineCapabilities, EngineLoadError
 
 
@@ -76,3 +77,20 @@ def test_the_torch_engine_without_pytorch_says_how_to_install_it(
         monkeypatch.delitem(sys.modules, name)
     with pytest.raises(EngineLoadError, match=r"needs PyTorch.*pip install -e '\.\[torch\]'"):
         build_engine(ModelSection(engine="torch"))
+
+
+def test_the_other_letter_case_of_a_one_token_word_is_found_in_the_tokenizer() -> None:
+    tokenizer = Tokenizers(load_tokenizer(resolve_model_path("bundled")), False).get("en")
+
+    def other(text: str) -> str | None:
+        tokens = tokenizer.encode(text)
+        token = other_case_token(tokenizer, tokens)
+        return None if token is None else tokenizer.decode([token])
+
+    assert other(" the") == " The"
+    assert other(" Since") == " since"
+    assert other(" I") == " i"
+    # Not a letter first, several tokens, or an other spelling of several tokens.
+    assert other(" 6") is None
+    assert other(",") is None
+    assert len(tokenizer.encode(" Norsemen")) > 1 and other(" Norsemen") is None

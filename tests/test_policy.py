@@ -334,6 +334,41 @@ def test_a_word_below_the_context_floor_waits_however_much_was_heard_after_it() 
     assert len(agreed_prefix(doubtful, doubtful, 3.1, floored)) == 4
 
 
+def test_early_on_a_capitalized_first_word_split_between_its_letter_cases_is_one_word() -> None:
+    # A window cannot hear whether it starts a sentence: " Since" 0.45, " since" 0.4.
+    early = PolicyOptions(holdback_s=0.0, early_commit_s=3.0, early_commit_context_s=0)
+    words = [
+        replace(w, text=" Since") if w.text == " since" else w
+        for w in _words("since then physicists have found")
+    ]
+    split = [replace(words[0], probability=0.45, other_case_probability=0.4), *words[1:]]
+    assert split[0].caseless_probability == pytest.approx(0.85)
+    assert len(agreed_prefix(split, split, 2.0, early)) == 4
+    assert texts(attended_prefix(split, 2.0, replace(early, policy="alignatt"))) == texts(split[:4])
+    # Lower case, it waits: forced as the prefix, a lower-case first word leads tiny.en
+    # into its unpunctuated style, in which it drops repeated words ("it was very very
+    # cold." for "It was very, very, very cold.").
+    lower = [replace(split[0], text=" since"), *words[1:]]
+    assert agreed_prefix(lower, lower, 2.0, early) == []
+    # A word the model is unsure of in either case still waits; so does this one, with
+    # the rule off.
+    unsure = [replace(words[0], probability=0.3, other_case_probability=0.2), *words[1:]]
+    assert agreed_prefix(unsure, unsure, 2.0, early) == []
+    cased = replace(early, early_commit_ignore_case=False)
+    assert agreed_prefix(split, split, 2.0, cased) == []
+    assert attended_prefix(split, 2.0, replace(cased, policy="alignatt")) == []
+    # The context floor counts both cases too.
+    floored = replace(
+        early,
+        early_commit_probability=0.95,
+        early_commit_context_s=1.5,
+        early_commit_context_probability=0.5,
+    )
+    low = [replace(words[0], probability=0.3, other_case_probability=0.3), *words[1:]]
+    assert len(agreed_prefix(low, low, 1.8, floored)) == 1  # 1.55 s heard after "Since"
+    assert agreed_prefix(low, low, 1.8, replace(floored, early_commit_ignore_case=False)) == []
+
+
 @pytest.mark.parametrize("floor", [-0.1, 1.1])
 def test_early_commit_context_probability_must_be_a_probability(floor: float) -> None:
     with pytest.raises(ValueError, match="early_commit_context_probability"):

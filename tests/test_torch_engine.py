@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from difflib import SequenceMatcher
 from pathlib import Path
 from typing import Any
@@ -24,8 +24,8 @@ from speech import Utterance, read_pcm, wer  # noqa: E402
 
 from server.config import ModelSection  # noqa: E402
 from server.engines import WhisperEngine, build_engine  # noqa: E402
-from server.engines.decoding import MAX_WINDOW_S  # noqa: E402
-from server.engines.models import resolve_model_path  # noqa: E402
+from server.engines.decoding import MAX_WINDOW_S, Tokenizers, other_case_token  # noqa: E402
+from server.engines.models import load_tokenizer, resolve_model_path  # noqa: E402
 from server.engines.torch_whisper import TorchWhisper  # noqa: E402
 from server.engines.torch_whisper.alignment import dtw  # noqa: E402
 from server.engines.torch_whisper.model import EncoderBlock  # noqa: E402
@@ -151,6 +151,51 @@ def test_both_engines_time_a_known_transcript_alike(
     assert sum(close) >= 0.9 * len(words), [
         (x.start_s, y.start_s) for x, y in zip(ct2, pt, strict=True)
     ]
+
+
+def _from_second_words(
+    engine: WhisperEngine, audio: np.ndarray, sentences: Sequence[str]
+) -> list[np.ndarray]:
+    """Each sentence from its second word on: windows that start mid-sentence, as a VAD
+    segment after a pause does, where Whisper cannot hear which letter case comes first."""
+    windows = []
+    for (a, b), sentence in zip(_sentence_spans(audio), sentences, strict=True):
+        second = engine.align_words(audio[a:b], sentence.split())[1]
+        windows.append(audio[a + int((second.start_s - 0.05) * RATE) : b])
+    return windows
+
+
+@pytest.mark.parametrize("which", ["engine", "torch_engine"])
+def test_a_windows_first_word_is_also_scored_in_its_other_letter_case(
+    which: str,
+    request: pytest.FixtureRequest,
+    speech_16k: np.ndarray,
+    three_sentences: Utterance,
+) -> None:
+    engine: WhisperEngine = request.getfixturevalue(which)
+    tokenizer = Tokenizers(load_tokenizer(resolve_model_path("bundled")), False).get("en")
+    scored = 0
+    for window in _from_second_words(engine, speech_16k, three_sentences.sentences):
+        words = engine.transcribe([DecodeRequest(window)])[0].words
+        assert words, "a window of speech was heard as nothing"
+        assert all(w.other_case_probability == 0.0 for w in words[1:])
+        other = other_case_token(tokenizer, words[0].tokens)
+        if other is None:
+            assert words[0].other_case_probability == 0.0
+            continue
+        scored += 1
+        # The probability of the other spelling in the same place: what the engine gives
+        # that spelling when it is forced there as the prefix.
+        forced = engine.transcribe([DecodeRequest(window, prefix_tokens=(other,))])[0]
+        assert words[0].other_case_probability == pytest.approx(
+            forced.words[0].probability, abs=0.01
+        )
+        # Two tokens of one distribution.
+        assert 0.0 < words[0].probability + words[0].other_case_probability <= 1.0 + 1e-3
+        # After promised words the case is the decoder's to tell from them: not scored.
+        after = engine.transcribe([DecodeRequest(window, prefix_tokens=words[0].tokens)])[0]
+        assert all(w.other_case_probability == 0.0 for w in after.words)
+    assert scored >= 2  # "speech", "weather", "send": one token in either case
 
 
 def test_the_forced_prefix_is_kept_and_split_at_its_own_word_boundaries(

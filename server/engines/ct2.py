@@ -28,6 +28,7 @@ from server.engines.decoding import (
     Tokenizers,
     clean_tail,
     decode_budget,
+    other_case_token,
     prompt_tokens,
     text_tokens,
     timed_words,
@@ -185,13 +186,16 @@ class CTranslate2Whisper:
             duration_s = len(audio) / MODEL_SAMPLE_RATE_HZ
             new_tokens = text_tokens(tail, tokenizer, duration_s, ended=not ran_out)
             groups = word_groups(tokenizer, prefix, new_tokens)
+            frames = len(audio) // HOP_SAMPLES
             words = (
-                self._align_groups(
-                    tokenizer, encoded_array[i : i + 1], groups, len(audio) // HOP_SAMPLES
-                )
+                self._align_groups(tokenizer, encoded_array[i : i + 1], groups, frames)
                 if groups
                 else []
             )
+            if words and not prefix:
+                words[0] = self._with_other_case(
+                    tokenizer, encoded_array[i : i + 1], words[0], frames
+                )
             hypotheses.append(
                 Hypothesis(
                     words=tuple(clean_tail(words, prefix, duration_s)),
@@ -218,6 +222,24 @@ class CTranslate2Whisper:
         return timed_words(
             tokenizer, groups, text_indices, time_indices, alignment.text_token_probs
         )
+
+    def _with_other_case(
+        self, tokenizer: Tokenizer, encoded: np.ndarray, first: Word, num_frames: int
+    ) -> Word:
+        """The window's first word with the probability the model gives the same word in
+        the other letter case in its place (Word.other_case_probability): the alignment
+        of that one token gives it, as the alignment gave `first` its own."""
+        other = other_case_token(tokenizer, first.tokens)
+        if other is None:
+            return first
+        scored = self._model.align(
+            ctranslate2.StorageView.from_array(encoded),
+            tokenizer.sot_sequence,
+            [[other]],
+            max(num_frames, 1),
+            median_filter_width=MEDIAN_FILTER_WIDTH,
+        )[0]
+        return replace(first, other_case_probability=float(scored.text_token_probs[0]))
 
     def align_words(
         self, audio: np.ndarray, words: Sequence[str], language: str = "en"

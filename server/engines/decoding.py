@@ -143,6 +143,22 @@ def timed_words(
     return words
 
 
+def other_case_token(tokenizer: Tokenizer, tokens: Sequence[int]) -> int | None:
+    """The one token that spells this one-token word with its first letter in the other
+    case (" the" -> " The"), or None: a word of several tokens, no letter first, or an
+    other-case spelling that is not one token. (Several tokens would take the engine more
+    decoder passes to score; the words this is for, a segment's first "the", "and",
+    "since", are one token either way.)"""
+    if len(tokens) != 1:
+        return None
+    text = tokenizer.decode(list(tokens))
+    word = text.lstrip()
+    if not word or not word[0].isalpha() or word[0].swapcase() == word[0]:
+        return None
+    other = tokenizer.encode(text[: len(text) - len(word)] + word[0].swapcase() + word[1:])
+    return other[0] if len(other) == 1 and other[0] != tokens[0] else None
+
+
 def clean_tail(words: list[Word], prefix: Sequence[int], duration_s: float) -> list[Word]:
     """The engine's guards after the promised words (guards.clean_tail)."""
     return guarded_tail(words, prefix, duration_s)

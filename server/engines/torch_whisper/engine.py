@@ -45,6 +45,7 @@ from server.engines.decoding import (
     clean_tail,
     decode_budget,
     decode_steps,
+    other_case_token,
     prompt_tokens,
     text_tokens,
     timed_words,
@@ -139,6 +140,9 @@ class _Row:
     new: list[int] = field(default_factory=list)
     new_probs: list[float] = field(default_factory=list)
     logprob_sum: float = 0.0  # of the new tokens: as CTranslate2, forced ones count 0
+    # Without a prefix: the first new token's probabilities among the text tokens, for
+    # the first word's other letter case (Word.other_case_probability).
+    first_probs: Tensor | None = None
     ended: bool = False  # reached end of text or its budget
 
 
@@ -540,6 +544,8 @@ class TorchWhisper:
             r.new.append(token)
             r.logprob_sum += float(logprobs[i, token])
             r.new_probs.append(float(text_probs[i, token]) if token < self.eot else 0.0)
+            if step == 0 and not r.prefix:
+                r.first_probs = text_probs[i]
             out[i] = token
             if token == self.eot or len(r.new) >= r.max_new:
                 r.ended = True
@@ -576,6 +582,9 @@ class TorchWhisper:
         text_indices, time_indices = dtw(-matrix)
         probs = prefix_probs + [r.new_probs[k] for k in at]
         words = timed_words(tokenizer, groups, text_indices, time_indices, probs)
+        other = other_case_token(tokenizer, words[0].tokens) if at[:1] == [0] else None
+        if other is not None and r.first_probs is not None:
+            words[0] = replace(words[0], other_case_probability=float(r.first_probs[other]))
         return Hypothesis(
             words=tuple(clean_tail(words, r.prefix, r.duration_s)),
             no_speech_prob=no_speech,
