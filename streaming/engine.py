@@ -62,6 +62,10 @@ class DecodeRequest:
     # request with this key starts with the same audio, longer. An engine may keep
     # what it computed from that audio for it (the torch engine's encoder states).
     stream_key: str = ""
+    # Report the first word's other letter case (Word.other_case_probability) when the
+    # window starts with no prefix: the session asks only while its early-commit rule
+    # reads it, so that no step pays for a figure nobody uses.
+    other_case: bool = False
 
 
 class EngineLoadError(RuntimeError):

@@ -303,6 +303,10 @@ class Session:
             if policy.policy == "alignatt" and not final
             else 0.0,
             stream_key=f"{self.id}/{segment.index}/{segment.window_start}",
+            # Only the early-commit thresholds read it, and only on partial steps.
+            other_case=not final
+            and policy.early_commit_ignore_case
+            and len(audio) / MODEL_SAMPLE_RATE_HZ < policy.early_commit_s,
         )
 
     def _final_job(self) -> Job | None:

@@ -219,3 +219,45 @@ def test_early_words_heard_alike_or_heard_past_are_promised_before_the_early_pha
     assert first_promise["heard after, below the floor"] >= 3.0, first_promise
     assert first_promise["alike"] < 2.5, first_promise
     assert first_promise["heard after"] < 2.5, first_promise
+
+
+class CaseSplitEngine:
+    """Hears " The w1 w2 ..." (a word per half second), its first word split between the
+    letter cases (0.45 and 0.4) as Whisper splits a window's first "The"; like the real
+    engines it scores the other case only when asked (DecodeRequest.other_case)."""
+
+    name = "case split"
+
+    def transcribe(self, requests: Sequence[DecodeRequest]) -> list[Hypothesis]:
+        return [self._one(r) for r in requests]
+
+    @staticmethod
+    def _one(request: DecodeRequest) -> Hypothesis:
+        heard = int(len(request.audio) / 16_000 / 0.5)
+        scored = request.other_case and not request.prefix_tokens
+        return Hypothesis(
+            tuple(
+                Word(" The", 0.0, 0.4, 0.45, (100,), 0.4 if scored else 0.0)
+                if i == 0
+                else Word(f" w{i}", i * 0.5, i * 0.5 + 0.4, 0.9, (100 + i,))
+                for i in range(heard)
+            )
+        )
+
+
+def test_a_capitalized_first_word_split_between_cases_is_promised_early_as_one_word() -> None:
+    audio = (np.ones(16_000 * 5) * 0.3 * 32767).astype("<i2")
+    first_promise: dict[bool, float] = {}
+    for ignore_case in (True, False):
+        policy = PolicyOptions(early_commit_ignore_case=ignore_case)
+        session = Session("s", SessionConfig(policy=policy), EnergyClassifier())
+        messages, jobs = _run(session, CaseSplitEngine(), audio)
+        first_promise[ignore_case] = min(
+            m.end - m.start for m in messages if isinstance(m, Partial) and m.stable
+        )
+        # The session asks for the other case only where the early-commit rule reads it:
+        # partial steps of a window shorter than early_commit_s (3 s).
+        asked = {(job.final, job.audio_seconds < 3.0) for job in jobs if job.request.other_case}
+        assert asked == ({(False, True)} if ignore_case else set()), asked
+    assert first_promise[True] < 2.0, first_promise
+    assert first_promise[False] >= 3.0, first_promise

@@ -176,8 +176,12 @@ def test_a_windows_first_word_is_also_scored_in_its_other_letter_case(
     tokenizer = Tokenizers(load_tokenizer(resolve_model_path("bundled")), False).get("en")
     scored = 0
     for window in _from_second_words(engine, speech_16k, three_sentences.sentences):
-        words = engine.transcribe([DecodeRequest(window)])[0].words
+        words = engine.transcribe([DecodeRequest(window, other_case=True)])[0].words
         assert words, "a window of speech was heard as nothing"
+        # Scored only when asked: the session asks while its early-commit rule reads it.
+        unasked = engine.transcribe([DecodeRequest(window)])[0].words
+        assert [w.tokens for w in unasked] == [w.tokens for w in words]
+        assert all(w.other_case_probability == 0.0 for w in unasked)
         assert all(w.other_case_probability == 0.0 for w in words[1:])
         other = other_case_token(tokenizer, words[0].tokens)
         if other is None:
@@ -193,7 +197,9 @@ def test_a_windows_first_word_is_also_scored_in_its_other_letter_case(
         # Two tokens of one distribution.
         assert 0.0 < words[0].probability + words[0].other_case_probability <= 1.0 + 1e-3
         # After promised words the case is the decoder's to tell from them: not scored.
-        after = engine.transcribe([DecodeRequest(window, prefix_tokens=words[0].tokens)])[0]
+        after = engine.transcribe(
+            [DecodeRequest(window, prefix_tokens=words[0].tokens, other_case=True)]
+        )[0]
         assert all(w.other_case_probability == 0.0 for w in after.words)
     assert scored >= 2  # "speech", "weather", "send": one token in either case
 

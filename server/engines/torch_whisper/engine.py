@@ -140,8 +140,10 @@ class _Row:
     new: list[int] = field(default_factory=list)
     new_probs: list[float] = field(default_factory=list)
     logprob_sum: float = 0.0  # of the new tokens: as CTranslate2, forced ones count 0
-    # Without a prefix: the first new token's probabilities among the text tokens, for
-    # the first word's other letter case (Word.other_case_probability).
+    # Without a prefix, when the request asks (DecodeRequest.other_case): the first new
+    # token's probabilities among the text tokens, for the first word's other letter case
+    # (Word.other_case_probability).
+    other_case: bool = False
     first_probs: Tensor | None = None
     ended: bool = False  # reached end of text or its budget
 
@@ -409,6 +411,7 @@ class TorchWhisper:
                     duration_s,
                     len(samples) // HOP_SAMPLES,
                     round(request.stop_edge_s * TOKENS_PER_SECOND),
+                    other_case=request.other_case and not prefix,
                 )
             )
         width = max(len(r.start) for r in rows)
@@ -544,7 +547,7 @@ class TorchWhisper:
             r.new.append(token)
             r.logprob_sum += float(logprobs[i, token])
             r.new_probs.append(float(text_probs[i, token]) if token < self.eot else 0.0)
-            if step == 0 and not r.prefix:
+            if step == 0 and r.other_case:
                 r.first_probs = text_probs[i]
             out[i] = token
             if token == self.eot or len(r.new) >= r.max_new:
