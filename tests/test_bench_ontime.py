@@ -78,11 +78,15 @@ def test_two_variants_over_the_test_speech(
     printed = capsys.readouterr().out
     assert "| | base | finals |" in printed and "| WER, manifest.jsonl |" in printed
     assert "| word → settled p50 / p90 |" in printed
+    assert "| streamed / offline CPU |" in printed
     report = json.loads(out.read_text())
     for run in report["runs"]:
         (file,) = run["files"]
         assert file["words"] == len(three_sentences.text.split())
         assert file["errors"] <= 0.1 * file["words"], file["text"]
+        # Each variant's CPU, and the same engine's offline transcription as its baseline.
+        assert file["cpu_s"] > 0 and file["offline_cpu_s"] > 0, file
+        assert run["cpu_s"] == pytest.approx(file["cpu_s"], abs=0.1)
     base, finals = (run["files"][0] for run in report["runs"])
     # Words settle in partials soon after they are said; without partials, in finals,
     # after the end of their sentence (up to its length and the VAD's 0.45 s later).

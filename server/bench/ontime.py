@@ -8,7 +8,9 @@ same figures; a real-time run (`whisperstream bench`) differs by a few words fro
 run as steps are skipped. It also gives the policy's own latencies: each message counts as
 sent when the audio that let it out had come (no model time, no queue), against the
 reference words' times force-aligned as the bench does; a real-time run adds the steps'
-compute and queueing to these. What words cost is that bench's to measure.
+compute and queueing to these. It also gives the CPU of that replay (every step taken,
+none skipped: what a stream costs when the machine keeps up) against the same engine's
+offline transcription of the files, the real-time bench's baseline.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from server.bench.errors import BenchError
 from server.bench.machine import machine_line
@@ -39,11 +41,6 @@ from streaming.audio import to_pcm_s16le
 from streaming.engine import Engine
 from streaming.protocol import Final, ServerMessage, Stop
 from streaming.session import Session
-
-if TYPE_CHECKING:
-    import numpy as np
-
-    from server.engines import WhisperEngine
 
 FRAME_BYTES = 640  # 20 ms of 16 kHz pcm_s16le, a browser's frame
 BYTES_PER_S = 32_000
@@ -83,12 +80,6 @@ def replay(session: Session, engine: Engine, pcm: bytes) -> Replayed:
     return Replayed(" ".join(finals), steps, [(t, m.to_dict()) for t, m in sent])
 
 
-def reference(engine: WhisperEngine, audio: np.ndarray, text: str) -> list[RefWord]:
-    """The reference words' times, force-aligned as the real-time bench aligns them."""
-    windows, texts = offline_transcribe(engine, audio)
-    return reference_times(engine, audio, normalize(text), windows, texts)
-
-
 def run_variant(
     variant: Variant,
     config: Path | None,
@@ -105,17 +96,21 @@ def run_variant(
     engine = build_engine(settings.model)
     session_config = configured_session(settings)  # 16 kHz pcm_s16le, as replay sends
     files: list[dict[str, Any]] = []
-    cpu0 = time.process_time()
     for manifest, items in manifests:
         for item in items:
             audio = read_audio_16k(item.wav)
             session = Session(item.id, session_config, frame_classifier(session_config.vad))
+            started = time.process_time()
             replayed = replay(session, engine, to_pcm_s16le(audio))
+            streamed_cpu = time.process_time() - started
+            # The baseline, as the real-time bench's: the same engine transcribes the
+            # file offline (its CPU is what streaming's is held against).
+            started = time.process_time()
+            windows, texts = offline_transcribe(engine, audio)
+            offline_cpu = time.process_time() - started
             ref = normalize(item.text)
             if item.id not in references:
-                aligning = time.process_time()
-                references[item.id] = reference(engine, audio, item.text)
-                cpu0 += time.process_time() - aligning  # (not the variant's to pay)
+                references[item.id] = reference_times(engine, audio, ref, windows, texts)
             timed = references[item.id]
             analysis = analyse_session(timed, replayed.messages)
             files.append(
@@ -125,6 +120,8 @@ def run_variant(
                     "words": len(ref),
                     "errors": word_errors(ref, normalize(replayed.text)),
                     "steps": replayed.steps,
+                    "cpu_s": round(streamed_cpu, 3),
+                    "offline_cpu_s": round(offline_cpu, 3),
                     "audio_s": round(len(audio) / 16_000, 3),
                     "speech_s": round(speech_seconds(timed), 3),
                     "revisions": analysis.revisions,
@@ -135,7 +132,7 @@ def run_variant(
     return {
         "variant": variant.name,
         "overrides": variant.env,
-        "cpu_s": round(time.process_time() - cpu0, 1),
+        "cpu_s": round(sum(f["cpu_s"] for f in files), 1),
         "files": files,
     }
 
@@ -162,6 +159,7 @@ def table(runs: Sequence[dict[str, Any]], manifests: Sequence[Path]) -> str:
         audio_s = sum(f["audio_s"] for f in r["files"])
         steps.append(f"{sum(f['steps'] for f in r['files']) / audio_s:.2f}" if audio_s else "-")
     lines.append("| model steps / audio s | " + " | ".join(steps) + " |")
+    lines += _cpu_rows(runs)
     for kind, label in zip(LATENCIES, LATENCY_LABELS, strict=True):
         cells = [_percentiles([v for f in r["files"] for v in f[kind]]) for r in runs]
         lines.append(f"| {label} p50 / p90 | " + " | ".join(cells) + " |")
@@ -172,6 +170,24 @@ def table(runs: Sequence[dict[str, Any]], manifests: Sequence[Path]) -> str:
         rates.append(f"{revisions / speech_min:.1f}" if speech_min else "-")
     lines.append("| partial revisions / min of speech | " + " | ".join(rates) + " |")
     return "\n".join(lines)
+
+
+def _cpu_rows(runs: Sequence[dict[str, Any]]) -> list[str]:
+    """CPU per audio second of the replay (the session and every step's model call) and
+    of the same engine's offline transcription of the files, and their ratio."""
+    streamed, offline, ratio = [], [], []
+    for r in runs:
+        audio_s = sum(f["audio_s"] for f in r["files"])
+        cpu = sum(f["cpu_s"] for f in r["files"])
+        base = sum(f["offline_cpu_s"] for f in r["files"])
+        streamed.append(f"{cpu / audio_s:.3f}" if audio_s else "-")
+        offline.append(f"{base / audio_s:.3f}" if audio_s else "-")
+        ratio.append(f"{cpu / base:.2f}" if base else "-")
+    return [
+        "| CPU s / audio s, every step | " + " | ".join(streamed) + " |",
+        "| offline CPU s / audio s (same engine) | " + " | ".join(offline) + " |",
+        "| streamed / offline CPU | " + " | ".join(ratio) + " |",
+    ]
 
 
 def _percentiles(values: Sequence[float]) -> str:
