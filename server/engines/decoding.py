@@ -20,7 +20,10 @@ from streaming.engine import Word
 
 HOP_SAMPLES = 160  # one mel frame: 10 ms at 16 kHz
 TOKENS_PER_SECOND = 50  # encoder positions: one per 20 ms
-TAIL_PAD_S = 1.0  # silence after the window: without it, short windows loop instead of ending
+# Silence after the window: without it, short windows loop instead of ending. Half as
+# much (0.5) saved 1 % of the CPU and cost 13 words in 2706 with every step on time over
+# the 81 real recordings (136 against 123 errors; README "Engines").
+TAIL_PAD_S = 1.0
 MIN_AUDIO_S = 0.1  # shorter windows hold no word
 MAX_WINDOW_S = 29.0  # the mel input (window + tail pad) must fit Whisper's 30 s
 MAX_DECODE_TOKENS = 448  # Whisper's text context
