@@ -155,7 +155,7 @@ def agreed_prefix(
     `early_commit_agreements`)."""
     agreed: list[Word] = []
     limit = window_s - options.holdback_s
-    early = window_s < options.early_commit_s
+    early = _early(window_s, options)
     for k, (before, now) in enumerate(zip(previous, current[:-1], strict=False)):
         if not _same(before, now) or now.end_s > limit:
             break
@@ -168,6 +168,19 @@ def agreed_prefix(
             break
         agreed.append(now)
     return agreed
+
+
+def _early(window_s: float, options: PolicyOptions) -> bool:
+    """Whether a window of this length is in the early phase, where the early-commit
+    thresholds hold back words the model is unsure of."""
+    return window_s < options.early_commit_s
+
+
+def reads_other_case(window_s: float, options: PolicyOptions) -> bool:
+    """Whether the policy reads a first word's other letter case for a window of this
+    length (`_sure`): only early on, with `early_commit_ignore_case`. The session asks the
+    engine for it (DecodeRequest.other_case) only then."""
+    return options.early_commit_ignore_case and _early(window_s, options)
 
 
 def _sure(word: Word, options: PolicyOptions) -> float:
@@ -204,7 +217,7 @@ def attended_prefix(current: Sequence[Word], window_s: float, options: PolicyOpt
     (as LocalAgreement's `early_commit_probability`; not `early_commit_context_s`: with
     every step on time it cost AlignAtt 5 errors in 2706 words, 4.92 -> 5.10 % WER)."""
     limit = window_s - options.alignatt_edge_s
-    early = window_s < options.early_commit_s
+    early = _early(window_s, options)
     attended: list[Word] = []
     for now in current[:-1]:
         if now.end_s > limit or (early and _sure(now, options) < options.early_commit_probability):

@@ -25,6 +25,7 @@ from streaming.policy import (
     drop_trailing_echo,
     normalize_word,
     promised_prefix,
+    reads_other_case,
     tentative_words,
 )
 from streaming.protocol import (
@@ -303,10 +304,8 @@ class Session:
             if policy.policy == "alignatt" and not final
             else 0.0,
             stream_key=f"{self.id}/{segment.index}/{segment.window_start}",
-            # Only the early-commit thresholds read it, and only on partial steps.
-            other_case=not final
-            and policy.early_commit_ignore_case
-            and len(audio) / MODEL_SAMPLE_RATE_HZ < policy.early_commit_s,
+            # A final promises all it hears: only partial steps' thresholds read it.
+            other_case=not final and reads_other_case(len(audio) / MODEL_SAMPLE_RATE_HZ, policy),
         )
 
     def _final_job(self) -> Job | None:
