@@ -14,7 +14,9 @@ A session's next step has most of its window in common with the previous one: wi
 
 Windows of different lengths share a batch without padding each other: every window is
 encoded on its own length (plus TAIL_PAD_S of silence, as the CTranslate2 engine does),
-and masks keep them apart, so a window decodes the same in a batch as alone.
+attention runs request by request, and a request that has ended drops out of the
+batch's later decoding steps. A window is encoded the same in a batch as alone, and
+decoded the same but for the last bits of int8 steps of several requests (Int8Linear).
 
 Hypotheses are built exactly as in ct2.py (server/engines/decoding.py): the forced prefix
 split at its own word boundaries, the same budget, guards and word timing method.
@@ -60,7 +62,6 @@ from server.engines.torch_whisper.model import (
     Whisper,
     audio_positions,
     quantize_int8,
-    stack_rows,
 )
 from server.engines.torch_whisper.weights import (
     LoadedWeights,
@@ -322,18 +323,22 @@ class TorchWhisper:
             starts,
             [k.self_kv if k else None for k in kept],
         )
-        new_cross = decoder.cross_keys_values(stack_rows(new_rows))
+        # Computed on every window's new rows in one sequence, without padding.
+        new_cross = decoder.cross_keys_values(torch.cat(new_rows)[None])
+        lengths = [len(r) for r in new_rows]
+        offsets = [sum(lengths[:i]) for i in range(len(new_rows))]
         total = max(audio_positions(f) for f in frames)
         cross: list[KV] = []
         for layer, (k_new, v_new) in enumerate(new_cross):
             k_all = k_new.new_zeros((len(audios), *k_new.shape[1:2], total, k_new.shape[3]))
             v_all = k_all.clone()
-            for i, (old, start, n) in enumerate(zip(kept, starts, map(len, new_rows), strict=True)):
+            spans = zip(kept, starts, lengths, offsets, strict=True)
+            for i, (old, start, n, a) in enumerate(spans):
                 if old is not None:
                     k_all[i, :, :start] = old.cross_kv[layer][0][0]
                     v_all[i, :, :start] = old.cross_kv[layer][1][0]
-                k_all[i, :, start : start + n] = k_new[i, :, :n]
-                v_all[i, :, start : start + n] = v_new[i, :, :n]
+                k_all[i, :, start : start + n] = k_new[0, :, a : a + n]
+                v_all[i, :, start : start + n] = v_new[0, :, a : a + n]
             cross.append((k_all, v_all))
         for i, key in enumerate(keys):
             if key:
@@ -439,12 +444,11 @@ class TorchWhisper:
             self.dtype if self.compute != "int8" else torch.float32,
             self.device,
         )
-        calls: list[list[Tensor]] = []  # per decoder call, per layer: [batch, heads, len, audio]
-
         layer_scores: list[Tensor] = []
         hidden = decoder(tokens, positions, cache, cross_kv, spans, spans, heard, layer_scores)
-        calls.append(layer_scores)
         self._stop_at_edge(layer_scores, rows)
+        # Per request, its alignment heads' scores [heads, tokens fed, audio], call by call.
+        fed: list[list[Tensor]] = [[x] for x in torch.cat(layer_scores, dim=1)]
 
         # The first pass's logits: the prefix tokens' probabilities, the no-speech
         # probability (at the start of transcript), and the first new token.
@@ -456,39 +460,46 @@ class TorchWhisper:
         ]
         logits = decoder.logits(hidden[:, -1:])[:, 0]
 
+        live = list(range(batch))  # the requests whose logits these are, in order
         step = 0
         while True:
             # Every chosen token goes through the decoder once more, the end of text
-            # included: its row of cross-attention scores is part of the alignment.
-            next_tokens, chosen = self._choose(logits, rows, step)
+            # included: its row of cross-attention scores is part of the alignment. The
+            # requests that chose none have ended: the steps go on without them.
+            choosing = [k for k, i in enumerate(live) if not rows[i].ended]
+            next_tokens, chosen = self._choose(logits, [rows[i] for i in live], step)
             if not chosen:  # every request stopped at the edge before this token
                 break
-            pos = torch.tensor([len(r.start) + len(r.new) - 1 for r in rows], device=self.device)[
-                :, None
-            ]
-            keys = [(r.pad, width + step + 1) for r in rows]
+            if len(choosing) < len(live):
+                next_tokens = next_tokens[choosing]
+                live = [live[k] for k in choosing]
+            pos = torch.tensor(
+                [len(rows[i].start) + len(rows[i].new) - 1 for i in live], device=self.device
+            )[:, None]
             layer_scores = []
             hidden = decoder(
                 next_tokens[:, None],
                 pos,
                 cache,
                 cross_kv,
-                [(0, 1)] * batch,
-                keys,
-                heard,
+                [(0, 1)] * len(live),
+                [(rows[i].pad, width + step + 1) for i in live],
+                [heard[i] for i in live],
                 layer_scores,
+                slots=live if len(live) < batch else None,
             )
-            calls.append(layer_scores)
-            self._stop_at_edge(layer_scores, rows)
+            for i, scores in zip(live, torch.cat(layer_scores, dim=1), strict=True):
+                fed[i].append(scores)
+            self._stop_at_edge(layer_scores, [rows[i] for i in live])
             step += 1
             if all(r.ended for r in rows):
                 break
             logits = decoder.logits(hidden[:, -1:])[:, 0]
 
-        # [batch, alignment heads, every token fed, audio positions]
-        fed = torch.cat([torch.cat(layers, dim=1) for layers in calls], dim=2)
         return [
-            self._hypothesis(tokenizer, r, fed[i], prefix_probs[i], float(no_speech[i]))
+            self._hypothesis(
+                tokenizer, r, torch.cat(fed[i], dim=1), prefix_probs[i], float(no_speech[i])
+            )
             for i, (tokenizer, r) in enumerate(zip(tokenizers, rows, strict=True))
         ]
 
