@@ -539,19 +539,16 @@ class Int8Linear(nn.Module):
         else:
             # (abs().amax() and a multiplication: vector_norm and a division by a column
             # took 15 times as long here.)
-            peak = rows.abs().amax(dim=1, keepdim=True).clamp_min_(1e-12)
-            quantized = torch.mul(rows, 127 / peak).round_()
+            peak = rows.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
+            quantized = (rows * (127 / peak)).round_()
             sums = (
                 quantized @ self.weight_float_t  # integers, as torch._int_mm sums them
                 if self.weight_float_t is not None
-                else torch._int_mm(quantized.to(torch.int8), self.weight_t)
+                else torch._int_mm(quantized.to(torch.int8), self.weight_t).float()
             )
-            # Scaled in place, column then row: the pass over the int32 sums makes the
-            # float output, and no [rows, out] table of scales is built (on an encoder
-            # batch these passes over memory cost as much as the product itself).
-            out = torch.mul(sums, self.weight_scale / 127).mul_(peak)
+            out = sums * (peak * (self.weight_scale / 127))
             if self.bias is not None:
-                out.add_(self.bias)
+                out = out + self.bias
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     def _step_rows(self, rows: Tensor) -> Tensor:
