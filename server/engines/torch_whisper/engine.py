@@ -371,6 +371,11 @@ class TorchWhisper:
                 for (ko, vo), (k, v) in zip(old.self_kv, kv, strict=True)
             ]
             output = torch.cat([old.output, output])
+        else:
+            # Copies, not views: a view would keep the whole encoder call's tensors
+            # (every window of its group, every position) for as long as this is kept.
+            kv = [(k.clone(), v.clone()) for k, v in kv]
+            output = output.clone()
         assert self._states is not None
         self._states.put(
             key,

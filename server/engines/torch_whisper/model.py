@@ -284,7 +284,8 @@ class AudioEncoder(nn.Module):
                 group, size = [], 0
             group.append(i)
             size += positions
-        self._extend_group(mels, starts, past, group, rows, new_kv)
+        if group:
+            self._extend_group(mels, starts, past, group, rows, new_kv)
         return rows, new_kv
 
     def _extend_group(
