@@ -326,19 +326,24 @@ class TorchWhisper:
         # Computed on every window's new rows in one sequence, without padding.
         new_cross = decoder.cross_keys_values(torch.cat(new_rows)[None])
         lengths = [len(r) for r in new_rows]
-        offsets = [sum(lengths[:i]) for i in range(len(new_rows))]
         total = max(audio_positions(f) for f in frames)
         cross: list[KV] = []
         for layer, (k_new, v_new) in enumerate(new_cross):
             k_all = k_new.new_zeros((len(audios), *k_new.shape[1:2], total, k_new.shape[3]))
             v_all = k_all.clone()
-            spans = zip(kept, starts, lengths, offsets, strict=True)
-            for i, (old, start, n, a) in enumerate(spans):
+            windows = zip(
+                kept,
+                starts,
+                torch.split(k_new[0], lengths, 1),
+                torch.split(v_new[0], lengths, 1),
+                strict=True,
+            )
+            for i, (old, start, k, v) in enumerate(windows):
                 if old is not None:
                     k_all[i, :, :start] = old.cross_kv[layer][0][0]
                     v_all[i, :, :start] = old.cross_kv[layer][1][0]
-                k_all[i, :, start : start + n] = k_new[0, :, a : a + n]
-                v_all[i, :, start : start + n] = v_new[0, :, a : a + n]
+                k_all[i, :, start : start + k.shape[1]] = k
+                v_all[i, :, start : start + v.shape[1]] = v
             cross.append((k_all, v_all))
         for i, key in enumerate(keys):
             if key:

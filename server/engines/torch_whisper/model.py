@@ -229,12 +229,9 @@ class KVCache:
         batch rows `slots` only: the other rows' positions there are left unwritten, for
         requests that have ended); the keys and values so far, of every row."""
         end = self.length + k.shape[2]
-        if slots is None:
-            self.keys[layer][:, :, self.length : end] = k
-            self.values[layer][:, :, self.length : end] = v
-        else:
-            self.keys[layer][slots, :, self.length : end] = k
-            self.values[layer][slots, :, self.length : end] = v
+        batch_rows = slice(None) if slots is None else slots
+        self.keys[layer][batch_rows, :, self.length : end] = k
+        self.values[layer][batch_rows, :, self.length : end] = v
         self._pending = end
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
@@ -275,32 +272,25 @@ class AudioEncoder(nn.Module):
         one: past a few thousand rows the passes over the activations leave the caches."""
         rows: list[Tensor] = []
         new_kv: list[list[KV]] = []
-        group: list[int] = []
-        size = 0
+        first, size = 0, 0
         for i, (mel, start) in enumerate(zip(mels, starts, strict=True)):
             positions = audio_positions(mel.shape[-1]) - start
-            if group and size + positions > ENCODER_GROUP_POSITIONS:
-                self._extend_group(mels, starts, past, group, rows, new_kv)
-                group, size = [], 0
-            group.append(i)
+            if i > first and size + positions > ENCODER_GROUP_POSITIONS:
+                group = self._extend_group(mels[first:i], starts[first:i], past[first:i])
+                rows += group[0]
+                new_kv += group[1]
+                first, size = i, 0
             size += positions
-        if group:
-            self._extend_group(mels, starts, past, group, rows, new_kv)
+        if first < len(mels):
+            group = self._extend_group(mels[first:], starts[first:], past[first:])
+            rows += group[0]
+            new_kv += group[1]
         return rows, new_kv
 
     def _extend_group(
-        self,
-        all_mels: list[Tensor],
-        all_starts: list[int],
-        all_past: list[list[KV] | None],
-        group: list[int],
-        out_rows: list[Tensor],
-        out_kv: list[list[KV]],
-    ) -> None:
-        """`extend` on the windows `group`, their results appended to the two lists."""
-        mels = [all_mels[i] for i in group]
-        starts = [all_starts[i] for i in group]
-        past = [all_past[i] for i in group]
+        self, mels: list[Tensor], starts: list[int], past: list[list[KV] | None]
+    ) -> tuple[list[Tensor], list[list[KV]]]:
+        """`extend` on one group of windows, in one call."""
         rows: list[Tensor] = []
         for mel, start in zip(mels, starts, strict=True):
             # conv2's position p reads conv1's frames 2p-1..2p+1, conv1's frame f mel
@@ -311,7 +301,6 @@ class AudioEncoder(nn.Module):
             x = x[1:] if start else x
             rows.append(x + self.positional_embedding[start : start + len(x)].to(x.dtype))
         lengths = [len(r) for r in rows]
-        offsets = [sum(lengths[:i]) for i in range(len(rows))]
         # One sequence of every window's rows, no padding: the layers that work row by
         # row (linear layers, layer norms, GELU) compute no one's padding.
         x = torch.cat(rows)[None]
@@ -319,20 +308,24 @@ class AudioEncoder(nn.Module):
         for layer, block in enumerate(cast(list[EncoderBlock], list(self.blocks))):
             attn = block.attn
             q, k, v = (_heads(t, attn.n_head) for t in attn.qkv(block.attn_ln(x)).chunk(3, dim=-1))
-            out = torch.empty_like(q)
-            for i, (a, n) in enumerate(zip(offsets, lengths, strict=True)):
-                ki, vi = k[:, :, a : a + n], v[:, :, a : a + n]
+            attended = []
+            windows = zip(
+                torch.split(q, lengths, 2),
+                torch.split(k, lengths, 2),
+                torch.split(v, lengths, 2),
+                past,
+                strict=True,
+            )
+            for i, (qi, ki, vi, before) in enumerate(windows):
                 new_kv[i].append((ki, vi))
-                before = past[i]
                 if before is not None:
                     ki = torch.cat([before[layer][0], ki], dim=2)
                     vi = torch.cat([before[layer][1], vi], dim=2)
-                out[:, :, a : a + n] = F.scaled_dot_product_attention(q[:, :, a : a + n], ki, vi)
-            x = x + attn.out(_merge(out))
+                attended.append(F.scaled_dot_product_attention(qi, ki, vi))
+            x = x + attn.out(_merge(torch.cat(attended, dim=2)))
             x = x + block.mlp(block.mlp_ln(x))
         x = self.ln_post(x)
-        out_rows.extend(x[0, a : a + n] for a, n in zip(offsets, lengths, strict=True))
-        out_kv.extend(new_kv)
+        return list(torch.split(x[0], lengths)), new_kv
 
 
 def audio_positions(frames: int) -> int:
@@ -514,18 +507,22 @@ class Int8Linear(nn.Module):
         self.register_buffer(
             "weight_float_t", self.weight_t.float() if int8_products_are_slow() else None
         )
+        self._packed = self._fbgemm_weight(bias)
+        self._unbiased: object | None = None  # the packed weight without the bias
+        self._column_sums = torch.empty(0)
+
+    def _fbgemm_weight(self, bias: Tensor | None) -> object:
+        """The int8 weights (and `bias`) packed for fbgemm's dynamic linear."""
         with warnings.catch_warnings():  # quantized tensors are deprecated, not yet gone
             warnings.simplefilter("ignore")
-            packed_weight = torch.quantize_per_channel(
-                quantized * scale[:, None],
-                scale.double(),
-                torch.zeros_like(scale, dtype=torch.long),
+            weight = torch.quantize_per_channel(
+                self.weight_t.t().float() * self.weight_scale[:, None],
+                self.weight_scale.double(),
+                torch.zeros_like(self.weight_scale, dtype=torch.long),
                 axis=0,
                 dtype=torch.qint8,
             )
-            self._packed = torch.ops.quantized.linear_prepack(packed_weight, bias)
-        self._unbiased: object | None = None  # the packed weight without the bias
-        self._column_sums = torch.empty(0)
+            return torch.ops.quantized.linear_prepack(weight, bias)
 
     def forward(self, x: Tensor) -> Tensor:
         """x [..., in]; a decoding step's input [batch, 1, in] takes fbgemm's kernel, one
@@ -562,19 +559,7 @@ class Int8Linear(nn.Module):
             self._column_sums = self.weight_t.sum(dim=0, dtype=torch.float64).float() * (
                 self.weight_scale
             )
-            if self.bias is None:
-                self._unbiased = self._packed
-            else:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    weight = torch.quantize_per_channel(
-                        self.weight_t.t().float() * self.weight_scale[:, None],
-                        self.weight_scale.double(),
-                        torch.zeros_like(self.weight_scale, dtype=torch.long),
-                        axis=0,
-                        dtype=torch.qint8,
-                    )
-                    self._unbiased = torch.ops.quantized.linear_prepack(weight, None)
+            self._unbiased = self._packed if self.bias is None else self._fbgemm_weight(None)
         n = rows.shape[0]
         low = rows.amin(dim=1, keepdim=True).clamp_max_(0)
         high = rows.amax(dim=1, keepdim=True).clamp_min_(0)
