@@ -62,6 +62,11 @@ class DecodeRequest:
     # request with this key starts with the same audio, longer. An engine may keep
     # what it computed from that audio for it (the torch engine's encoder states).
     stream_key: str = ""
+    # What this window's previous step heard after the same prefix (its tokens): an
+    # engine may feed it in one pass and keep the tokens greedy decoding chooses alike,
+    # instead of one decoder step each (the torch engine). Only a guess: the result is
+    # what decoding without it gives, but for rounding.
+    draft_tokens: tuple[int, ...] = ()
     # Report the first word's other letter case (Word.other_case_probability) when the
     # window starts with no prefix: the session asks only while its early-commit rule
     # reads it, so that no step pays for a figure nobody uses.

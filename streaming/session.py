@@ -295,9 +295,14 @@ class Session:
         history = " ".join(self._history)[-policy.prompt_chars :] if policy.prompt_chars else ""
         context = "".join(w.text for w in segment.committed[: segment.trimmed]).strip()
         prompt = f"{history} {context[-WINDOW_CONTEXT_CHARS:]}".strip()
+        prefix = tuple(t for w in segment.committed[segment.trimmed :] for t in w.tokens)
+        heard = tuple(t for w in segment.previous for t in w.tokens)
         return DecodeRequest(
             audio=audio[segment.window_start :],
-            prefix_tokens=tuple(t for w in segment.committed[segment.trimmed :] for t in w.tokens),
+            prefix_tokens=prefix,
+            # The last hypothesis's words after the prefix, most of which this step hears
+            # again: the engine may check them in one pass (DecodeRequest.draft_tokens).
+            draft_tokens=heard[len(prefix) :] if heard[: len(prefix)] == prefix else (),
             prompt=prompt,
             language=self.config.language,
             stop_edge_s=policy.alignatt_edge_s

@@ -346,6 +346,33 @@ def test_final_word_times_lie_inside_the_segment_and_match_the_audio(three: Run)
             assert word.probability == 0.9
 
 
+def test_a_decode_gets_what_its_previous_decode_heard_after_the_prefix_as_a_draft() -> None:
+    # The engine may check the draft in one pass instead of decoding it token by token
+    # (DecodeRequest.draft_tokens): it is the segment's last hypothesis past the prefix.
+    heard: list[tuple[Job, Hypothesis]] = []
+
+    def record(job: Job, hypothesis: Hypothesis) -> Hypothesis:
+        heard.append((job, hypothesis))
+        return hypothesis
+
+    run = run_session(THREE, config=DECODE_FINALS, rewrite=record)
+    drafted = 0
+    for k, (job, _) in enumerate(heard):
+        request = job.request
+        before = [h for j, h in heard[:k] if j.segment == job.segment and not j.tail]
+        if not before or job.tail:
+            assert request.draft_tokens == ()
+            continue
+        previous = before[-1].tokens
+        if previous[: len(request.prefix_tokens)] == request.prefix_tokens:
+            assert request.prefix_tokens + request.draft_tokens == previous
+            drafted += bool(request.draft_tokens)
+        else:
+            assert request.draft_tokens == ()
+    assert drafted >= len(heard) // 2, (drafted, len(heard))
+    assert [words_of(f) for f in run.finals] == THREE_TEXTS
+
+
 def test_decodes_force_the_promised_words_and_each_segment_is_finalised_once() -> None:
     run = run_session(THREE, config=DECODE_FINALS)
 

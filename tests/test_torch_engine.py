@@ -318,11 +318,51 @@ def test_a_40_token_prefix_is_read_in_one_decoder_pass(
         remove()
     assert hypothesis.tokens[:40] == prefix
     new = len(hypothesis.tokens) - 40
-    # One pass over start of transcript, no-timestamps and the 40 promised tokens; then
-    # one call per new token, and one for the end of text (its alignment row).
-    assert lengths[0] == 2 + 40
+    # One pass over start of transcript, no-timestamps, the 40 promised tokens and a
+    # guessed end of text; then one call per new token, and one for the end of text (its
+    # alignment row).
+    assert lengths[0] == 2 + 40 + 1
     assert all(n == 1 for n in lengths[1:])
     assert len(lengths) - 1 <= new + 2, (lengths, new)
+
+
+def test_a_draft_that_decoding_agrees_with_takes_no_decoding_steps(
+    torch_float32: TorchWhisper, speech_16k: np.ndarray
+) -> None:
+    # A session's step hears again most of what its previous step heard after the
+    # prefix: fed as a draft in the first pass, the tokens greedy decoding chooses alike
+    # need no step of their own; from the first that differs on, it decodes step by step.
+    a, b = _sentence_spans(speech_16k)[0]
+    window = speech_16k[a:b]
+    heard = torch_float32.transcribe([DecodeRequest(window)])[0]
+    prefix, rest = heard.tokens[:3], heard.tokens[3:]
+    assert len(rest) >= 5, heard.text
+    wrong = torch_float32._tokenizers.get("en").encode(" purple elephants")
+    lengths, remove = _decoder_calls(torch_float32)
+    try:
+        plain = torch_float32.transcribe([DecodeRequest(window, prefix_tokens=prefix)])[0]
+        plain_calls = list(lengths)
+        results = []
+        for draft in (rest, rest[:2] + tuple(wrong), tuple(wrong)):
+            lengths.clear()
+            request = DecodeRequest(window, prefix_tokens=prefix, draft_tokens=draft)
+            results.append((torch_float32.transcribe([request])[0], list(lengths)))
+    finally:
+        remove()
+    (right, right_calls), (half, half_calls), (off, off_calls) = results
+    assert plain_calls[0] == 2 + 3 + 1  # task tokens, the prefix, a guessed end of text
+    assert len(plain_calls) == 1 + len(rest) + 1  # a step per new token and end of text
+    # All right: one pass, the end of text included. Two right: steps from the third.
+    assert right_calls == [2 + 3 + len(rest) + 1]
+    assert half_calls[0] == 2 + 3 + 2 + len(wrong) + 1
+    assert len(half_calls) == 1 + len(rest) - 2 + 1
+    assert len(off_calls) == len(plain_calls)
+    for hypothesis in (right, half, off):
+        assert word_errors(plain.text, hypothesis.text) == 0, (plain.text, hypothesis.text)
+        assert [w.start_s for w in hypothesis.words] == pytest.approx(
+            [w.start_s for w in plain.words], abs=0.021
+        )
+        assert hypothesis.avg_logprob == pytest.approx(plain.avg_logprob, abs=1e-3)
 
 
 def test_alignatt_stops_decoding_where_attention_reaches_the_live_edge(

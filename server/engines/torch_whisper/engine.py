@@ -8,6 +8,14 @@ position, the probabilities of the prefix tokens, the no-speech probability), th
 decodes greedily with a key/value cache. The cross-attention scores of the alignment
 heads come out of the same passes, so word timings need no second decoder pass.
 
+A step mostly hears again what the window's previous step heard after the prefix: the
+session hands those tokens over as a draft (`DecodeRequest.draft_tokens`), and the first
+pass reads them too, with an end of text after them. The new tokens that greedy decoding
+chooses alike at those rows were fed already and need no step of their own (speculative
+decoding, the previous hypothesis as the draft); from the first token that differs on,
+the request decodes step by step. Measured with every step on time (81 files, an Intel
+Xeon): 10 % less CPU.
+
 A session's next step has most of its window in common with the previous one: with
 `encoder_reuse_s`, the encoder computes only the window's last seconds again
 (encoder_reuse.py).
@@ -138,6 +146,10 @@ class _Row:
     duration_s: float
     frames: int  # mel frames of the real audio (without the tail pad)
     stop_edge: int  # AlignAtt: stop where attention reaches this many last positions
+    # Fed in the first pass after the start: the request's draft and an end of text, at
+    # most max_new tokens. The new tokens that greedy decoding chooses alike need no step.
+    guess: list[int] = field(default_factory=list)
+    fed_new: int = 0  # new tokens fed to the decoder so far (accepted guesses included)
     new: list[int] = field(default_factory=list)
     new_probs: list[float] = field(default_factory=list)
     logprob_sum: float = 0.0  # of the new tokens: as CTranslate2, forced ones count 0
@@ -147,6 +159,11 @@ class _Row:
     other_case: bool = False
     first_probs: Tensor | None = None
     ended: bool = False  # reached end of text or its budget
+
+    @property
+    def end(self) -> int:
+        """The column after its start sequence (padding included): new token k's."""
+        return self.pad + len(self.start)
 
 
 class TorchWhisper:
@@ -286,7 +303,7 @@ class TorchWhisper:
 
     def transcribe(self, requests: Sequence[DecodeRequest]) -> list[Hypothesis]:
         """Transcribe windows as one batch: one encoder call, one decoder pass over every
-        start sequence, then one decoder step per new token."""
+        start sequence and draft, then one decoder step per new token the draft lacked."""
         live = [
             i for i, r in enumerate(requests) if len(r.audio) >= MIN_AUDIO_S * MODEL_SAMPLE_RATE_HZ
         ]
@@ -416,6 +433,8 @@ class TorchWhisper:
                 decode_budget(len(start), duration_s), len(prompt) + len(tokenizer.sot_sequence)
             )
             max_new = max(1, min(steps - len(prefix), self.dims.n_text_ctx - len(start)))
+            draft = list(request.draft_tokens)
+            draft = draft[: next((k for k, t in enumerate(draft) if t >= self.eot), len(draft))]
             rows.append(
                 _Row(
                     start,
@@ -426,22 +445,23 @@ class TorchWhisper:
                     duration_s,
                     len(samples) // HOP_SAMPLES,
                     round(request.stop_edge_s * TOKENS_PER_SECOND),
+                    guess=[*draft, self.eot][:max_new],
                     other_case=request.other_case and not prefix,
                 )
             )
-        width = max(len(r.start) for r in rows)
+        # Left-aligned by padding: every request's last fed token (its start, then its
+        # guess: the draft and an end of text) is at width - 1.
+        width = max(len(r.start) + len(r.guess) for r in rows)
         for r in rows:
-            r.pad = width - len(r.start)
+            r.pad = width - len(r.start) - len(r.guess)
             r.sot_at += r.pad
-        total = width + max(r.max_new for r in rows) + 1
         batch = len(rows)
 
-        # Left-aligned by padding: every request's last start token is at width - 1.
         tokens = torch.full((batch, width), self.eot, dtype=torch.long)
         positions = torch.zeros((batch, width), dtype=torch.long)
         for i, r in enumerate(rows):
-            tokens[i, r.pad :] = torch.tensor(r.start)
-            positions[i, r.pad :] = torch.arange(len(r.start))
+            tokens[i, r.pad :] = torch.tensor(r.start + r.guess)
+            positions[i, r.pad :] = torch.arange(len(r.start) + len(r.guess))
         tokens, positions = tokens.to(self.device), positions.to(self.device)
         spans = [(r.pad, width) for r in rows]
 
@@ -449,62 +469,73 @@ class TorchWhisper:
             self.dims.n_text_layer,
             batch,
             self.dims.n_text_head,
-            total,
+            max(r.end + r.max_new for r in rows),
             self.dims.n_text_state // self.dims.n_text_head,
             self.dtype if self.compute != "int8" else torch.float32,
             self.device,
         )
         layer_scores: list[Tensor] = []
         hidden = decoder(tokens, positions, cache, cross_kv, spans, spans, heard, layer_scores)
-        self._stop_at_edge(layer_scores, rows)
         # Per request, its alignment heads' scores [heads, tokens fed, audio], call by call.
-        fed: list[list[Tensor]] = [[x] for x in torch.cat(layer_scores, dim=1)]
+        first_scores = torch.cat(layer_scores, dim=1)
 
         # The first pass's logits: the prefix tokens' probabilities, the no-speech
-        # probability (at the start of transcript), and the first new token.
+        # probability (at the start of transcript), and the new tokens' choices at the
+        # last start token and at each guessed token.
         prefix_probs = self._prefix_probs(hidden, rows)
         # Rows as [batch, 1, state]: one per request, like a step's (see Int8Linear).
         specials = hidden[torch.arange(batch), torch.tensor([r.sot_at for r in rows])]
         no_speech = decoder.logits(specials[:, None])[:, 0].softmax(dim=-1)[
             :, tokenizers[0].no_speech
         ]
-        logits = decoder.logits(hidden[:, -1:])[:, 0]
+        choosers = torch.cat([hidden[i, r.end - 1 : width - 1] for i, r in enumerate(rows)])
+        guessed = torch.split(decoder.logits(choosers[:, None])[:, 0], [len(r.guess) for r in rows])
+        pending: dict[int, int] = {}  # request -> its chosen token, not fed yet
+        fed: list[list[Tensor]] = []
+        for i, r in enumerate(rows):
+            token = self._check_guess(r, guessed[i], first_scores[i])
+            if token is not None:
+                pending[i] = token
+            fed.append([first_scores[i, :, : r.end + r.fed_new]])
 
-        live = list(range(batch))  # the requests whose logits these are, in order
-        step = 0
-        while True:
+        while pending:
             # Every chosen token goes through the decoder once more, the end of text
             # included: its row of cross-attention scores is part of the alignment. The
             # requests that chose none have ended: the steps go on without them.
-            choosing = [k for k, i in enumerate(live) if not rows[i].ended]
-            next_tokens, chosen = self._choose(logits, [rows[i] for i in live], step)
-            if not chosen:  # every request stopped at the edge before this token
-                break
-            if len(choosing) < len(live):
-                next_tokens = next_tokens[choosing]
-                live = [live[k] for k in choosing]
-            pos = torch.tensor(
-                [len(rows[i].start) + len(rows[i].new) - 1 for i in live], device=self.device
-            )[:, None]
+            live = sorted(pending)
+            columns = [rows[i].end + rows[i].fed_new for i in live]
             layer_scores = []
             hidden = decoder(
-                next_tokens[:, None],
-                pos,
+                torch.tensor([[pending[i]] for i in live], device=self.device),
+                torch.tensor(
+                    [[c - rows[i].pad] for c, i in zip(columns, live, strict=True)],
+                    device=self.device,
+                ),
                 cache,
                 cross_kv,
                 [(0, 1)] * len(live),
-                [(rows[i].pad, width + step + 1) for i in live],
+                [(rows[i].pad, c + 1) for c, i in zip(columns, live, strict=True)],
                 [heard[i] for i in live],
                 layer_scores,
                 slots=live if len(live) < batch else None,
+                columns=columns,
             )
-            for i, scores in zip(live, torch.cat(layer_scores, dim=1), strict=True):
-                fed[i].append(scores)
-            self._stop_at_edge(layer_scores, [rows[i] for i in live])
-            step += 1
-            if all(r.ended for r in rows):
+            step_scores = torch.cat(layer_scores, dim=1)
+            going = []
+            for k, i in enumerate(live):
+                fed[i].append(step_scores[k])
+                rows[i].fed_new += 1
+                if not rows[i].ended and not self._at_edge(step_scores[k, :, -1], rows[i]):
+                    going.append(k)
+                else:
+                    rows[i].ended = True
+            pending = {}
+            if not going:
                 break
-            logits = decoder.logits(hidden[:, -1:])[:, 0]
+            logits = decoder.logits(hidden[going, -1:])[:, 0]
+            chosen = self._pick(logits, [rows[live[k]] for k in going])
+            for k, token in zip(going, chosen, strict=True):
+                pending[live[k]] = token
 
         return [
             self._hypothesis(
@@ -517,63 +548,82 @@ class TorchWhisper:
         """Per request, each prefix token's probability among the text tokens, as the
         alignment reports it: text logits at its prefix rows only, in one product (per
         request, so that the int8 kernel is the one it gets alone)."""
-        width = hidden.shape[1]
         out: list[list[float]] = []
         for i, r in enumerate(rows):
             if not r.prefix:
                 out.append([])
                 continue
-            # Row width - 1 - p + k predicts prefix token k: no-timestamps, then the prefix.
-            picked = hidden[i : i + 1, width - 1 - len(r.prefix) : width - 1]
+            # Row end - 1 - p + k predicts prefix token k: no-timestamps, then the prefix.
+            picked = hidden[i : i + 1, r.end - 1 - len(r.prefix) : r.end - 1]
             text = self.model.decoder.text_logits(picked)[0].log_softmax(dim=-1)
             targets = torch.tensor(r.prefix, device=self.device)[:, None]
             out.append(text.gather(1, targets)[:, 0].exp().tolist())
         return out
 
-    @staticmethod
-    def _stop_at_edge(layer_scores: list[Tensor], rows: list[_Row]) -> None:
-        """AlignAtt: end a request whose alignment heads, at the row that would choose its
-        next token, attend most to the last `stop_edge` positions of its audio: that
-        token would be about audio not heard yet."""
-        if not any(r.stop_edge and not r.ended for r in rows):
-            return
-        last = torch.cat(layer_scores, dim=1)[:, :, -1]  # [batch, heads, audio]
-        for i, r in enumerate(rows):
-            heard = r.frames // 2
-            if not r.stop_edge or r.ended or heard == 0:
-                continue
-            attention = last[i, :, :heard].softmax(dim=-1).mean(dim=0)
-            if int(attention.argmax()) >= heard - r.stop_edge:
+    def _check_guess(self, r: _Row, logits: Tensor, scores: Tensor) -> int | None:
+        """Choose request r's new tokens along its guess, as steps would have chosen them:
+        `logits[k]` [len(guess), vocab] and `scores` [heads, tokens fed, audio] are the
+        first pass's at the row before guessed token k. A choice that is the guessed token
+        was fed already; the first that differs is returned, to be fed by the next step
+        (None: the request ended, at its end of text, its budget or the live edge)."""
+        begins = [k == 0 and not r.prefix for k in range(len(r.guess))]
+        tokens, logprobs, text_probs = self._choices(logits, begins)
+        for k, guessed in enumerate(r.guess):
+            if self._at_edge(scores[:, r.end - 1 + k], r):
                 r.ended = True
+                return None
+            self._record(r, tokens[k], logprobs[k], text_probs[k])
+            if tokens[k] != guessed:
+                return tokens[k]
+            r.fed_new += 1
+            if r.ended:
+                return None
+        raise AssertionError("a guess ends with end of text or at the budget")
 
-    def _choose(self, logits: Tensor, rows: list[_Row], step: int) -> tuple[Tensor, bool]:
-        """Greedy choice of each unfinished request's next token (end of text for the
-        finished ones), and whether any was chosen; records its probabilities."""
+    @staticmethod
+    def _at_edge(last: Tensor, r: _Row) -> bool:
+        """AlignAtt: whether the alignment heads' scores `last` [heads, audio], at the row
+        that would choose the request's next token, attend most to the last `stop_edge`
+        positions of its audio: that token would be about audio not heard yet."""
+        heard = r.frames // 2
+        if not r.stop_edge or heard == 0:
+            return False
+        attention = last[:, :heard].softmax(dim=-1).mean(dim=0)
+        return int(attention.argmax()) >= heard - r.stop_edge
+
+    def _pick(self, logits: Tensor, rows: list[_Row]) -> list[int]:
+        """Each request's next token from its row of `logits` [requests, vocab], recorded."""
+        tokens, logprobs, text_probs = self._choices(
+            logits, [not r.prefix and not r.new for r in rows]
+        )
+        for k, r in enumerate(rows):
+            self._record(r, tokens[k], logprobs[k], text_probs[k])
+        return tokens
+
+    def _choices(self, logits: Tensor, begins: list[bool]) -> tuple[list[int], list[float], Tensor]:
+        """Greedy choices for rows of `logits` [n, vocab]: never a suppressed token, and
+        where `begins[k]` (the first new token, with no prefix: CTranslate2's
+        suppress_blank) no blank nor end of text. With each choice's log probability and
+        each row's probabilities among the text tokens."""
         text_probs = logits[:, : self.eot].softmax(dim=-1)
         logits = logits.clone()
         logits[:, self._suppress] = float("-inf")
-        if step == 0:
-            for i, r in enumerate(rows):
-                if not r.prefix:  # as CTranslate2's suppress_blank: no blank start
-                    logits[i, self._suppress_begin] = float("-inf")
+        for k, begin in enumerate(begins):
+            if begin:
+                logits[k, self._suppress_begin] = float("-inf")
         logprobs = logits.log_softmax(dim=-1)
         chosen = logprobs.argmax(dim=-1)
-        picked = chosen.tolist()
-        out = torch.full_like(chosen, self.eot)
-        any_chosen = False
-        for i, (r, token) in enumerate(zip(rows, picked, strict=True)):
-            if r.ended:
-                continue
-            any_chosen = True
-            r.new.append(token)
-            r.logprob_sum += float(logprobs[i, token])
-            r.new_probs.append(float(text_probs[i, token]) if token < self.eot else 0.0)
-            if step == 0 and r.other_case:
-                r.first_probs = text_probs[i]
-            out[i] = token
-            if token == self.eot or len(r.new) >= r.max_new:
-                r.ended = True
-        return out, any_chosen
+        return chosen.tolist(), logprobs.gather(1, chosen[:, None])[:, 0].tolist(), text_probs
+
+    def _record(self, r: _Row, token: int, logprob: float, text_probs: Tensor) -> None:
+        """Token as request r's next new token; ends r at the end of text or its budget."""
+        if not r.new and r.other_case:
+            r.first_probs = text_probs
+        r.new.append(token)
+        r.logprob_sum += logprob
+        r.new_probs.append(float(text_probs[token]) if token < self.eot else 0.0)
+        if token == self.eot or len(r.new) >= r.max_new:
+            r.ended = True
 
     def _hypothesis(
         self,

@@ -136,10 +136,11 @@ class SelfAttention(nn.Module):
         cache: KVCache | None = None,
         layer: int = 0,
         slots: list[int] | None = None,
+        columns: list[int] | None = None,
     ) -> Tensor:
         q, k, v = (_heads(t, self.n_head) for t in self.qkv(x).chunk(3, dim=-1))
         if cache is not None:
-            k, v = cache.extend(layer, k, v, slots)
+            k, v = cache.extend(layer, k, v, slots, columns)
         out: Tensor = self.out(_merge(attend(q, k, v, rows, keys, causal, slots=slots)))
         return out
 
@@ -223,13 +224,29 @@ class KVCache:
         self._pending = 0
 
     def extend(
-        self, layer: int, k: Tensor, v: Tensor, slots: list[int] | None = None
+        self,
+        layer: int,
+        k: Tensor,
+        v: Tensor,
+        slots: list[int] | None = None,
+        columns: list[int] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Write `k` and `v` [batch, head, len, state/head] after the filled positions (of
         batch rows `slots` only: the other rows' positions there are left unwritten, for
-        requests that have ended); the keys and values so far, of every row."""
-        end = self.length + k.shape[2]
+        requests that have ended); the keys and values so far, of every row. With
+        `columns` (a decoding step: len 1), request i's key and value go to its own
+        column `columns[i]`: requests that accepted drafts of different lengths are at
+        different columns, and a column past a request's own is never attended."""
+        if columns is not None:
+            device = k.device
+            requests = torch.tensor(slots or range(len(columns)), device=device)
+            at = torch.tensor(columns, device=device)
+            self.keys[layer][requests, :, at] = k[:, :, 0]
+            self.values[layer][requests, :, at] = v[:, :, 0]
+            end = max(columns) + 1
+            return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
         batch_rows = slice(None) if slots is None else slots
+        end = self.length + k.shape[2]
         self.keys[layer][batch_rows, :, self.length : end] = k
         self.values[layer][batch_rows, :, self.length : end] = v
         self._pending = end
@@ -377,6 +394,7 @@ class TextDecoder(nn.Module):
         audio: Spans,
         scores: list[Tensor] | None = None,
         slots: list[int] | None = None,
+        columns: list[int] | None = None,
     ) -> Tensor:
         """Hidden states [batch, len, state] of `tokens` [batch, len] at `positions`,
         written after the cache's positions. Request i's tokens are `rows[i]` (the rest
@@ -384,11 +402,13 @@ class TextDecoder(nn.Module):
         call) and to its audio positions `audio[i]`. With `scores`, the alignment heads'
         cross-attention scores [batch, heads, len, audio] are appended, layer by layer.
         With `slots`, request i is batch row `slots[i]` of the cache and `cross_kv`: a
-        step of the requests that have not ended computes nothing for those that have."""
+        step of the requests that have not ended computes nothing for those that have.
+        With `columns` (a step of one token each), request i's token is written to cache
+        column `columns[i]` (KVCache.extend)."""
         causal = tokens.shape[1] > 1
         x = self.token_embedding(tokens) + self.positional_embedding[positions]
         for i, block in enumerate(self.layers()):
-            x = x + block.attn(block.attn_ln(x), rows, keys, causal, cache, i, slots)
+            x = x + block.attn(block.attn_ln(x), rows, keys, causal, cache, i, slots, columns)
             x = x + block.cross(
                 block.cross_ln(x),
                 cross_kv[i],
