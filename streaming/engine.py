@@ -67,6 +67,11 @@ class DecodeRequest:
     # instead of one decoder step each (the torch engine). Only a guess: the result is
     # what decoding without it gives, but for rounding.
     draft_tokens: tuple[int, ...] = ()
+    # At most this many tokens after the prefix (the end of text aside; 0: as many as the
+    # window's length allows). A partial step hears little more audio than the previous
+    # one, and what a decoder writes past that is mostly text it invents past the live
+    # edge, which the engine's guards drop: the session caps it (session.partial_budget).
+    max_new_tokens: int = 0
     # Report the first word's other letter case (Word.other_case_probability) when the
     # window starts with no prefix: the session asks only while its early-commit rule
     # reads it, so that no step pays for a figure nobody uses.

@@ -9,6 +9,7 @@ classifier makes the VAD boundaries exact too.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -32,7 +33,13 @@ from streaming.protocol import (
     Stop,
     StreamParams,
 )
-from streaming.session import Job, Session, SessionConfig
+from streaming.session import (
+    PARTIAL_BUDGET_TOKENS,
+    PARTIAL_BUDGET_TOKENS_PER_S,
+    Job,
+    Session,
+    SessionConfig,
+)
 from streaming.vad import VadOptions
 
 SR = MODEL_SAMPLE_RATE_HZ
@@ -370,6 +377,30 @@ def test_a_decode_gets_what_its_previous_decode_heard_after_the_prefix_as_a_draf
         else:
             assert request.draft_tokens == ()
     assert drafted >= len(heard) // 2, (drafted, len(heard))
+    assert [words_of(f) for f in run.finals] == THREE_TEXTS
+
+
+def test_a_partial_decode_is_budgeted_past_its_draft_and_a_final_is_not() -> None:
+    # What a decoder writes far past the audio the previous step heard is text it invents
+    # past the live edge: a partial step may decode its draft and a few tokens more per
+    # second of new audio (session.partial_budget); a final decodes all it hears.
+    run = run_session(THREE, config=DECODE_FINALS)
+    partials = [j for j in run.jobs if not j.final]
+    finals = [j for j in run.jobs if j.final]
+    assert partials and finals
+    assert all(j.request.max_new_tokens == 0 for j in finals)
+    step_s = DECODE_FINALS.policy.step_s
+    for job in partials:
+        request = job.request
+        least = len(request.draft_tokens) + PARTIAL_BUDGET_TOKENS
+        assert request.max_new_tokens >= least
+        if request.draft_tokens:  # a step after the one that heard the draft
+            assert request.max_new_tokens <= least + 1 + PARTIAL_BUDGET_TOKENS_PER_S * (
+                step_s + 0.2
+            )
+        else:  # the segment's first: its window's audio is all new
+            extra = math.ceil(PARTIAL_BUDGET_TOKENS_PER_S * job.audio_seconds)
+            assert request.max_new_tokens == least + extra
     assert [words_of(f) for f in run.finals] == THREE_TEXTS
 
 

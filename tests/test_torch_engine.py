@@ -365,6 +365,36 @@ def test_a_draft_that_decoding_agrees_with_takes_no_decoding_steps(
         assert hypothesis.avg_logprob == pytest.approx(plain.avg_logprob, abs=1e-3)
 
 
+def test_both_engines_decode_no_more_new_tokens_than_asked(
+    engine: WhisperEngine, torch_engine: TorchWhisper, speech_16k: np.ndarray
+) -> None:
+    # A partial step's budget (DecodeRequest.max_new_tokens): tokens after the prefix,
+    # the end of text aside. The torch engine then takes no step past it.
+    a, b = max(_sentence_spans(speech_16k), key=lambda s: s[1] - s[0])
+    window = speech_16k[a:b]
+    whole = torch_engine.transcribe([DecodeRequest(window)])[0].tokens
+    assert len(whole) >= 12, whole
+    prefix = whole[:2]
+    for model in (engine, torch_engine):
+        free = model.transcribe([DecodeRequest(window, prefix_tokens=prefix)])[0]
+        capped = model.transcribe([DecodeRequest(window, prefix_tokens=prefix, max_new_tokens=4)])[
+            0
+        ]
+        assert len(free.tokens) >= len(prefix) + 8, (model.name, free.text)
+        assert capped.tokens[:2] == prefix
+        assert 1 <= len(capped.tokens) - len(prefix) <= 4, (model.name, capped.text)
+        assert capped.tokens == free.tokens[: len(capped.tokens)], (capped.text, free.text)
+    lengths, remove = _decoder_calls(torch_engine)
+    try:
+        torch_engine.transcribe(
+            [DecodeRequest(window, prefix_tokens=prefix, draft_tokens=whole[2:5], max_new_tokens=4)]
+        )
+    finally:
+        remove()
+    assert lengths[0] == 2 + 2 + 3 + 1  # the draft's 3 tokens, and its end of text
+    assert len(lengths) <= 1 + 1  # the 4th token past the prefix, fed for its alignment
+
+
 def test_alignatt_stops_decoding_where_attention_reaches_the_live_edge(
     torch_engine: TorchWhisper,
     speech_16k: np.ndarray,

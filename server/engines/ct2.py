@@ -160,7 +160,13 @@ class CTranslate2Whisper:
             starts.append(start)
             # CTranslate2 counts the whole start sequence in max_length (a budget below it
             # crashes the process), so the budget for new text comes on top of it.
-            budget = max(budget, decode_budget(len(start), len(audio) / MODEL_SAMPLE_RATE_HZ))
+            own = decode_budget(len(start), len(audio) / MODEL_SAMPLE_RATE_HZ)
+            if request.max_new_tokens:
+                # What CTranslate2 returns is at most half of max_length, less the prompt
+                # (see ran_out below): the prefix and the new tokens.
+                steps = len(request.prefix_tokens) + request.max_new_tokens
+                own = min(own, max(2 * steps, steps + len(prompt) + len(tokenizer.sot_sequence)))
+            budget = max(budget, own)
         generated = self._model.generate(
             encoded,
             starts,
@@ -189,7 +195,12 @@ class CTranslate2Whisper:
             ran_out = len(sequence) >= min(budget // 2, budget - prompt_lens[i])
             tail = sequence[len(prefix) :] if sequence[: len(prefix)] == prefix else sequence
             duration_s = len(audio) / MODEL_SAMPLE_RATE_HZ
-            new_tokens = text_tokens(tail, tokenizer, duration_s, ended=not ran_out)
+            # The request's own budget (a batch's may be larger): a decode it stopped is
+            # no loop the decoder never left (as torch_whisper's).
+            budgeted = 0 < request.max_new_tokens <= len(tail)
+            if budgeted:
+                tail = tail[: request.max_new_tokens]
+            new_tokens = text_tokens(tail, tokenizer, duration_s, ended=budgeted or not ran_out)
             groups = word_groups(tokenizer, prefix, new_tokens)
             frames = len(audio) // HOP_SAMPLES
             words = (
