@@ -195,12 +195,10 @@ class CTranslate2Whisper:
             ran_out = len(sequence) >= min(budget // 2, budget - prompt_lens[i])
             tail = sequence[len(prefix) :] if sequence[: len(prefix)] == prefix else sequence
             duration_s = len(audio) / MODEL_SAMPLE_RATE_HZ
-            # The request's own budget (a batch's may be larger): a decode it stopped is
-            # no loop the decoder never left (as torch_whisper's).
-            budgeted = 0 < request.max_new_tokens <= len(tail)
-            if budgeted:
-                tail = tail[: request.max_new_tokens]
-            new_tokens = text_tokens(tail, tokenizer, duration_s, ended=budgeted or not ran_out)
+            # The request's own budget: a batch's may be larger.
+            new_tokens = text_tokens(
+                tail, tokenizer, duration_s, ended=not ran_out, budget=request.max_new_tokens
+            )
             groups = word_groups(tokenizer, prefix, new_tokens)
             frames = len(audio) // HOP_SAMPLES
             words = (

@@ -72,12 +72,21 @@ def decode_steps(budget: int, prompt_len: int) -> int:
 
 
 def text_tokens(
-    generated: Sequence[int], tokenizer: Tokenizer, duration_s: float, ended: bool = False
+    generated: Sequence[int],
+    tokenizer: Tokenizer,
+    duration_s: float,
+    ended: bool = False,
+    budget: int = 0,
 ) -> list[int]:
     """Text tokens up to the end of text, or up to a timestamp past the real audio, with
     decoding loops trimmed. `ended`: the decoder ended the text itself, also when
     `generated` holds no end of text (CTranslate2 leaves it out); a decode that ran into
-    its budget did not (see trim_repetition)."""
+    its budget did not (see trim_repetition). `budget`: the request's own
+    (DecodeRequest.max_new_tokens; 0: none): the first `budget` tokens only, and a decode
+    it stopped is no loop the decoder never left, so its repetitions are left to the word
+    guards, as when the decoder ends the text itself."""
+    if 0 < budget <= len(generated):
+        generated, ended = generated[:budget], True
     text: list[int] = []
     for token in generated:
         if token == tokenizer.eot:

@@ -145,7 +145,7 @@ class _Row:
     pad: int  # left padding in the first pass
     sot_at: int  # position of the first task token, padding included
     max_new: int  # new tokens allowed, end of text included
-    budgeted: bool  # max_new is the request's own budget (DecodeRequest.max_new_tokens)
+    budget: int  # the request's own (DecodeRequest.max_new_tokens; 0: none)
     duration_s: float
     frames: int  # mel frames of the real audio (without the tail pad)
     stop_edge: int  # AlignAtt: stop where attention reaches this many last positions
@@ -436,9 +436,8 @@ class TorchWhisper:
                 decode_budget(len(start), duration_s), len(prompt) + len(tokenizer.sot_sequence)
             )
             max_new = max(1, min(steps - len(prefix), self.dims.n_text_ctx - len(start)))
-            budgeted = 0 < request.max_new_tokens <= max_new
-            if budgeted:  # an end of text within it ends the text sooner
-                max_new = request.max_new_tokens
+            if request.max_new_tokens:  # an end of text within it ends the text sooner
+                max_new = min(max_new, request.max_new_tokens)
             draft = list(request.draft_tokens)
             draft = draft[: next((k for k, t in enumerate(draft) if t >= self.eot), len(draft))]
             rows.append(
@@ -448,7 +447,7 @@ class TorchWhisper:
                     0,
                     len(prompt),
                     max_new,
-                    budgeted,
+                    request.max_new_tokens,
                     duration_s,
                     len(samples) // HOP_SAMPLES,
                     round(request.stop_edge_s * TOKENS_PER_SECOND),
@@ -640,10 +639,7 @@ class TorchWhisper:
         prefix_probs: list[float],
         no_speech: float,
     ) -> Hypothesis:
-        # A decode its request's budget stopped is no loop the decoder never left: its
-        # repetitions are left to the word guards, as when it ends its text itself.
-        stopped = r.budgeted and len(r.new) >= r.max_new
-        kept = text_tokens(r.new, tokenizer, r.duration_s, ended=stopped)
+        kept = text_tokens(r.new, tokenizer, r.duration_s, budget=r.budget)
         at = [k for k, t in enumerate(r.new) if t < tokenizer.eot][: len(kept)]
         groups = word_groups(tokenizer, r.prefix, kept)
         avg = r.logprob_sum / max(1, len(r.prefix) + len(r.new))
